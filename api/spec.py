@@ -1,0 +1,339 @@
+"""The `PostTrainingJob` spec: the one source of truth for the API.
+
+Every field is documented once here; the description becomes the CRD's
+`kubectl explain` text (see `posttrain.api.crd`). Field names are snake_case
+in Python and camelCase on the wire.
+
+    >>> spec = PostTrainingJobSpec.model_validate(
+    ...     {"algorithm": "sft", "model": {"source": "/models/tiny"},
+    ...      "data": {"train": [{"source": "train.jsonl"}]}, "training": {"maxSteps": 10}})
+    >>> spec.adapter.type.value, spec.training.max_steps
+    ('none', 10)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "posttrain.dev"
+VERSION = "v1alpha1"
+KIND = "PostTrainingJob"
+PLURAL = "posttrainingjobs"
+SHORT_NAME = "ptj"
+
+# Algorithms whose runtime ships in this version; the others validate as
+# names but `validate` and `run` refuse them with a clear message.
+AVAILABLE_ALGORITHMS = frozenset({"sft"})
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML / the Kubernetes API (camelCase, no nulls)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Algorithm(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+    reward = "reward"
+    distill = "distill"
+    grpo = "grpo"
+    ppo = "ppo"
+
+    def is_rl(self) -> bool:
+        return self in (Algorithm.grpo, Algorithm.ppo)
+
+
+class AdapterType(str, Enum):
+    none = "none"
+    lora = "lora"
+    qlora = "qlora"
+    dora = "dora"
+    rslora = "rslora"
+    prefix = "prefix"
+    prompt = "prompt"
+
+    def is_lora_family(self) -> bool:
+        return self in (AdapterType.lora, AdapterType.qlora, AdapterType.dora, AdapterType.rslora)
+
+    def is_virtual_tokens(self) -> bool:
+        return self in (AdapterType.prefix, AdapterType.prompt)
+
+
+class ModelSpec(ApiModel):
+    source: str = Field(
+        description=(
+            "Where the base model comes from: a hub id `hf://org/name` or `hf://org/name@revision`, "
+            "a local directory in Hugging Face format, a `.gguf` file (dequantized on load), "
+            "`pvc://claim/path` (a PersistentVolumeClaim mounted in the job's pods), or "
+            "`s3://` / `gs://` object storage."
+        ),
+        min_length=1,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight dtype while training. `auto` is bfloat16 on GPU and float32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory (slower)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model's repository to run. Leave off unless you trust it."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer source when it differs from `source` (same URI forms)."
+    )
+
+
+class AdapterSpec(ApiModel):
+    type: AdapterType = Field(
+        AdapterType.none,
+        description=(
+            "Parameter-efficient method: `none` (full fine-tuning), `lora`, `qlora` (4-bit NF4 base, "
+            "double quantization), `dora`, `rslora` (rank-stabilized scaling), `prefix` or `prompt` tuning."
+        ),
+    )
+    r: int = Field(16, gt=0, description="LoRA rank (lora, qlora, dora, rslora).")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator; the update is scaled by alpha/r (alpha/sqrt(r) for rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description=(
+            "Modules that get LoRA weights: `all-linear`, or a list of module name suffixes "
+            "such as [q_proj, v_proj]. Not used by prefix or prompt tuning."
+        ),
+    )
+    num_virtual_tokens: int = Field(
+        20, gt=0, description="Number of learned virtual tokens (prefix and prompt tuning only)."
+    )
+
+    @model_validator(mode="after")
+    def _check_fields_fit_type(self) -> AdapterSpec:
+        if self.type.is_virtual_tokens() and "target_modules" in self.model_fields_set:
+            raise ValueError(
+                f"@targetModules: does not apply to a {self.type.value} adapter (it learns virtual tokens, "
+                "not weights of modules): remove targetModules or use type lora"
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("@targetModules: empty list; name at least one module or use all-linear")
+        return self
+
+
+class DataSource(ApiModel):
+    source: str = Field(
+        description=(
+            "A data set: a local `.jsonl`, `.json`, `.parquet` or `.csv` file (path or `file://`), "
+            "a folder written by `datasets.save_to_disk`, `pvc://claim/path`, `s3://`/`gs://`, "
+            "or a hub data set `hf://datasets/org/name`."
+        ),
+        min_length=1,
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "Mixing weight: this set contributes weight x min(size, maxSamples) examples per epoch "
+            "(examples-proportional mixing with a cap; 2.0 repeats the set twice, 0.5 takes half)."
+        ),
+    )
+    max_samples: int | None = Field(None, gt=0, description="Cap on the examples taken from this set before weighting.")
+    split: str = Field("train", description="Split to read from a hub data set or a `save_to_disk` DatasetDict.")
+    format: Literal["auto", "prompt_completion", "messages", "cot"] = Field(
+        "auto",
+        description=(
+            "Record format: `prompt_completion`, chat `messages`, or `cot` (prompt, reasoning, answer). "
+            "`auto` decides from the fields present."
+        ),
+    )
+
+
+class DataSpec(ApiModel):
+    train: list[DataSource] = Field(min_length=1, description="Training sets, mixed by weight.")
+    eval: DataSource | None = Field(None, description="A held-out evaluation set.")
+    eval_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Fraction of each training set held out for evaluation when `eval` is not given.",
+    )
+    prompt_field: str = Field("prompt", description="Field holding the prompt.")
+    completion_field: str = Field("completion", description="Field holding the target completion.")
+    messages_field: str = Field("messages", description="Field holding a chat as a list of {role, content}.")
+    reasoning_field: str = Field("reasoning", description="Field holding the chain of thought (cot format).")
+    answer_field: str = Field("answer", description="Field holding the final answer (cot format).")
+    cot_template: str = Field(
+        "<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>",
+        description="How a cot record's reasoning and answer become one target; must contain {reasoning} and {answer}.",
+    )
+    completion_only_loss: bool = Field(
+        True, description="Train on completion tokens only (prompt tokens masked out of the loss)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        for key in ("{reasoning}", "{answer}"):
+            if key not in self.cot_template:
+                raise ValueError(f"@cotTemplate: must contain {key}")
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("@evalFraction: give either eval or evalFraction, not both")
+        return self
+
+
+class TrainingSpec(ApiModel):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; wins over epochs when both are set.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the mixed training set (when maxSteps is unset).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    global_batch_size: int = Field(
+        8, gt=0, description="Sequences per optimizer step across all workers (micro batch x accumulation x workers)."
+    )
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass on one worker.")
+    max_seq_length: int = Field(1024, gt=0, description="Sequences are truncated to this many tokens.")
+    seed: int = Field(0, ge=0, description="Seed for data order, mixing, and initialization.")
+    logging_steps: int = Field(1, gt=0, description="Log metrics every this many steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every this many steps; evaluation always runs before and after training."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("@maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
+        return self
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint.")
+
+
+class RoleSpec(ApiModel):
+    replicas: int = Field(1, ge=1, description="Ray workers (and actors) for this role.")
+    cpus: float | None = Field(None, gt=0, description="CPU cores per replica (request and limit).")
+    memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description="Memory per replica as a Kubernetes quantity, e.g. 32Gi.",
+    )
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per replica.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels this role's pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Taints this role's pods tolerate.")
+    affinity: dict[str, Any] | None = Field(
+        None, description="A Kubernetes Affinity object for this role's pods.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of this role's pods.")
+
+
+RL_ROLES = ("rollout", "learner", "reward")
+
+
+class RolesSpec(ApiModel):
+    trainer: RoleSpec = Field(
+        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, reward, distill)."
+    )
+    rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo).")
+    learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
+    reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo).")
+
+
+class CheckpointSpec(ApiModel):
+    uri: str | None = Field(
+        None,
+        description="Where checkpoints go (path, `pvc://`, `s3://`). Default: `checkpoints/` inside the output.",
+    )
+    every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every this many steps; unset saves none until the end.")
+    keep: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+
+
+class OutputSpec(ApiModel):
+    uri: str | None = Field(
+        None, description="Where the trained model or adapter, metrics and summary go (path, `pvc://`, `s3://`)."
+    )
+    merge_adapter: bool = Field(
+        False, description="Merge a LoRA/DoRA adapter into the base weights and write a standalone model."
+    )
+
+
+class PostTrainingJobSpec(ApiModel):
+    algorithm: Algorithm = Field(description="Post-training algorithm: sft, dpo, reward, distill, grpo or ppo.")
+    model: ModelSpec = Field(description="The base model.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    training: TrainingSpec = Field(description="Optimization settings.")
+    roles: RolesSpec = Field(default_factory=RolesSpec, description="Where each Ray role runs and how many replicas.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
+    image: str | None = Field(None, description="Container image of the job's pods (default: the operator's runtime image).")
+    max_restarts: int = Field(3, ge=0, description="Times a failed run is restarted from its last checkpoint.")
+    suspend: bool = Field(False, description="Hold the job (maps to RayJob suspend; Kueue-compatible).")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> PostTrainingJobSpec:
+        if self.adapter.type is AdapterType.none and self.output.merge_adapter:
+            raise ValueError("@output.mergeAdapter: needs an adapter; with adapter.type none the full model is written anyway")
+        if self.output.merge_adapter and not self.adapter.type.is_lora_family():
+            raise ValueError(
+                f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
+            )
+        if not self.algorithm.is_rl():
+            for role in RL_ROLES:
+                if getattr(self.roles, role) is not None:
+                    raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
+        t = self.training
+        per_step = t.micro_batch_size * self.roles.trainer.replicas
+        if not self.algorithm.is_rl() and t.global_batch_size % per_step:
+            raise ValueError(
+                f"@training.globalBatchSize: ({t.global_batch_size}) must be a multiple of microBatchSize x "
+                f"roles.trainer.replicas ({t.micro_batch_size} x {self.roles.trainer.replicas} = {per_step})"
+            )
+        return self
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.roles.trainer.replicas)
+
+
+class Metadata(BaseModel):
+    """The parts of Kubernetes object metadata posttrain reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="DNS-1123 label: lowercase letters, digits and '-'.",
+    )
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PostTrainingJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: Literal["posttrain.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["PostTrainingJob"]
+    metadata: Metadata
+    spec: PostTrainingJobSpec
+    status: dict[str, Any] | None = None

@@ -1,0 +1,173 @@
+"""The `posttrain` command line.
+
+    posttrain validate job.yaml [more.yaml ...]
+    posttrain run job.yaml [--output DIR] [--set training.maxSteps=5] [--metrics-port 8080] [--overwrite]
+
+`validate` needs only the API package; `run` imports the training stack
+lazily, so `validate` works in the operator image too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from posttrain.api.load import InvalidJob, load_job, parse_job, read_documents
+
+
+def _print_errors(exc: InvalidJob) -> None:
+    print(f"{exc.source or 'job'}: invalid", file=sys.stderr)
+    for err in exc.errors:
+        print(f"  - {err}", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for name in args.files:
+        try:
+            docs = read_documents(name)
+            for i, doc in enumerate(docs):
+                where = name if len(docs) == 1 else f"{name}[{i}]"
+                job = parse_job(doc, source=where, require_available=True)
+                print(f"{where}: ok ({job.spec.algorithm.value}, {job.metadata.name})")
+        except InvalidJob as exc:
+            _print_errors(exc)
+            bad += 1
+    return 1 if bad else 0
+
+
+class Display:
+    """Progress while a job runs: a tqdm bar on a terminal, one line per logged step otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: Any = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, state: Any, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind in ("start", "resume"):
+            word = f"resuming from step {event['step']}" if kind == "resume" else "starting"
+            print(f"[{self.name}] {word}", file=sys.stderr, flush=True)
+        elif kind == "eval_before":
+            self._say(f"eval loss before training: {event['eval_loss']:.4f}")
+        elif kind == "eval_after":
+            self._say(f"eval loss after training: {event['eval_loss']:.4f}")
+        elif kind == "checkpoint":
+            self._say(f"checkpoint saved at step {event['step']}: {event['path']}")
+        elif kind == "log" and "loss" in event:
+            total = state.total_steps or 0
+            if self.tty:
+                if self.bar is None:
+                    from tqdm import tqdm
+
+                    self.bar = tqdm(total=total, initial=max(0, state.step - 1), desc=self.name, unit="step")
+                self.bar.n = state.step
+                self.bar.set_postfix(loss=f"{state.loss:.4f}", tok_s=f"{state.tokens_per_second or 0:.0f}")
+            else:
+                tps = f" {state.tokens_per_second:.0f} tok/s" if state.tokens_per_second else ""
+                print(f"[{self.name}] step {state.step}/{total} loss {state.loss:.4f}{tps}", file=sys.stderr, flush=True)
+        elif kind == "saved":
+            self._say(f"wrote {event['kind']} to {event['path']}")
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"[{self.name}] {text}", file=sys.stderr)
+        else:
+            print(f"[{self.name}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    artifact = summary.get("artifact") or {}
+    rows = [
+        ("status", summary.get("status")),
+        ("algorithm / adapter", f"{summary.get('algorithm')} / {summary.get('adapter')}"),
+        ("steps", f"{summary.get('steps')}/{summary.get('total_steps')}"
+                  + (f" (resumed from {summary['resumed_from_step']})" if summary.get("resumed_from_step") else "")),
+        ("train examples", (summary.get("data") or {}).get("train_examples")),
+        ("loss first -> last", f"{fmt(summary.get('first_loss'))} -> {fmt(summary.get('last_loss'))}"),
+        ("eval loss before -> after", f"{fmt(summary.get('eval_loss_before'))} -> {fmt(summary.get('eval_loss_after'))}"),
+        ("tokens/s", fmt(summary.get("tokens_per_second"))),
+        ("wall seconds", fmt(summary.get("wall_seconds"))),
+        ("written", f"{artifact.get('kind')}: {artifact.get('path')}" if artifact else "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 40)
+    return "\n".join([line, *(f"{k.ljust(width)}  {fmt(v) if not isinstance(v, str) else v}" for k, v in rows), line])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        job = load_job(args.file, args.set)
+    except InvalidJob as exc:
+        _print_errors(exc)
+        return 2
+    from posttrain.jobs import driver
+    from posttrain.jobs.data import DataError
+    from posttrain.jobs.models import ModelSourceError
+    from posttrain.jobs.outputs import OutputInUse
+
+    driver.setup_logging(args.verbose)
+    display = Display(job.metadata.name)
+    opts = driver.RunOptions(
+        output=args.output,
+        base_dir=Path(args.file).resolve().parent,
+        metrics_port=args.metrics_port,
+        overwrite=args.overwrite,
+        on_event=display,
+    )
+    try:
+        summary = driver.run(job, opts)
+    except (DataError, ModelSourceError, OutputInUse, ValueError) as exc:
+        display.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except driver.RunFailed as exc:
+        display.close()
+        print(f"error: the run failed: {exc}\n(checkpoints are kept; run the same command again to resume)", file=sys.stderr)
+        return 1
+    display.close()
+    print(summary_table(summary))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training jobs, locally or on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check PostTrainingJob files; lists every error with its field")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    r = sub.add_parser("run", help="run a PostTrainingJob on an embedded Ray")
+    r.add_argument("file")
+    r.add_argument("--output", "-o", help="output folder (default: spec.output.uri, else posttrain-output/<name>)")
+    r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field, e.g. --set training.maxSteps=5 (repeatable)")
+    r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
+    r.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    r.add_argument("--json", action="store_true", help="also print summary.json")
+    r.add_argument("--verbose", "-v", action="store_true")
+    r.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The driver: one program that runs a PostTrainingJob on Ray, locally or in a RayJob.
+
+    posttrain run examples/sft-lora.yaml --output out/      # embedded Ray on this machine
+    python -m posttrain.jobs --spec /etc/posttrain/job.yaml # inside the RayJob's head pod
+
+Order of work, so that bad input costs nothing: validate the spec, check the
+output folder, resolve the model, read and tokenize the data; only then write
+into the output, start Ray and train. Checkpoints resume automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from posttrain.api.spec import PostTrainingJob
+from posttrain.jobs import data as data_mod
+from posttrain.jobs import models, outputs, sft, storage
+from posttrain.jobs.progress import Metrics, ProgressServer, RunState
+
+log = logging.getLogger("posttrain")
+
+
+class RunFailed(RuntimeError):
+    """Training itself failed; summary.json says why and checkpoints are kept."""
+
+
+@dataclass
+class RunOptions:
+    output: str | None = None  # overrides spec.output.uri
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths in the spec are relative to this
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    overwrite: bool = False
+    ray_address: str | None = None
+    on_event: Callable[[RunState, dict[str, Any]], None] | None = None  # progress display hook
+    poll_seconds: float = 0.5
+
+
+def output_location(job: PostTrainingJob, opts: RunOptions) -> storage.Location:
+    uri = opts.output or job.spec.output.uri or f"posttrain-output/{job.metadata.name}"
+    return storage.resolve(uri, base=opts.base_dir if opts.output is None else Path.cwd())
+
+
+def checkpoint_dir(job: PostTrainingJob, out: Path, opts: RunOptions) -> Path:
+    uri = job.spec.checkpoint.uri
+    if uri is None:
+        return out / "checkpoints"
+    loc = storage.resolve(uri, base=opts.base_dir)
+    if loc.remote or loc.is_hub:
+        raise ValueError(
+            f"spec.checkpoint.uri: {uri} is not a filesystem path; checkpoints need a path or pvc:// "
+            "(shared by every worker) in this version"
+        )
+    assert loc.local is not None
+    return loc.local
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("posttrain", "torch", "transformers", "trl", "peft", "ray", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
+    """Run one job to the end; returns the summary (also written to summary.json)."""
+    spec = job.spec
+    started = time.time()
+    out_loc = output_location(job, opts)
+    out = out_loc.local
+    assert out is not None
+    state_of_folder = outputs.prepare(out, overwrite=opts.overwrite)
+    ckpt_dir = checkpoint_dir(job, out, opts)
+
+    # Everything that can fail on bad input happens before the first write.
+    model_source = models.materialize(spec.model, base=opts.base_dir)
+    tok_source = models.materialize(spec.model.model_copy(update={"source": spec.model.tokenizer}), base=opts.base_dir) \
+        if spec.model.tokenizer else model_source
+    tokenizer = models.load_tokenizer(tok_source, revision=models.hub_revision(spec.model),
+                                      trust_remote_code=spec.model.trust_remote_code)
+    train_ds, eval_ds, data_stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
+                                                   max_len=spec.training.max_seq_length, base=opts.base_dir)
+
+    if state_of_folder == "finished":  # --overwrite was given
+        outputs.clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / outputs.RUN_FILE
+    run_info = outputs.read_json(run_file)
+    resume = sft.latest_checkpoint(ckpt_dir)
+    resume_step = resume[1] if resume else 0
+    if not resume:
+        run_info = {}
+    run_info.update({"job": job.metadata.name, "spec": spec.wire()})
+    outputs.write_json(run_file, run_info)
+    history = outputs.truncate_metrics(out / outputs.METRICS_FILE, after_step=resume_step)
+
+    state = RunState(job=job.metadata.name, algorithm=spec.algorithm.value, step=resume_step,
+                     total_steps=spec.training.max_steps)
+    metrics = Metrics(state)
+    server = ProgressServer(metrics, opts.metrics_port, opts.metrics_host) if opts.metrics_port is not None else None
+    if server:
+        log.info("serving /metrics and /progress on port %d", server.port)
+        state_port = server.port
+        run_info["metrics_port"] = state_port
+    writer = outputs.MetricsWriter(out / outputs.METRICS_FILE)
+    summary: dict[str, Any] = {
+        "status": "running",
+        "job": job.metadata.name,
+        "algorithm": spec.algorithm.value,
+        "model": spec.model.source,
+        "adapter": spec.adapter.type.value,
+        "workers": spec.roles.trainer.replicas,
+        "resumed_from_step": resume_step or None,
+        "data": {"train_examples": data_stats.train_examples, "eval_examples": data_stats.eval_examples,
+                 "truncated": data_stats.truncated, "dropped": data_stats.dropped, "sets": data_stats.sets},
+        "checkpoint_dir": str(ckpt_dir),
+        "versions": versions(),
+    }
+    losses = [m["loss"] for m in history if m.get("loss") is not None]
+    first_loss = losses[0] if losses else None
+    train_metrics: dict[str, Any] = {}
+    artifact: dict[str, Any] = {}
+
+    def apply(event: dict[str, Any]) -> None:
+        nonlocal first_loss
+        kind = event["type"]
+        new_ckpt = 0
+        if kind == "begin":
+            state.total_steps, state.step = event["max_steps"], event["step"]
+            state.phase = "training"
+        elif kind == "phase":
+            state.phase = event["phase"]
+        elif kind == "log":
+            step = event["step"]
+            state.step = step
+            if "loss" in event:
+                state.loss = event["loss"]
+                first_loss = first_loss if first_loss is not None else event["loss"]
+                state.learning_rate = event.get("learning_rate", state.learning_rate)
+                state.grad_norm = event.get("grad_norm", state.grad_norm)
+                state.tokens_per_second = event.get("tokens_per_second", state.tokens_per_second)
+                state.tokens_seen = event.get("tokens_seen", state.tokens_seen)
+                keep = ("loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "tokens_seen")
+                writer.add(step, {k: event[k] for k in keep if k in event})
+            if "eval_loss" in event:
+                state.eval_loss = event["eval_loss"]
+                writer.add(step, {"eval_loss": event["eval_loss"]})
+        elif kind == "eval_before":
+            state.eval_loss = event["eval_loss"]
+            run_info["eval_loss_before"] = event["eval_loss"]
+            outputs.write_json(run_file, run_info)
+        elif kind == "eval_after":
+            state.eval_loss = event["eval_loss"]
+            writer.add(event["step"], {"eval_loss": event["eval_loss"]})
+        elif kind == "checkpoint":
+            writer.flush()  # metrics up to a checkpoint are on disk before it counts
+            state.last_checkpoint = event["path"]
+            state.checkpoints_saved += 1
+            new_ckpt = 1
+        elif kind == "train_done":
+            train_metrics.update(event["metrics"])
+            state.step = event["step"]
+        elif kind == "saved":
+            artifact.update({"kind": event["kind"], "path": event["path"]})
+        metrics.refresh(new_checkpoints=new_ckpt)
+        if opts.on_event:
+            opts.on_event(state, event)
+
+    cfg = {
+        "spec": spec.wire(),
+        "model_source": model_source,
+        "tokenizer_source": tok_source,
+        "train": train_ds,
+        "eval": eval_ds,
+        "checkpoint_dir": str(ckpt_dir),
+        "output_location": {"uri": out_loc.uri, "local": out, "remote": out_loc.remote},
+        "resume_from": str(resume[0]) if resume else None,
+        "torch_threads": sft.default_torch_threads(spec.roles.trainer.replicas),
+    }
+    if resume:
+        log.info("resuming from %s (step %d)", resume[0], resume_step)
+    if opts.on_event:
+        opts.on_event(state, {"type": "resume" if resume else "start", "step": resume_step})
+    error: BaseException | None = None
+    try:
+        _fit(spec, cfg, out, apply, opts)
+    except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
+        error = exc
+    finally:
+        writer.flush()
+        if server:
+            server.close()
+
+    final = outputs.read_metrics(out / outputs.METRICS_FILE)
+    last_loss = next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None)
+    runtime = train_metrics.get("train_runtime")
+    tokens = state.tokens_seen
+    summary.update(
+        {
+            "status": "failed" if error else "succeeded",
+            "steps": state.step,
+            "total_steps": state.total_steps,
+            "wall_seconds": round(time.time() - started, 2),
+            "train_seconds": runtime,
+            "train_tokens": tokens,
+            "tokens_per_second": round(tokens / runtime, 2) if runtime and tokens else state.tokens_per_second,
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "eval_loss_before": run_info.get("eval_loss_before"),
+            "eval_loss_after": state.eval_loss if eval_ds is not None and not error else None,
+            "last_checkpoint": str(sft.latest_checkpoint(ckpt_dir)[0]) if sft.latest_checkpoint(ckpt_dir) else None,
+            "artifact": artifact or None,
+        }
+    )
+    if error:
+        summary["error"] = f"{type(error).__name__}: {error}"
+    state.phase = "failed" if error else "succeeded"
+    metrics.refresh()
+    outputs.write_json(out / outputs.SUMMARY_FILE, summary)
+    storage.publish(out, out_loc)
+    if error:
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        raise RunFailed(summary["error"]) from error
+    return summary
+
+
+def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:
+    """Start (or join) Ray, run the TorchTrainer, and relay worker events while it trains."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from posttrain.jobs.progress import tracker_actor
+
+    started_ray = False
+    if not ray.is_initialized():
+        address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, log_to_driver=os.environ.get("POSTTRAIN_RAY_LOGS") == "1",
+                 include_dashboard=False, logging_level=logging.WARNING,
+                 **({} if address else {"num_cpus": os.cpu_count()}))
+        started_ray = True
+    tracker = tracker_actor().remote()
+    cfg["tracker"] = tracker
+    role = spec.roles.trainer
+    per_worker = {"CPU": role.cpus or 1}
+    trainer = TorchTrainer(
+        sft.train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=role.replicas, use_gpu=role.gpus > 0,
+                                     resources_per_worker={**per_worker, **({"GPU": role.gpus} if role.gpus else {})}),
+        run_config=RunConfig(
+            name=f"posttrain-{spec.algorithm.value}",
+            storage_path=str((out / ".ray").resolve()),
+            failure_config=FailureConfig(max_failures=0),  # restarts belong to the operator, with resume
+        ),
+    )
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name="posttrain-fit", daemon=True)
+    thread.start()
+    try:
+        while not done.wait(opts.poll_seconds):
+            for event in ray.get(tracker.drain.remote()):
+                apply(event)
+        for event in ray.get(tracker.drain.remote()):
+            apply(event)
+    finally:
+        ray.kill(tracker)
+        if started_ray:
+            ray.shutdown()
+    if failure:
+        raise failure[0]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("ray", "urllib3", "filelock", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,174 @@
+"""Live progress of a run: one in-memory state, served as Prometheus metrics and JSON.
+
+The driver owns a `RunState`; Ray workers push events to a `ProgressTracker`
+actor, the driver drains it and applies each event here. With
+`--metrics-port N` the driver serves:
+
+- `GET /metrics`: Prometheus text format, every name starting with `posttrain_`;
+- `GET /progress`: `{"step", "totalSteps", "loss", "tokensPerSecond", "phase", ...}`,
+  what the operator polls for `status.progress`;
+- `GET /healthz`: 200 while the driver runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+PHASES = ("initializing", "evaluating", "training", "saving", "succeeded", "failed")
+
+
+@dataclass
+class RunState:
+    job: str
+    algorithm: str
+    phase: str = "initializing"
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    reward: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    tokens_seen: int = 0
+    last_checkpoint: str | None = None
+    checkpoints_saved: int = 0
+    started: float = field(default_factory=time.time)
+
+    def progress(self) -> dict[str, Any]:
+        """The JSON body of GET /progress (camelCase, like the status it feeds)."""
+        return {
+            "job": self.job,
+            "phase": self.phase,
+            "step": self.step,
+            "totalSteps": self.total_steps,
+            "loss": self.loss,
+            "evalLoss": self.eval_loss,
+            "reward": self.reward,
+            "learningRate": self.learning_rate,
+            "tokensPerSecond": self.tokens_per_second,
+            "lastCheckpoint": self.last_checkpoint,
+            "elapsedSeconds": round(time.time() - self.started, 3),
+        }
+
+
+class Metrics:
+    """Prometheus collectors for one run, in a registry of their own."""
+
+    def __init__(self, state: RunState) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.state = state
+        self.registry = CollectorRegistry()
+        labels = ["job", "algorithm"]
+        g = lambda name, doc: Gauge(name, doc, labels, registry=self.registry)  # noqa: E731
+        self.step = g("posttrain_step", "Optimizer steps done.")
+        self.total_steps = g("posttrain_total_steps", "Optimizer steps the run will do.")
+        self.loss = g("posttrain_loss", "Latest training loss.")
+        self.eval_loss = g("posttrain_eval_loss", "Latest evaluation loss.")
+        self.reward = g("posttrain_reward_mean", "Latest mean reward (RL algorithms).")
+        self.lr = g("posttrain_learning_rate", "Current learning rate.")
+        self.grad_norm = g("posttrain_grad_norm", "Gradient norm of the latest step.")
+        self.tps = g("posttrain_tokens_per_second", "Training tokens per second (all workers).")
+        self.tokens = g("posttrain_tokens_seen", "Training tokens processed so far.")
+        self.phase = Gauge("posttrain_phase", "1 for the run's current phase.", labels + ["phase"], registry=self.registry)
+        self.checkpoints = Counter("posttrain_checkpoints", "Checkpoints saved.", labels, registry=self.registry)
+        self.started = g("posttrain_start_time_seconds", "Unix time the run started.")
+        self.updated = g("posttrain_last_update_time_seconds", "Unix time of the latest progress event.")
+        self._key = {"job": state.job, "algorithm": state.algorithm}
+        self.started.labels(**self._key).set(state.started)
+        self.refresh()
+
+    def refresh(self, *, new_checkpoints: int = 0) -> None:
+        s, k = self.state, self._key
+        self.step.labels(**k).set(s.step)
+        for gauge, value in (
+            (self.total_steps, s.total_steps),
+            (self.loss, s.loss),
+            (self.eval_loss, s.eval_loss),
+            (self.reward, s.reward),
+            (self.lr, s.learning_rate),
+            (self.grad_norm, s.grad_norm),
+            (self.tps, s.tokens_per_second),
+        ):
+            if value is not None:
+                gauge.labels(**k).set(value)
+        self.tokens.labels(**k).set(s.tokens_seen)
+        for phase in PHASES:
+            self.phase.labels(**k, phase=phase).set(1.0 if phase == s.phase else 0.0)
+        if new_checkpoints:
+            self.checkpoints.labels(**k).inc(new_checkpoints)
+        self.updated.labels(**k).set(time.time())
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class ProgressServer:
+    """/metrics, /progress and /healthz on a background thread."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self.metrics = metrics
+        lock = threading.Lock()
+        self.lock = lock
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                with lock:
+                    if path == "/metrics":
+                        body, ctype = metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+                    elif path == "/progress":
+                        body, ctype = json.dumps(metrics.state.progress()).encode(), "application/json"
+                    elif path == "/healthz":
+                        body, ctype = b"ok\n", "text/plain"
+                    else:
+                        self.send_error(404, "try /metrics, /progress or /healthz")
+                        return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return  # scrapes every few seconds would drown the job's log
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="posttrain-metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tracker_actor():
+    """The Ray actor class workers push events to (created lazily: importing ray is heavy)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressTracker:
+        def __init__(self) -> None:
+            self.events: list[dict[str, Any]] = []
+
+        def push(self, event: dict[str, Any]) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict[str, Any]]:
+            events, self.events = self.events, []
+            return events
+
+    return ProgressTracker
+
+
+def state_dict(state: RunState) -> dict[str, Any]:
+    return asdict(state)

@@ -1,0 +1,215 @@
+"""Supervised fine-tuning on one Ray Train worker: TRL's SFTTrainer with our glue.
+
+`train_loop(config)` runs on every worker of the `TorchTrainer`; Ray Train has
+already joined the workers into one torch.distributed group (gloo on CPU,
+NCCL on GPU), and the HF Trainer inside picks it up: DDP on CPU, FSDP on
+several GPUs. Rank 0 reports progress to the driver's tracker actor and writes
+the trained model or adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.api.spec import AdapterType, PostTrainingJobSpec
+from posttrain.jobs import models, storage
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".posttrain-complete"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint whose save finished (it carries our marker), with its step."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        name = child.name
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+            if (child / COMPLETE_MARKER).exists():
+                found.append((int(name[len(CHECKPOINT_PREFIX) :]), child))
+    if not found:
+        return None
+    step, path = max(found)
+    return path, step
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class ReportToDriver(TrainerCallback):
+        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only)."""
+
+        def __init__(self, tracker: Any, rank: int) -> None:
+            self.tracker, self.rank = tracker, rank
+            self._last: tuple[float, int] | None = None
+
+        def push(self, event: dict[str, Any]) -> None:
+            if self.rank == 0 and self.tracker is not None:
+                self.tracker.push.remote(event)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._last = (time.time(), state.num_input_tokens_seen)
+            self.push({"type": "begin", "step": state.global_step, "max_steps": state.max_steps})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            event: dict[str, Any] = {"type": "log", "step": state.global_step, **logs}
+            if "loss" in logs and self._last is not None:
+                now, tokens = time.time(), state.num_input_tokens_seen
+                then, before = self._last
+                if now > then and tokens >= before:
+                    event["tokens_per_second"] = (tokens - before) / (now - then)
+                event["tokens_seen"] = tokens
+                self._last = (now, tokens)
+            self.push(event)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                # Written after HF finished every file of the checkpoint: resume trusts only marked ones.
+                (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+                self.push({"type": "checkpoint", "step": state.global_step, "path": str(folder)})
+
+    return ReportToDriver
+
+
+def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool):
+    import torch
+    from trl import SFTConfig
+
+    t = spec.training
+    on_gpu = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {}
+    if on_gpu and world > 1 and spec.adapter.type is not AdapterType.qlora:
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"use_orig_params": True}
+    ckpt = spec.checkpoint
+    return SFTConfig(
+        output_dir=cfg["checkpoint_dir"],
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs or 1.0,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps(),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5 takes a ratio when the value is below 1
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if ckpt.every_steps else "no",
+        save_steps=ckpt.every_steps or 500,
+        save_total_limit=ckpt.keep,
+        max_length=t.max_seq_length,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+        ddp_backend=None if on_gpu else "gloo",
+        bf16=on_gpu and spec.model.dtype in ("auto", "bfloat16"),
+        include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+        dataset_num_proc=None,
+        **kwargs,
+    )
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    from trl import SFTTrainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = PostTrainingJobSpec.model_validate(cfg["spec"])
+    tracker = cfg.get("tracker")
+    torch_threads = cfg.get("torch_threads")
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+    tokenizer = models.load_tokenizer(cfg["tokenizer_source"], revision=models.hub_revision(spec.model),
+                                      trust_remote_code=spec.model.trust_remote_code)
+    net = models.load_for_training(cfg["model_source"], spec.model, spec.adapter)
+    train_ds, eval_ds = cfg["train"], cfg["eval"]
+    callback = _callback_class()(tracker, rank)
+    trainer = SFTTrainer(
+        model=net,
+        args=_sft_config(spec, cfg, world=world, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    if eval_ds is not None and cfg.get("resume_from") is None:
+        callback.push({"type": "phase", "phase": "evaluating"})
+        before = trainer.evaluate()
+        callback.push({"type": "eval_before", "eval_loss": before["eval_loss"]})
+    callback.push({"type": "phase", "phase": "training"})
+    result = trainer.train(resume_from_checkpoint=cfg.get("resume_from"))
+    callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
+    if eval_ds is not None:
+        callback.push({"type": "phase", "phase": "evaluating"})
+        after = trainer.evaluate()
+        callback.push({"type": "eval_after", "step": trainer.state.global_step, "eval_loss": after["eval_loss"]})
+    callback.push({"type": "phase", "phase": "saving"})
+    _save(trainer, tokenizer, spec, cfg, rank=rank, callback=callback)
+
+
+def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, cfg: dict[str, Any], *, rank: int, callback: Any) -> None:
+    """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 writes."""
+    out_loc = storage.Location(**cfg["output_location"])
+    adapter = spec.adapter
+    staging = Path(tempfile.mkdtemp(prefix="posttrain-save-"))
+    try:
+        trainer.save_model(str(staging))  # full weights or the adapter alone, gathered across ranks
+        if rank != 0:
+            return
+        out_root = out_loc.local
+        assert out_root is not None
+        kind = "model" if adapter.type is AdapterType.none else "adapter"
+        dest = out_root / kind
+        if dest.exists():
+            shutil.rmtree(dest)
+        if adapter.type is not AdapterType.none and spec.output.merge_adapter:
+            kind, dest = "merged-model", out_root / "model"
+            if dest.exists():
+                shutil.rmtree(dest)
+            _merge_into(staging, dest, cfg["model_source"], spec)
+        else:
+            shutil.copytree(staging, dest)
+        tokenizer.save_pretrained(dest)
+        models.write_provenance(dest, kind=kind, base_model=spec.model.source)
+        storage.publish(out_root, out_loc)
+        callback.push({"type": "saved", "kind": kind, "path": str(dest)})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge_into(adapter_dir: Path, dest: Path, base_source: str, spec: PostTrainingJobSpec) -> None:
+    """Reload the base in full precision, apply the adapter, merge, save a standalone model."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    dtype = models.torch_dtype(spec.model.dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_source, dtype=dtype, revision=models.hub_revision(spec.model),
+                                                trust_remote_code=spec.model.trust_remote_code)
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(dest)
+
+
+def default_torch_threads(workers: int) -> int:
+    """Threads per worker so that workers x threads fills this machine's cores, not more."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

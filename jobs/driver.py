@@ -105,7 +105,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         run_info = {}
     run_info.update({"job": job.metadata.name, "spec": spec.wire()})
     outputs.write_json(run_file, run_info)
-    history = outputs.truncate_metrics(out / outputs.METRICS_FILE, after_step=resume_step)
+    log_history = outputs.read_json(resume[0] / "trainer_state.json").get("log_history", []) if resume else []
+    history = outputs.restore_metrics(out / outputs.METRICS_FILE, after_step=resume_step, log_history=log_history)
 
     state = RunState(job=job.metadata.name, algorithm=spec.algorithm.value, step=resume_step,
                      total_steps=spec.training.max_steps)

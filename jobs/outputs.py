@@ -83,9 +83,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(path: Path, *, after_step: int) -> list[dict[str, Any]]:
-    """Keep the lines of steps up to `after_step` (a resumed run redoes the rest)."""
-    kept = [m for m in read_metrics(path) if m.get("step", 0) <= after_step]
+def restore_metrics(path: Path, *, after_step: int, log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rewrite metrics.jsonl for a run resuming at `after_step`.
+
+    Lines past the checkpoint are dropped (the resumed run redoes those steps). Steps the
+    killed driver never wrote are rebuilt from the checkpoint's own log history (HF's
+    `trainer_state.json`), so the file holds every step exactly once.
+    """
+    by_step = {m["step"]: m for m in read_metrics(path) if 0 < m.get("step", 0) <= after_step}
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if not 0 < step <= after_step or step in by_step and "loss" in by_step[step]:
+            continue
+        line = by_step.setdefault(step, {"step": step})
+        for key in ("loss", "grad_norm", "learning_rate", "epoch", "eval_loss"):
+            if key in entry:
+                line[key] = entry[key]
+        if "num_input_tokens_seen" in entry:
+            line["tokens_seen"] = entry["num_input_tokens_seen"]
+    kept = [by_step[s] for s in sorted(by_step)]
     path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     return kept
 

@@ -1,0 +1,40 @@
+"""Dependencies point one way: api <- operator, api <- jobs; the operator never pulls the training stack.
+
+import-linter checks the contracts in `.importlinter`. The folders map onto
+`posttrain.*` through setuptools' package-dir, which an editable install
+serves with an import hook that import-linter cannot follow, so the test
+lays the package out with symlinks first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_import_contracts_hold(tmp_path):
+    pkg = tmp_path / "posttrain"
+    pkg.mkdir()
+    for folder in ("api", "operator", "jobs"):
+        (pkg / folder).symlink_to(REPO / folder)
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert lint, "import-linter is a dev dependency; run `make test` to install it"
+    result = subprocess.run([lint, "--config", str(REPO / ".importlinter"), "--no-cache"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 kept, 0 broken" in result.stdout
+
+
+def test_api_and_operator_import_without_the_training_stack():
+    code = (
+        "import sys; import posttrain.api.load, posttrain.api.crd, posttrain.operator.__main__; "
+        "heavy = [m for m in ('torch', 'transformers', 'ray', 'peft', 'trl') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -13,6 +13,7 @@ in Python and camelCase on the wire.
 
 from __future__ import annotations
 
+import string
 from enum import Enum
 from typing import Any, Literal
 
@@ -190,6 +191,15 @@ class DataSpec(ApiModel):
         for key in ("{reasoning}", "{answer}"):
             if key not in self.cot_template:
                 raise ValueError(f"@cotTemplate: must contain {key}")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.cot_template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"@cotTemplate: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+        if names - {"reasoning", "answer"}:
+            raise ValueError(
+                f"@cotTemplate: unknown placeholders {sorted(names - {'reasoning', 'answer'})}; only {{reasoning}} "
+                "and {answer} are filled in (write literal braces as {{ and }})"
+            )
         if self.eval is not None and self.eval_fraction > 0:
             raise ValueError("@evalFraction: give either eval or evalFraction, not both")
         return self

@@ -154,6 +154,8 @@ BAD = [
     ("eval-fraction-half", _set("spec.data.evalFraction", 0.5), "spec.data.evalFraction", "less than 0.5"),
     ("cot-without-answer", _set("spec.data.cotTemplate", "{reasoning} so there"), "spec.data.cotTemplate",
      "{answer}"),
+    ("cot-extra-placeholder", _set("spec.data.cotTemplate", "{reasoning} {answer} {foo}"), "spec.data.cotTemplate",
+     "unknown placeholders ['foo']"),
     ("empty-train", _set("spec.data.train", []), "spec.data.train", "at least 1"),
     ("weight-zero", _set("spec.data.train.0.weight", 0), "spec.data.train[0].weight", "greater than 0"),
     ("data-format", _set("spec.data.train.0.format", "chat"), "spec.data.train[0].format", "'messages'"),

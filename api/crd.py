@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from posttrain.api.spec import GROUP, KIND, PLURAL, SHORT_NAME, VERSION, PostTrainingJobSpec
+from posttrain.api.spec import GROUP, KIND, MUTABLE_FIELDS, PLURAL, SHORT_NAME, VERSION, PostTrainingJobSpec
 from posttrain.api.status import PostTrainingJobStatus
 
 CRD_FILENAME = f"{GROUP}_{PLURAL}.yaml"
@@ -93,6 +93,18 @@ def crd_manifest() -> dict[str, Any]:
     """The whole CustomResourceDefinition as a dict."""
     spec_schema = openapi_schema(PostTrainingJobSpec)
     spec_schema["description"] = "What to train, on what data, how, and where each Ray role runs."
+    for name, prop in spec_schema["properties"].items():
+        if name not in MUTABLE_FIELDS:
+            # Transition rule: checked on update when the field exists before and after.
+            prop["x-kubernetes-validations"] = [
+                {"rule": "self == oldSelf", "message": f"spec.{name} cannot change after creation; create a new PostTrainingJob"}
+            ]
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": f"has(self.{name}) == has(oldSelf.{name})",
+         "message": f"spec.{name} cannot be added or removed after creation"}
+        for name in spec_schema["properties"]
+        if name not in MUTABLE_FIELDS and name not in spec_schema.get("required", [])
+    ]
     status_schema = openapi_schema(PostTrainingJobStatus)
     status_schema["description"] = "Observed state, written by the operator."
     schema = {

@@ -165,7 +165,7 @@ class DataSource(ApiModel):
 
 
 class DataSpec(ApiModel):
-    train: list[DataSource] = Field(min_length=1, description="Training sets, mixed by weight.")
+    train: list[DataSource] = Field(min_length=1, max_length=64, description="Training sets, mixed by weight.")
     eval: DataSource | None = Field(None, description="A held-out evaluation set.")
     eval_fraction: float = Field(
         0.0,
@@ -252,7 +252,7 @@ class RoleSpec(ApiModel):
     )
     gpus: int = Field(0, ge=0, description="nvidia.com/gpu per replica.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels this role's pods require.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Taints this role's pods tolerate.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Taints this role's pods tolerate.")
     affinity: dict[str, Any] | None = Field(
         None, description="A Kubernetes Affinity object for this role's pods.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
@@ -289,6 +289,12 @@ class OutputSpec(ApiModel):
     )
 
 
+# Fields that may change while a job exists; every other spec field is fixed at creation
+# (the CRD rejects changes with a CEL rule, and the operator refuses them too).
+MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds", "ttlSecondsAfterFinished",
+                            "activeDeadlineSeconds"})
+
+
 class PostTrainingJobSpec(ApiModel):
     algorithm: Algorithm = Field(description="Post-training algorithm: sft, dpo, reward, distill, grpo or ppo.")
     model: ModelSpec = Field(description="The base model.")
@@ -301,6 +307,18 @@ class PostTrainingJobSpec(ApiModel):
     image: str | None = Field(None, description="Container image of the job's pods (default: the operator's runtime image).")
     max_restarts: int = Field(3, ge=0, description="Times a failed run is restarted from its last checkpoint.")
     suspend: bool = Field(False, description="Hold the job (maps to RayJob suspend; Kueue-compatible).")
+    pre_running_deadline_seconds: int = Field(
+        1800,
+        ge=1,
+        description="Fail a run whose Ray cluster is not running the job within this many seconds "
+        "(unschedulable pods, image pulls), so a stuck job frees its GPUs.",
+    )
+    ttl_seconds_after_finished: int = Field(
+        600, ge=0, description="Keep a finished run's Ray cluster this long for debugging, then delete it."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail a run that is still going after this many seconds (unset: no limit)."
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PostTrainingJobSpec:

@@ -243,7 +243,7 @@ class Toleration(ApiModel):
 
 
 class RoleSpec(ApiModel):
-    replicas: int = Field(1, ge=1, description="Ray workers (and actors) for this role.")
+    replicas: int = Field(1, ge=1, description="Pods of this role; each runs one worker per GPU (one on CPU).")
     cpus: float | None = Field(None, gt=0, description="CPU cores per replica (request and limit).")
     memory: str | None = Field(
         None,
@@ -333,16 +333,21 @@ class PostTrainingJobSpec(ApiModel):
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
         t = self.training
-        per_step = t.micro_batch_size * self.roles.trainer.replicas
+        per_step = t.micro_batch_size * self.trainer_workers()
         if not self.algorithm.is_rl() and t.global_batch_size % per_step:
             raise ValueError(
                 f"@training.globalBatchSize: ({t.global_batch_size}) must be a multiple of microBatchSize x "
-                f"roles.trainer.replicas ({t.micro_batch_size} x {self.roles.trainer.replicas} = {per_step})"
+                f"trainer workers ({t.micro_batch_size} x {self.trainer_workers()} = {per_step}; "
+                "workers are roles.trainer.replicas x max(1, gpus))"
             )
         return self
 
+    def trainer_workers(self) -> int:
+        """Training processes: one per GPU of every trainer replica (one per replica on CPU)."""
+        return self.roles.trainer.replicas * max(1, self.roles.trainer.gpus)
+
     def gradient_accumulation_steps(self) -> int:
-        return self.training.global_batch_size // (self.training.micro_batch_size * self.roles.trainer.replicas)
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.trainer_workers())
 
 
 class Metadata(BaseModel):

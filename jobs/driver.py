@@ -121,7 +121,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         "algorithm": spec.algorithm.value,
         "model": spec.model.source,
         "adapter": spec.adapter.type.value,
-        "workers": spec.roles.trainer.replicas,
+        "workers": spec.trainer_workers(),
         "resumed_from_step": resume_step or None,
         "data": {"train_examples": data_stats.train_examples, "eval_examples": data_stats.eval_examples,
                  "truncated": data_stats.truncated, "dropped": data_stats.dropped, "sets": data_stats.sets},
@@ -188,7 +188,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         "checkpoint_dir": str(ckpt_dir),
         "output_location": {"uri": out_loc.uri, "local": out, "remote": out_loc.remote},
         "resume_from": str(resume[0]) if resume else None,
-        "torch_threads": sft.default_torch_threads(spec.roles.trainer.replicas),
+        "torch_threads": (max(1, int(spec.roles.trainer.cpus / max(1, spec.roles.trainer.gpus)))
+                          if spec.roles.trainer.cpus else sft.default_torch_threads(spec.trainer_workers())),
     }
     if resume:
         log.info("resuming from %s (step %d)", resume[0], resume_step)
@@ -238,10 +239,28 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     return summary
 
 
+def scaling(spec: Any, role_name: str):
+    """Ray Train workers of a role: one per GPU of each replica (one per replica on CPU).
+
+    In a RayJob built by the operator (POSTTRAIN_PLACEMENT=roles) each worker also asks for
+    one unit of its role's custom resource, which only that role's worker group offers.
+    """
+    from ray.train import ScalingConfig
+
+    role = getattr(spec.roles, role_name)
+    per_pod = max(1, role.gpus)
+    resources: dict[str, float] = {"CPU": (role.cpus / per_pod) if role.cpus else 1}
+    if role.gpus:
+        resources["GPU"] = 1
+    if os.environ.get("POSTTRAIN_PLACEMENT") == "roles":
+        resources[f"posttrain_{role_name}"] = 1
+    return ScalingConfig(num_workers=role.replicas * per_pod, use_gpu=role.gpus > 0, resources_per_worker=resources)
+
+
 def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:
     """Start (or join) Ray, run the TorchTrainer, and relay worker events while it trains."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from posttrain.jobs.progress import tracker_actor
@@ -255,13 +274,10 @@ def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, A
         started_ray = True
     tracker = tracker_actor().remote()
     cfg["tracker"] = tracker
-    role = spec.roles.trainer
-    per_worker = {"CPU": role.cpus or 1}
     trainer = TorchTrainer(
         sft.train_loop,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=role.replicas, use_gpu=role.gpus > 0,
-                                     resources_per_worker={**per_worker, **({"GPU": role.gpus} if role.gpus else {})}),
+        scaling_config=scaling(spec, "trainer"),
         run_config=RunConfig(
             name=f"posttrain-{spec.algorithm.value}",
             storage_path=str((out / ".ray").resolve()),

@@ -166,7 +166,7 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
         "name": "ray-head",
         "image": image,
         "imagePullPolicy": settings.image_pull_policy,
-        "env": env,
+        "env": [dict(e) for e in env],
         "ports": [
             {"name": "gcs", "containerPort": 6379},
             {"name": "dashboard", "containerPort": 8265},
@@ -193,7 +193,7 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
             "name": "ray-worker",
             "image": image,
             "imagePullPolicy": settings.image_pull_policy,
-            "env": env,
+            "env": [dict(e) for e in env],
             "resources": _resources(rs),
             "volumeMounts": mounts,
         }

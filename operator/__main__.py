@@ -75,8 +75,9 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
     controller = handlers.Controller(config, kube_api=kube.Kube(api_client), metrics=metrics)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller)
-    ready = threading.Event()
-    runner = await metrics_mod.serve(metrics, config.metrics_port, ready=ready.is_set)
+    ready = threading.Event()  # kopf sets it once it watches
+    standby = threading.Event()  # a healthy replica waiting for the Lease is ready too (rollouts, PDBs)
+    runner = await metrics_mod.serve(metrics, config.metrics_port, ready=lambda: ready.is_set() or standby.is_set())
     stop_flag: asyncio.Event = asyncio.Event()
     if stop is not None:
         asyncio.get_running_loop().run_in_executor(None, lambda: (stop.wait(), stop_flag.set()))
@@ -87,6 +88,7 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
         namespace = os.environ.get("POSTTRAIN_LEADER_ELECTION_NAMESPACE", "default")
         lock = leader.LeaseLock(client.CoordinationV1Api(api_client), namespace=namespace, identity=identity)
         acquired = asyncio.Event()
+        standby.set()
         hold_task = asyncio.create_task(leader.hold(lock, acquired=acquired, lost=lost))
         await asyncio.wait([asyncio.create_task(acquired.wait()), asyncio.create_task(stop_flag.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
@@ -94,6 +96,7 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
             hold_task.cancel()
             await runner.cleanup()
             return 0
+        standby.clear()  # from here on, ready means kopf is watching
     metrics.leader.set(1)
     lost_watch = asyncio.create_task(_relay(lost, stop_flag))
     try:

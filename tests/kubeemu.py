@@ -1,0 +1,298 @@
+"""A Kubernetes API server for operator tests: kmock, plus the fidelity kmock lacks, on 127.0.0.1.
+
+The real kopf operator (or the `kubernetes` client) talks HTTP to it as to a cluster; tests read
+and change the same state directly, e.g. to play KubeRay moving a RayJob along::
+
+    import kopf, kubeemu
+    from posttrain.operator import builders, handlers, kube, metrics
+
+    def test_job_runs(job_dict):
+        with kubeemu.Cluster() as k8s:
+            registry = kopf.OperatorRegistry()
+            handlers.register(registry, handlers.Controller(
+                handlers.OperatorConfig(build=builders.BuildSettings(image="img:1")),
+                kube_api=kube.Kube(k8s.api_client()), metrics=metrics.OperatorMetrics()))
+            with kubeemu.Operator(k8s, registry):         # or a module: "pkg.handlers", "path/to/handlers.py"
+                k8s.create(job_dict)                        # as `kubectl apply` would
+                rayjob = k8s.wait_for(lambda: k8s.list(*kubeemu.RAYJOB, "default"))[0]
+                k8s.set_rayjob_status("default", rayjob["metadata"]["name"], deployment="Running", job="RUNNING")
+                k8s.wait_for(lambda: k8s.get(*kubeemu.PTJ, "default", "tiny-sft")["status"]["phase"] == "Running")
+
+Run its own tests: `.venv/bin/python -m pytest tests/test_kubeemu.py -q`.
+
+Layers: `kmock` (PyPI) serves HTTP, parses Kubernetes URLs, serves discovery and renders errors as
+`Status`; `kubeemu_server` routes object requests and watch streams to `kubeemu_store`, which keeps
+uid/resourceVersion/generation, the status subresource, finalizers, garbage collection and 409s;
+`kubeemu_admission` prunes, defaults and validates against the real CRDs (422). Served kinds:
+`posttrain.dev/v1alpha1 posttrainingjobs` (charts/posttrain/crds), `ray.io/v1 rayjobs` and
+`rayclusters` (KubeRay v1.7.0's CRDs from `<repo>/../shared/kuberay-crds/`), core v1 namespaces,
+configmaps, events; `events.k8s.io/v1` events; `coordination.k8s.io/v1` leases;
+`apiextensions.k8s.io/v1` customresourcedefinitions (holding the CRDs above). Objects go in
+existing namespaces only (404 otherwise): `Cluster(namespaces=...)` makes them, "default" first.
+
+Not emulated: authentication (any token is accepted), server-side apply, strategic merge on
+lists (a merge patch stands in), `format` checks and CEL rules in schemas, foreground deletion
+(treated as background), deletecollection, pagination (`limit` is ignored), 410 Gone (the watch
+log is never compacted), bookmarks after the initial one. The garbage collector runs at once,
+where a real one runs eventually.
+
+kopf settings an operator needs against this server (and a real one) are in `operator_settings`;
+`Operator` applies them before the module's own `@kopf.on.startup` handlers run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp.test_utils
+import kmock
+import kopf
+import yaml
+
+from kubeemu_admission import JSON_PATCH, MERGE_PATCH, Kind
+from kubeemu_operator import Operator, load_registry, operator_settings
+from kubeemu_server import Emulator
+
+__all__ = ["Cluster", "Operator", "Kind", "ApiError", "default_kinds", "load_registry", "operator_settings",
+           "PTJ", "RAYJOB", "RAYCLUSTER", "CONFIGMAP", "EVENT", "MERGE_PATCH", "JSON_PATCH"]
+
+REPO = Path(__file__).resolve().parent.parent
+PTJ_CRD = REPO / "charts" / "posttrain" / "crds" / "posttrain.dev_posttrainingjobs.yaml"
+KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"
+
+ApiError = kmock.KubernetesError  # .status is the HTTP code; .reason, .message, .details as in a Status
+PTJ = ("posttrain.dev/v1alpha1", "posttrainingjobs")  # k8s.get(*kubeemu.PTJ, "default", "tiny-sft")
+RAYJOB = ("ray.io/v1", "rayjobs")
+RAYCLUSTER = ("ray.io/v1", "rayclusters")
+CONFIGMAP = ("v1", "configmaps")
+EVENT = ("v1", "events")
+
+# KubeRay v1.7.0 `apis/ray/v1/rayjob_types.go`: status.jobDeploymentStatus and status.jobStatus.
+RAYJOB_DEPLOYMENT_STATUSES = ("", "Initializing", "Running", "Complete", "Failed", "ValidationFailed",
+                              "Suspending", "Suspended", "Retrying", "Waiting")
+RAYJOB_JOB_STATUSES = ("", "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
+
+BUILTIN_KINDS = (
+    Kind("", "v1", "namespaces", "Namespace", namespaced=False, status_subresource=True, short_names=("ns",)),
+    Kind("", "v1", "configmaps", "ConfigMap", short_names=("cm",)),
+    Kind("", "v1", "events", "Event", short_names=("ev",)),
+    Kind("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
+    Kind("coordination.k8s.io", "v1", "leases", "Lease"),
+    Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+         namespaced=False, status_subresource=True, short_names=("crd", "crds")),
+)
+
+T = TypeVar("T")
+
+
+@functools.cache
+def load_crd(path: Path) -> Mapping[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return next(doc for doc in yaml.load_all(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if doc)
+
+
+def crd_paths() -> tuple[Path, ...]:
+    return PTJ_CRD, KUBERAY_CRDS / "ray.io_rayjobs.yaml", KUBERAY_CRDS / "ray.io_rayclusters.yaml"
+
+
+def default_kinds() -> list[Kind]:
+    """Built-in kinds plus one `Kind` per CRD in `crd_paths()` (ray.io at v1)."""
+    return [*BUILTIN_KINDS, *_crd_kinds()]
+
+
+@functools.cache
+def _crd_kinds() -> tuple[Kind, ...]:  # shared by every Cluster: kinds are frozen, validators built once
+    return tuple(Kind.from_crd(load_crd(p), "v1" if "ray.io" in p.name else None) for p in crd_paths())
+
+
+class Cluster:
+    """The emulated API server on its own thread and event loop; a context manager.
+
+    `url`, `kubeconfig_path` and `connection_info()` point clients at it; `get`, `list`, `create`,
+    `patch`, `patch_status`, `delete`, `events` change and read the same state synchronously from
+    the test (watchers see those changes); errors raise `kubeemu.ApiError` with `.status`.
+    """
+
+    def __init__(self, *, kinds: Iterable[Kind] | None = None, namespaces: Iterable[str] = ("default",),
+                 crds: Iterable[Path] | None = None) -> None:
+        self._kinds = list(kinds) if kinds is not None else default_kinds()
+        self._namespaces = list(namespaces)
+        self._crds = list(crds) if crds is not None else list(crd_paths()) if kinds is None else []
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._tmp: str | None = None
+        self.emulator: Emulator
+        self.url = ""
+        self.kubeconfig_path = Path()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        started: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="kubeemu", daemon=True)
+        self._thread.start()
+        self.url = started.result(timeout=30)
+        self._tmp = tempfile.mkdtemp(prefix="kubeemu-")
+        self.kubeconfig_path = Path(self._tmp) / "kubeconfig"
+        self.kubeconfig_path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kubeemu",
+            "clusters": [{"name": "kubeemu", "cluster": {"server": self.url}}],
+            "users": [{"name": "kubeemu", "user": {"token": "kubeemu"}}],
+            "contexts": [{"name": "kubeemu", "context": {"cluster": "kubeemu", "user": "kubeemu",
+                                                         "namespace": "default"}}],
+        }))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _run(self, started: concurrent.futures.Future[str]) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve(started))
+        except BaseException as e:  # noqa: BLE001 -- handed to the test thread
+            if not started.done():
+                started.set_exception(e)
+        finally:
+            self._loop.close()
+
+    async def _serve(self, started: concurrent.futures.Future[str]) -> None:
+        self._stop = asyncio.Event()
+        # kmock.Server would also patch aiohttp's resolver process-wide; its plain test server is enough.
+        async with Emulator() as emulator, aiohttp.test_utils.RawTestServer(emulator, host="127.0.0.1") as server:
+            self.emulator = emulator
+            for kind in self._kinds:
+                emulator.add_kind(kind)
+            store = emulator.store
+            namespaces = store.kinds.get(kmock.resource("", "v1", "namespaces"))
+            for name in self._namespaces if namespaces else ():
+                store.create(namespaces, None, {"metadata": {"name": name}})
+            crds = store.kinds.get(kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"))
+            for path in self._crds if crds else ():
+                store.create(crds, None, load_crd(path))
+            started.set_result(str(server.make_url("")).rstrip("/"))
+            await self._stop.wait()
+            emulator.close_watches()
+
+    # --- direct access (from the test thread) ------------------------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        async def on_loop() -> T:
+            return fn(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result(timeout=30)
+
+    def kind(self, api_version: str, plural: str) -> Kind:
+        group, _, version = api_version.rpartition("/")
+        return self._call(self.emulator.store.kind, group, version, plural)
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        """What a `@kopf.on.login` handler returns to reach this cluster (outranking any other login)."""
+        return kopf.ConnectionInfo(server=self.url, default_namespace="default", priority=1000)
+
+    def api_client(self) -> Any:
+        """A `kubernetes.client.ApiClient` for this cluster (e.g. for the operator's `kube.Kube`)."""
+        import kubernetes
+
+        return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig_path))
+
+    @property
+    def requests(self) -> list[kmock.Request]:
+        """Every HTTP request served so far, parsed by kmock (`.method`, `.resource`, `.name`, `.data`...)."""
+        return list(self.emulator)  # kmock iterates a handler as its request log
+
+    def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any]:
+        return self._call(self.emulator.store.get, self.kind(api_version, plural), namespace, name)
+
+    def find(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """`get`, or None when there is no such object."""
+        try:
+            return self.get(api_version, plural, namespace, name)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, api_version: str, plural: str, namespace: str | None = None, *,
+             label_selector: str | None = None, field_selector: str | None = None) -> list[dict[str, Any]]:
+        return self._call(self.emulator.store.list, self.kind(api_version, plural), namespace,
+                          label_selector=label_selector, field_selector=field_selector)
+
+    def create(self, obj: Mapping[str, Any], namespace: str | None = None) -> dict[str, Any]:
+        """Create `obj` (kind from its apiVersion/kind) in `namespace`, its own, or "default"."""
+        kind = self._call(self.emulator.store.kind_of, obj.get("apiVersion", ""), obj.get("kind", ""))
+        return self._call(self.emulator.store.create, kind, namespace, dict(obj))
+
+    def create_namespace(self, name: str) -> dict[str, Any]:
+        return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def patch(self, api_version: str, plural: str, namespace: str | None, name: str, patch: Any, *,
+              subresource: str | None = None, patch_type: str = MERGE_PATCH) -> dict[str, Any]:
+        return self._call(self.emulator.store.update, self.kind(api_version, plural), namespace, name,
+                          patch=patch, patch_type=patch_type, subresource=subresource)
+
+    def patch_status(self, api_version: str, plural: str, namespace: str | None, name: str,
+                     status: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `status` into the object's status through `/status`, as a controller would."""
+        return self.patch(api_version, plural, namespace, name, {"status": dict(status)}, subresource="status")
+
+    def set_rayjob_status(self, namespace: str, name: str, *, deployment: str, job: str | None = None,
+                          **fields: Any) -> dict[str, Any]:
+        """Play KubeRay: set `jobDeploymentStatus` (and `jobStatus`, plus any other status fields)."""
+        if deployment not in RAYJOB_DEPLOYMENT_STATUSES or (job is not None and job not in RAYJOB_JOB_STATUSES):
+            raise ValueError(f"not a KubeRay v1.7 status: {deployment!r}/{job!r}; see RAYJOB_*_STATUSES")
+        status = {"jobDeploymentStatus": deployment, **({"jobStatus": job} if job is not None else {}), **fields}
+        return self.patch_status(*RAYJOB, namespace, name, status)
+
+    def delete(self, api_version: str, plural: str, namespace: str | None, name: str, *,
+               propagation: str | None = None) -> dict[str, Any]:
+        return self._call(self.emulator.store.delete, self.kind(api_version, plural), namespace, name,
+                          propagation=propagation)
+
+    def events(self, namespace: str | None = None, *, involved: Mapping[str, Any] | None = None,
+               reason: str | None = None) -> list[dict[str, Any]]:
+        """Core v1 Events, optionally about one object (matched by uid, else kind and name) and reason."""
+        found = self.list(*EVENT, namespace)
+        if involved is not None:
+            meta = involved.get("metadata", {})
+
+            def about(event: dict[str, Any]) -> bool:
+                ref = event.get("involvedObject") or {}
+                if meta.get("uid") and ref.get("uid"):
+                    return ref["uid"] == meta["uid"]
+                return ref.get("kind") == involved.get("kind") and ref.get("name") == meta.get("name")
+
+            found = [e for e in found if about(e)]
+        return [e for e in found if reason is None or e.get("reason") == reason]
+
+    def wait_for(self, predicate: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.02,
+                 what: str = "") -> T:
+        """Poll `predicate` until it returns something truthy (a 404 counts as falsy); return that."""
+        deadline, last = time.monotonic() + timeout, None
+        while True:
+            try:
+                last = predicate()
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                last = None
+            if last:
+                return last
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last: {last!r}")
+            time.sleep(interval)

@@ -7,7 +7,7 @@
 Every `run` flag also reads an environment variable (the Helm chart sets those):
 POSTTRAIN_WATCH_NAMESPACES, POSTTRAIN_RUNTIME_IMAGE, POSTTRAIN_METRICS_PORT,
 POSTTRAIN_LEADER_ELECTION, POSTTRAIN_LEADER_ELECTION_NAMESPACE, POSTTRAIN_POD_NAME,
-POSTTRAIN_LOG_LEVEL, POSTTRAIN_PROGRESS_INTERVAL.
+POSTTRAIN_LEASE_SECONDS, POSTTRAIN_LOG_LEVEL, POSTTRAIN_PROGRESS_INTERVAL.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
     metrics = metrics_mod.OperatorMetrics()
     controller = handlers.Controller(config, kube_api=kube.Kube(api_client), metrics=metrics)
     registry = kopf.OperatorRegistry()
+    # A registry of our own carries none of kopf's default login handlers: log in like the client
+    # above (in-cluster service account, else KUBECONFIG).
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     handlers.register(registry, controller)
     ready = threading.Event()  # kopf sets it once it watches
     standby = threading.Event()  # a healthy replica waiting for the Lease is ready too (rollouts, PDBs)
@@ -86,10 +89,12 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
     if args.leader_election:
         identity = os.environ.get("POSTTRAIN_POD_NAME") or socket.gethostname()
         namespace = os.environ.get("POSTTRAIN_LEADER_ELECTION_NAMESPACE", "default")
-        lock = leader.LeaseLock(client.CoordinationV1Api(api_client), namespace=namespace, identity=identity)
+        lock = leader.LeaseLock(client.CoordinationV1Api(api_client), namespace=namespace, identity=identity,
+                                lease_seconds=args.lease_seconds)
         acquired = asyncio.Event()
         standby.set()
-        hold_task = asyncio.create_task(leader.hold(lock, acquired=acquired, lost=lost))
+        hold_task = asyncio.create_task(leader.hold(lock, acquired=acquired, lost=lost,
+                                                    renew_seconds=max(1.0, args.lease_seconds / 3)))
         await asyncio.wait([asyncio.create_task(acquired.wait()), asyncio.create_task(stop_flag.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         if stop_flag.is_set():
@@ -107,6 +112,8 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
         lost_watch.cancel()
         if hold_task:
             hold_task.cancel()
+            if not lost.is_set():
+                await asyncio.to_thread(lock.release)
         await runner.cleanup()
     return 1 if lost.is_set() else 0
 
@@ -146,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-interval", type=float,
                    default=float(os.environ.get("POSTTRAIN_PROGRESS_INTERVAL", "10")))
     r.add_argument("--leader-election", action="store_true", default=_env_bool("POSTTRAIN_LEADER_ELECTION"))
+    r.add_argument("--lease-seconds", type=int, default=int(os.environ.get("POSTTRAIN_LEASE_SECONDS", "15")),
+                   help="leader Lease duration; the leader renews it every third of that")
     r.add_argument("--log-level", default=os.environ.get("POSTTRAIN_LOG_LEVEL", "info"))
     d = sub.add_parser("render", help="print the children the operator would create for a job file")
     d.add_argument("file")

@@ -105,5 +105,4 @@ async def serve(metrics: OperatorMetrics, port: int, *, ready: Any, host: str = 
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    runner.bound_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import yaml
@@ -66,11 +67,16 @@ async def _operate(config: Any, args: argparse.Namespace, stop: threading.Event 
 
     from posttrain.operator import handlers, kube, leader, metrics as metrics_mod
 
+    # API calls run in threads (the kubernetes client is synchronous): give them enough threads
+    # that a burst of jobs is not queued behind asyncio's default of cpu_count + 4.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=args.api_workers))
     try:
         kconfig.load_incluster_config()
     except kconfig.ConfigException:
         kconfig.load_kube_config()
-    api_client = client.ApiClient()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = args.api_workers  # one pooled connection per API thread
+    api_client = client.ApiClient(cfg)
     metrics = metrics_mod.OperatorMetrics()
     controller = handlers.Controller(config, kube_api=kube.Kube(api_client), metrics=metrics)
     registry = kopf.OperatorRegistry()
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--leader-election", action="store_true", default=_env_bool("POSTTRAIN_LEADER_ELECTION"))
     r.add_argument("--lease-seconds", type=int, default=int(os.environ.get("POSTTRAIN_LEASE_SECONDS", "15")),
                    help="leader Lease duration; the leader renews it every third of that")
+    r.add_argument("--api-workers", type=int, default=int(os.environ.get("POSTTRAIN_API_WORKERS", "32")),
+                   help="threads for Kubernetes API calls")
     r.add_argument("--log-level", default=os.environ.get("POSTTRAIN_LOG_LEVEL", "info"))
     d = sub.add_parser("render", help="print the children the operator would create for a job file")
     d.add_argument("file")

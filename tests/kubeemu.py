@@ -213,7 +213,7 @@ class Cluster:
 
     @property
     def requests(self) -> list[kmock.Request]:
-        """Every HTTP request served so far, parsed by kmock (`.method`, `.resource`, `.name`, `.data`...)."""
+        """The newest HTTP requests served (up to `Emulator.request_log_limit`), parsed by kmock."""
         return list(self.emulator)  # kmock iterates a handler as its request log
 
     def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import kmock
@@ -63,7 +63,15 @@ class Emulator(kmock.KubernetesEmulator):
         self._closing = True
         self._wake_watchers()
 
+    # kmock matches every request against its reactions by scanning the whole request log (an
+    # identity check over a filtered view), so each request costs O(requests so far). Keeping only
+    # the newest entries keeps a load test of thousands of objects linear; tests that read
+    # `Cluster.requests` see the newest `request_log_limit` requests.
+    request_log_limit: ClassVar[int] = 64
+
     async def __call__(self, raw_request: Any) -> Any:
+        if len(self._requests) > self.request_log_limit:
+            del self._requests[: len(self._requests) - self.request_log_limit]
         if _NAMESPACES_PATH.fullmatch(raw_request.path):
             path = raw_request.rel_url.path.replace("/namespaces", f"/{_NAMESPACES_ALIAS}", 1)
             raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(path).with_query(raw_request.query))

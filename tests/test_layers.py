@@ -38,3 +38,16 @@ def test_api_and_operator_import_without_the_training_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """setuptools' package-dir mapping needs each subpackage named; a missing one would be absent from images."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for root in ("api", "operator", "jobs"):
+        for init in (REPO / root).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO)
+            found.add(".".join(("posttrain", *rel.parts)))
+    assert found == listed, f"pyproject packages {sorted(listed)} != package folders {sorted(found)}"

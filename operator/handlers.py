@@ -88,7 +88,8 @@ class Controller:
         uid = body["metadata"]["uid"]
         now = now_rfc3339()
         try:
-            requested = parse_job(_job_document(body), source=f"{namespace}/{name}")
+            # The runtime image ships with this operator: refuse algorithms it cannot run yet.
+            requested = parse_job(_job_document(body), source=f"{namespace}/{name}", require_available=True)
         except InvalidJob as exc:
             text = "; ".join(str(e) for e in exc.errors)
             await self._apply(body, reconcile.invalid(body, text, now), job=None)

@@ -1,0 +1,118 @@
+"""The demo's data maker (examples/docstrings/make_data.py): pure, no model, no Ray.
+
+    .venv/bin/python -m pytest tests/test_demo_data.py
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_make_data():
+    # examples/ is not a package; load the file the way demo.py does, by path.
+    path = REPO / "examples" / "docstrings" / "make_data.py"
+    spec = importlib.util.spec_from_file_location("docstrings_make_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+md = _load_make_data()
+
+SOURCE = '''
+import os
+
+class Box:
+    @property
+    def size(self):
+        """Return the number of items in the box.
+
+        Longer explanation that is not part of the summary.
+        """
+        return len(self.items)
+
+def only_doc():
+    """Does nothing at all, and says so."""
+
+def lower():
+    """not a sentence"""
+    return 1
+
+def inline(): "Return one, on the same line as the def."; return 1
+'''
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return md.collect()  # the whole standard library, parsed once for this module (a few seconds)
+
+
+@pytest.fixture(scope="module")
+def made(examples):
+    train, held = md.split(examples, n_train=200, n_eval=40, seed=0)
+    return [ex.record() for ex in train], [ex.record() for ex in held]
+
+
+def test_records_are_chat_messages(made):
+    train, held = made
+    assert len(train) == 200 and len(held) == 40
+    for record in train + held:
+        msgs = record["messages"]
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
+        assert set(record) == {"messages", "module", "function"}
+
+
+def test_held_out_split_shares_no_module_function_or_summary_with_train(made):
+    train, held = made
+    assert {r["module"] for r in train}.isdisjoint({r["module"] for r in held})
+    key = lambda r: (r["module"], r["function"])  # noqa: E731
+    assert {key(r) for r in train}.isdisjoint({key(r) for r in held})
+    code = lambda r: r["messages"][1]["content"]  # noqa: E731
+    assert {code(r) for r in train}.isdisjoint({code(r) for r in held})
+    answer = lambda r: r["messages"][2]["content"]  # noqa: E731
+    assert {answer(r) for r in train}.isdisjoint({answer(r) for r in held})
+
+
+def test_the_docstring_is_not_in_the_prompt(made):
+    train, held = made
+    for record in train + held:
+        prompt = record["messages"][1]["content"]
+        assert record["messages"][2]["content"] not in prompt
+        code = md.prompt_code(record)
+        fn = ast.parse(code).body[0]  # the prompt's code is valid Python, one function
+        assert isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and ast.get_docstring(fn) is None
+        assert len(code) <= md.MAX_CODE_CHARS
+
+
+def test_functions_cuts_the_docstring_and_skips_unusable_ones():
+    found = list(md.functions("pkg.box", SOURCE))
+    assert [(ex.module, ex.name) for ex in found] == [("pkg.box", "Box.size")]
+    ex = found[0]
+    assert ex.summary == "Return the number of items in the box."
+    assert ex.code == "@property\ndef size(self):\n    return len(self.items)"
+    assert "Longer explanation" not in ex.code
+
+
+def test_build_is_deterministic_and_seeded(examples, made):
+    assert md.build(n_train=200, n_eval=40, seed=0) == made  # a second full pass gives the same records
+    other_train, other_held = md.split(examples, n_train=200, n_eval=40, seed=1)
+    assert [ex.record() for ex in other_train] != made[0]
+    assert {ex.module for ex in other_train}.isdisjoint({ex.module for ex in other_held})
+
+
+def test_summary_of_keeps_plain_first_paragraphs():
+    assert md.summary_of("Return x.\n\n    Details.") is None  # shorter than MIN_SUMMARY_CHARS
+    joined = md.summary_of("Return the  first\n    item of a sequence.\n\nMore.")
+    assert joined == "Return the first item of a sequence."
+    assert md.summary_of(">>> f(1) returns the value one.") is None
+    assert md.summary_of("f(x) -> y, the mapped value of x.") is None
+    assert md.summary_of("Return a value but no full stop") is None

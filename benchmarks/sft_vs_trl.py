@@ -65,7 +65,10 @@ def run_trl(doc: dict, out: Path) -> dict:
     source = models.materialize(spec.model)
     tok = models.load_tokenizer(source)
     train, _, _ = data.build(spec.data, tok, seed=0, max_len=spec.training.max_seq_length)
+    from transformers import set_seed
+
     torch.set_num_threads(os.cpu_count() or 1)
+    set_seed(spec.training.seed)  # as posttrain's worker does, so both start from the same adapter
     net = models.load_for_training(source, spec.model, spec.adapter)
     args = SFTConfig(output_dir=str(out), max_steps=spec.training.max_steps, per_device_train_batch_size=4,
                      gradient_accumulation_steps=2, learning_rate=spec.training.learning_rate,
@@ -96,6 +99,10 @@ def main() -> int:
         model = str(tiny.make_model(work / "model", layers=4, hidden=128))
     data_path = str(tiny.write_jsonl(work / "train.jsonl", tiny.arith_records(512)))
     doc = job_doc(model, data_path, args.steps, 2e-3)
+    from posttrain.api.spec import ModelSpec
+    from posttrain.jobs import models
+
+    models.materialize(ModelSpec(source=model))  # a GGUF is converted once, outside both timings
 
     trl = run_trl(doc, work / "trl")
     ours = run_ours(doc, work / "ours")

@@ -142,6 +142,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     tokenizer = models.load_tokenizer(cfg["tokenizer_source"], revision=models.hub_revision(spec.model),
                                       trust_remote_code=spec.model.trust_remote_code)
+    from transformers import set_seed
+
+    set_seed(spec.training.seed)  # adapter initialisation is part of what the seed decides
     net = models.load_for_training(cfg["model_source"], spec.model, spec.adapter)
     train_ds, eval_ds = cfg["train"], cfg["eval"]
     callback = _callback_class()(tracker, rank)

@@ -206,6 +206,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             server.close()
 
     final = outputs.read_metrics(out / outputs.METRICS_FILE)
+    newest = sft.latest_checkpoint(ckpt_dir)
     last_loss = next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None)
     runtime = train_metrics.get("train_runtime")
     tokens = state.tokens_seen
@@ -222,7 +223,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             "last_loss": last_loss,
             "eval_loss_before": run_info.get("eval_loss_before"),
             "eval_loss_after": state.eval_loss if eval_ds is not None and not error else None,
-            "last_checkpoint": str(sft.latest_checkpoint(ckpt_dir)[0]) if sft.latest_checkpoint(ckpt_dir) else None,
+            "last_checkpoint": str(newest[0]) if newest else None,
             "artifact": artifact or None,
         }
     )

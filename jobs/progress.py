@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -169,6 +169,3 @@ def tracker_actor():
 
     return ProgressTracker
 
-
-def state_dict(state: RunState) -> dict[str, Any]:
-    return asdict(state)

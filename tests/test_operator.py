@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,6 +59,8 @@ def driver():
 @pytest.fixture
 def k8s():
     with kubeemu.Cluster() as cluster:
+        # CI's 2 cores may be busy with other tests' Ray workers: be patient, assertions stay exact.
+        cluster.wait_for = functools.partial(cluster.wait_for, timeout=45)
         yield cluster
 
 

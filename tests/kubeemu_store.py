@@ -15,7 +15,8 @@ kube-apiserver does:
   409 `Conflict` on a stale `metadata.resourceVersion`, 404 `NotFound` (object or namespace);
 * finalizers (delete sets `deletionTimestamp`; emptying them removes the object, and no new
   finalizer may be added meanwhile) and a garbage collector that deletes dependents whose
-  `ownerReferences` name a removed uid, at once rather than eventually;
+  `ownerReferences` name a removed uid (also one created after its owner is gone), at once
+  rather than eventually;
 * a write that changes nothing bumps nothing and emits no watch event.
 
 Every method runs on the emulator's event-loop thread and never awaits, so each call is
@@ -149,6 +150,13 @@ class Store:
             obj["status"] = {"phase": "Active"}
         obj = self._admit(kind, obj)
         self._commit(kind, "ADDED", obj)
+        refs = meta.get("ownerReferences") or []
+        if refs:
+            # The garbage collector also removes a dependent whose owners are all gone already
+            # (created by a controller that raced the owner's deletion): at once here, eventually there.
+            live = {o["metadata"]["uid"] for _, o in self._live()}
+            if not any(ref.get("uid") in live for ref in refs):
+                self.delete(kind, meta.get("namespace"), meta["name"])
         return clone(obj)
 
     def update(self, kind: Kind, namespace: str | None, name: str, *, patch: Any = None,

@@ -444,3 +444,10 @@ def test_operator_that_fails_to_start_raises(k8s, tmp_path):
     with pytest.raises(RuntimeError, match="did not get ready"):
         with kubeemu.Operator(k8s, broken):
             pass
+
+
+def test_a_dependent_created_after_its_owner_is_gone_is_collected(k8s, job):
+    owner = k8s.create(job)
+    k8s.delete(*kubeemu.PTJ, "default", owner["metadata"]["name"])
+    k8s.create(owned_by(owner, configmap("late")))
+    assert k8s.find(*kubeemu.CONFIGMAP, "default", "late") is None

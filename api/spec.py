@@ -18,7 +18,9 @@ from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
+
+from posttrain.api.base import ApiModel
+from posttrain.api.rl import RewardSpec, RLSpec
 
 GROUP = "posttrain.dev"
 VERSION = "v1alpha1"
@@ -29,22 +31,6 @@ SHORT_NAME = "ptj"
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
 AVAILABLE_ALGORITHMS = frozenset({"sft"})
-
-
-class ApiModel(BaseModel):
-    """Base for every API object: camelCase on the wire, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=False,
-        validate_default=True,
-    )
-
-    def wire(self) -> dict[str, Any]:
-        """The object as it appears in YAML / the Kubernetes API (camelCase, no nulls)."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class Algorithm(str, Enum):
@@ -257,6 +243,12 @@ class RoleSpec(ApiModel):
         None, description="A Kubernetes Affinity object for this role's pods.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of this role's pods.")
+    engine: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="Inference engine of roles.rollout: vllm where installed (auto), else transformers."
+    )
+    strategy: Literal["fsdp2", "ddp"] | None = Field(
+        None, description="Sharding of roles.learner: fsdp2 (fully_shard per decoder layer, default) or ddp."
+    )
 
 
 RL_ROLES = ("rollout", "learner", "reward")
@@ -302,6 +294,14 @@ class PostTrainingJobSpec(ApiModel):
     data: DataSpec = Field(description="Training and evaluation data.")
     training: TrainingSpec = Field(description="Optimization settings.")
     roles: RolesSpec = Field(default_factory=RolesSpec, description="Where each Ray role runs and how many replicas.")
+    placement: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="grpo/ppo: each role on its own worker group, or rollout and learner sharing devices.",
+    )
+    rl: RLSpec | None = Field(None, description="Rollout, advantage and loss settings (grpo and ppo; defaults apply).")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
     image: str | None = Field(None, description="Container image of the job's pods (default: the operator's runtime image).")
@@ -332,6 +332,25 @@ class PostTrainingJobSpec(ApiModel):
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
+            if self.rl is not None:
+                raise ValueError(f"@rl: is for grpo and ppo, not {self.algorithm.value}")
+            if self.rewards:
+                raise ValueError(f"@rewards: are for grpo and ppo; {self.algorithm.value} learns from its data")
+        else:
+            if not self.rewards:
+                raise ValueError("@rewards: grpo and ppo need at least one reward, e.g. "
+                                 "[{function: posttrain.jobs.rewards.builtin:exact_answer}]")
+            advantage = self.rl.advantage if self.rl else None
+            if self.algorithm is Algorithm.ppo and advantage not in (None, "gae"):
+                raise ValueError(f"@rl.advantage: ppo uses gae with its critic, not {advantage}")
+            if self.algorithm is Algorithm.grpo and advantage == "gae":
+                raise ValueError("@rl.advantage: gae needs a critic; use algorithm ppo, or grpo/rloo/dr_grpo here")
+        for role in ("trainer", "learner", "reward"):
+            if (getattr(self.roles, role) or RoleSpec()).engine is not None:
+                raise ValueError(f"@roles.{role}.engine: only roles.rollout has an inference engine")
+        for role in ("trainer", "rollout", "reward"):
+            if (getattr(self.roles, role) or RoleSpec()).strategy is not None:
+                raise ValueError(f"@roles.{role}.strategy: only roles.learner has a sharding strategy")
         t = self.training
         per_step = t.micro_batch_size * self.trainer_workers()
         if not self.algorithm.is_rl() and t.global_batch_size % per_step:

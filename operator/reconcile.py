@@ -50,7 +50,9 @@ def immutable_changes(current: dict[str, Any], started_with: dict[str, Any] | No
     """Spec fields (wire names) that differ from the spec the job was started with."""
     if not started_with:
         return []
-    keys = (set(current) | set(started_with)) - MUTABLE_FIELDS
+    # Only fields both sides know: a field a newer operator added (with its default) was not
+    # changed by anyone; adding or removing a field by hand is caught by the CRD's CEL rules.
+    keys = (set(current) & set(started_with)) - MUTABLE_FIELDS
     return sorted(k for k in keys if current.get(k) != started_with.get(k))
 
 

@@ -206,9 +206,12 @@ def test_a_document_that_is_not_a_mapping():
 # --- algorithms not shipped in this version --------------------------------------------------
 
 
+REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
+
+
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
 def test_unavailable_algorithms_validate_as_models_but_are_refused(algorithm):
-    doc = _job(algorithm=algorithm)
+    doc = _job(algorithm=algorithm, **({"rewards": REWARDS} if algorithm == "grpo" else {}))
     assert parse_job(doc).spec.algorithm.value == algorithm
     with pytest.raises(InvalidJob) as info:
         parse_job(doc, require_available=True)
@@ -218,8 +221,42 @@ def test_unavailable_algorithms_validate_as_models_but_are_refused(algorithm):
 
 
 def test_rl_roles_are_accepted_for_grpo():
-    spec = parse_job(_job(algorithm="grpo", roles={"rollout": {"replicas": 2, "gpus": 1}})).spec
+    spec = parse_job(_job(algorithm="grpo", rewards=REWARDS, roles={"rollout": {"replicas": 2, "gpus": 1}})).spec
     assert spec.roles.rollout.replicas == 2
+
+
+def test_rl_sections_round_trip_with_their_wire_names():
+    doc = _job(algorithm="grpo", rewards=REWARDS + [{"url": "http://verifier:8000/score", "weight": 0.5,
+                                                     "onError": "skip"}],
+               rl={"groupSize": 4, "lossType": "dapo", "clipHigh": 0.28, "async": True, "kl": {"beta": 0.04}},
+               roles={"rollout": {"engine": "vllm"}, "learner": {"strategy": "fsdp2"}}, placement="colocated")
+    spec = parse_job(doc).spec
+    assert (spec.rl.group_size, spec.rl.loss_type, spec.rl.async_, spec.rl.kl.beta) == (4, "dapo", True, 0.04)
+    assert [r.source() for r in spec.rewards] == ["function", "url"]
+    wire = spec.wire()
+    assert wire["rl"]["async"] is True and wire["rewards"][1]["onError"] == "skip"
+    assert parse_job({**doc, "spec": wire}).spec == spec
+
+
+@pytest.mark.parametrize("changes,path,text", [
+    ({"algorithm": "grpo"}, "spec.rewards", "at least one reward"),
+    ({"rewards": REWARDS}, "spec.rewards", "are for grpo and ppo"),
+    ({"rl": {"groupSize": 4}}, "spec.rl", "is for grpo and ppo"),
+    ({"algorithm": "grpo", "rewards": [{"function": "exact_answer"}]}, "spec.rewards[0].function", "module:function"),
+    ({"algorithm": "grpo", "rewards": [{"function": "m:f", "url": "http://x"}]}, "spec.rewards[0].function",
+     "exactly one of function, model or url"),
+    ({"algorithm": "grpo", "rewards": [{"url": "verifier:8000"}]}, "spec.rewards[0].url", "http://"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"groupSize": 1}}, "spec.rl.groupSize", "greater than or equal to 2"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"advantage": "gae"}}, "spec.rl.advantage", "needs a critic"),
+    ({"algorithm": "ppo", "rewards": REWARDS, "rl": {"advantage": "rloo"}}, "spec.rl.advantage", "ppo uses gae"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "roles": {"learner": {"engine": "vllm"}}}, "spec.roles.learner.engine",
+     "only roles.rollout"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "roles": {"rollout": {"strategy": "fsdp2"}}},
+     "spec.roles.rollout.strategy", "only roles.learner"),
+])
+def test_bad_rl_sections_name_the_field(changes, path, text):
+    [(got_path, message)] = _errors(_job(**changes))
+    assert got_path == path and text in message
 
 
 # --- --set overrides --------------------------------------------------------------------------

@@ -71,12 +71,14 @@ RL_ROLES = {
     "reward": {"replicas": 1, "cpus": 4, "memory": "16Gi"},
 }
 
+REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
+
 CASES = {
     "sft-cpu": dict(),
     "sft-gpu-nodepool": dict(roles=GPU_ROLES, training={"maxSteps": 100, "globalBatchSize": 16}),
     "sft-suspended-kueue": dict(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a"}),
-    "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES),
-    "ppo-defaults": dict(algorithm="ppo"),
+    "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES, rewards=REWARDS),
+    "ppo-defaults": dict(algorithm="ppo", rewards=REWARDS),
     "no-output-uri": dict(output={}, checkpoint={}),
 }
 
@@ -208,7 +210,8 @@ def test_rayjob_shape_for_a_gpu_job():
 
 
 def test_rl_jobs_get_one_worker_group_per_role():
-    rj = builders.build_rayjob(make_job(algorithm="grpo", roles=RL_ROLES), run=0, owner_uid=UID, settings=SETTINGS)
+    rj = builders.build_rayjob(make_job(algorithm="grpo", roles=RL_ROLES, rewards=REWARDS), run=0, owner_uid=UID,
+                               settings=SETTINGS)
     groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert list(groups) == ["rollout", "learner", "reward"]
     assert groups["learner"]["replicas"] == 4

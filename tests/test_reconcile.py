@@ -134,6 +134,8 @@ def test_immutable_field_changes_are_reported_and_not_applied():
     edited["training"]["learningRate"] = 1.0
     edited["maxRestarts"] = 7
     assert reconcile.immutable_changes(edited, started) == ["training"]
+    older = {k: v for k, v in started.items() if k != "placement"}  # stored by an operator without that field
+    assert reconcile.immutable_changes(started, older) == []
     effective = reconcile.effective_spec(edited, started)
     assert effective["training"] == started["training"] and effective["maxRestarts"] == 7
     p = plan(job, [rayjob(0, "Running", "RUNNING")], started_with=started, requested=edited)

@@ -1,0 +1,103 @@
+"""The RL sections of a PostTrainingJob: `spec.rl` and `spec.rewards` (grpo and ppo).
+
+Names match the runtime's registries (`posttrain.jobs.rl.algos`, `posttrain.jobs.rewards`),
+so a spec value is exactly what the driver looks up.
+
+    >>> RLSpec().loss_type, RLSpec().kl.beta
+    ('grpo', 0.0)
+    >>> RewardSpec(function="posttrain.jobs.rewards.builtin:exact_answer").source()
+    'function'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.api.base import ApiModel
+
+
+class KLSpec(ApiModel):
+    beta: float = Field(
+        0.0, ge=0.0, description="Coefficient of the KL penalty to the reference policy; 0 disables it and the reference."
+    )
+    estimator: Literal["k1", "k3"] = Field(
+        "k3", description="Per-token KL estimator: k1 (log ratio) or k3 (Schulman's unbiased, non-negative)."
+    )
+
+
+class RLSpec(ApiModel):
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (the group GRPO normalises over).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step; a step trains on prompts x groupSize samples.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold of the rollouts.")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "gae", "grpo_process"] | None = Field(
+        None,
+        description="Advantage estimator; default grpo for algorithm grpo and gae (with the critic) for ppo. "
+        "grpo_process uses process rewards (one score per reasoning step).",
+    )
+    scale_rewards: bool = Field(True, description="Divide group-centred rewards by the group's std (grpo).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="Policy loss: grpo (per-sequence mean), dr_grpo (token sum over a constant length), "
+        "dapo (token-level mean, asymmetric clipping).",
+    )
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="Lower clip of the probability ratio: 1 - clipLow.")
+    clip_high: float | None = Field(
+        None, gt=0.0, description="Upper clip: 1 + clipHigh (default: clipLow; DAPO suggests 0.28)."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's rollouts.")
+    kl: KLSpec = Field(default_factory=KLSpec, description="KL penalty to the reference policy.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE (ppo).")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="Lambda of GAE (ppo).")
+    value_clip: float = Field(0.2, gt=0.0, description="Clip range of the PPO value loss.")
+    critic_learning_rate: float | None = Field(
+        None, gt=0.0, description="Learning rate of the critic (ppo); default training.learningRate."
+    )
+    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
+        "auto", description="How learners push weights to rollout engines: auto is NCCL on GPU, the object store on CPU."
+    )
+    async_: bool = Field(
+        False,
+        alias="async",
+        description="Generate step t+1 while step t trains (rollouts are at most one step stale).",
+    )
+
+
+class RewardSpec(ApiModel):
+    function: str | None = Field(
+        None,
+        description="A reward callable `module:function` with signature "
+        "fn(prompts, completions, **fields) -> list[float | None], e.g. posttrain.jobs.rewards.builtin:exact_answer.",
+    )
+    model: str | None = Field(None, description="A sequence-classification reward model (same URI forms as spec.model.source).")
+    url: str | None = Field(None, description="An HTTP verifier: POSTed {prompts, completions, ...}, answers {rewards: [...]}.")
+    weight: float = Field(1.0, ge=0.0, description="Weight in the combined reward; 0 logs the reward without training on it.")
+    name: str | None = Field(None, description="Label in metrics (default: the function name, `reward_model` or `http_verifier`).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the function.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    timeout_seconds: float = Field(30.0, gt=0.0, description="Per-request timeout of an HTTP verifier.")
+    retries: int = Field(3, ge=0, description="Retries of an HTTP verifier before the step fails.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="A reward that raises or returns NaN: fail the step (raise) or skip the sample (skip)."
+    )
+
+    def source(self) -> str:
+        return next(k for k in ("function", "model", "url") if getattr(self, k) is not None)
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSpec:
+        given = [k for k in ("function", "model", "url") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("@function: give exactly one of function, model or url"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.function is not None and ":" not in self.function:
+            raise ValueError("@function: write module:function, e.g. posttrain.jobs.rewards.builtin:exact_answer")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("@url: an HTTP verifier URL starts with http:// or https://")
+        return self

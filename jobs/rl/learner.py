@@ -1,0 +1,358 @@
+"""The learner side of GRPO / PPO: one torch.distributed group of FSDP2-sharded policy replicas.
+
+The driver makes each `LearnerWorker` a Ray actor and calls the same method on
+every rank (the methods run collectives, so all ranks must take part):
+
+    Learner = ray.remote(num_cpus=1)(LearnerWorker)
+    workers = [Learner.remote() for _ in range(W)]
+    ray.get([w.setup.remote(r, W, addr, port, model_path, adapter.wire(), rl.wire(), 1e-6, 0)
+             for r, w in enumerate(workers)])
+    logp = ray.get([w.compute_logprobs.remote(batch) for w in workers])[0]       # every rank returns it all
+    metrics = ray.get([w.train_step.remote(batch) for w in workers])[0]          # averaged across ranks
+    named = ray.get([w.export_weights.remote(adapter_only=True) for w in workers])[0]   # rank 0 has them
+    engine.load_weights(named)
+
+Batch: `input_ids`, `attention_mask`, `completion_mask`, each (B, L) (lists or
+tensors; prompt and completion in one row, any padding side). `completion_mask`
+is 1 on the tokens the policy generated. `train_step` also takes `advantages`,
+(B,) or (B, L), and optionally `old_logprobs` (B, L) from the rollout (default:
+this policy's own logprobs at the start of the step, i.e. strictly on-policy).
+Logprobs are aligned with `input_ids`: `logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])`,
+0 where `completion_mask` is 0. Rows are split contiguously across ranks; a
+batch whose size does not divide the world size is padded with empty rows.
+
+Sharding: FSDP2 `fully_shard` on every decoder layer, then on the root, on a
+1-D device mesh (gloo on CPU, nccl on GPU). Dropout stays off (the model is kept
+in eval mode) so that the logprobs of the ratio and of the reference agree.
+
+Reference policy (only when `rl.kl.beta > 0`): for a LoRA adapter, the same
+model under `disable_adapter()`; for full fine-tuning, a frozen sharded copy.
+
+Weights for the rollout engine (`export_weights`) use the plain transformers
+names (`model.layers.0.self_attn.q_proj.weight`): for LoRA the adapter is folded
+into the base weight (W + scaling * B @ A) so the engine's plain model needs no
+PEFT. `adapter_only=True` sends only the adapted modules' merged weights.
+
+Checkpoints (`save_checkpoint` / `load_checkpoint`) are torch.distributed.checkpoint
+folders of the sharded model and optimizer state; every rank writes its shard.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .algos import POLICY_LOSSES
+from .kl import entropy_from_logits, kl_penalty, uses_reference
+from .masked import masked_mean
+
+BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def _tensor(x: Any, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype) if isinstance(x, Tensor) else torch.tensor(x, dtype=dtype)
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """logits (B, L, V) of a causal LM, input_ids (B, L) -> (B, L) float32 logprob of each token given
+    its prefix; position 0 (no prefix) is 0."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that count only attended tokens, as `generate` computes them (left padding safe)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The transformer blocks of a (PEFT-wrapped) HF model: modules whose class is in `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"{type(base).__name__} names no decoder layer class (_no_split_modules={names})")
+    return layers
+
+
+class LearnerWorker:
+    """One rank of the learner group. Make it an actor with `ray.remote(num_cpus=...)(LearnerWorker)`."""
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+              adapter_spec_dict: dict[str, Any], rl_spec_dict: dict[str, Any], lr: float, seed: int, *,
+              dtype: str = "auto", max_grad_norm: float = 1.0, micro_batch_size: int | None = None,
+              weight_decay: float = 0.0, threads: int | None = 1) -> dict[str, Any]:
+        """Join the process group, load and shard the policy (and reference), build AdamW.
+
+        Returns {"rank", "backend", "sharding": "fsdp2", "trainable_params", "dtensor_params"} (the last
+        counts parameters that `fully_shard` turned into DTensors: all of them).
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from posttrain.api.rl import RLSpec
+        from posttrain.api.spec import AdapterSpec, AdapterType, ModelSpec
+        from posttrain.jobs.models import load_for_training
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self.rl = RLSpec.model_validate(rl_spec_dict)
+        self.adapter = AdapterSpec.model_validate(adapter_spec_dict)
+        if self.adapter.type.is_virtual_tokens():
+            raise ValueError(f"adapter type {self.adapter.type.value}: the RL learner supports full "
+                             "fine-tuning and the LoRA family; prefix / prompt tuning has no weights to sync")
+        self.loss_fn = POLICY_LOSSES.get(self.rl.loss_type)  # an unknown name fails in setup, not at step 1
+        self.max_grad_norm, self.micro_batch_size = max_grad_norm, micro_batch_size
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                    world_size=world_size, timeout=datetime.timedelta(minutes=30))
+        self.mesh = init_device_mesh(self.device.type, (world_size,))
+        torch.manual_seed(seed)
+        self.is_lora = self.adapter.type is not AdapterType.none
+        model_spec = ModelSpec(source=model_path, dtype=dtype)
+
+        def shard(m: torch.nn.Module) -> torch.nn.Module:
+            m.to(self.device)
+            for layer in decoder_layers(m):
+                fully_shard(layer, mesh=self.mesh)
+            fully_shard(m, mesh=self.mesh)
+            return m.eval()  # no dropout: ratio and reference logprobs must be deterministic
+
+        self.model = shard(load_for_training(model_path, model_spec, self.adapter))
+        self.ref_model = None
+        if uses_reference(self.rl.kl.beta) and not self.is_lora:
+            self.ref_model = shard(load_for_training(model_path, model_spec, self.adapter)).requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.step = 0
+        from torch.distributed.tensor import DTensor
+
+        return {"rank": rank, "backend": backend, "sharding": "fsdp2",
+                "trainable_params": sum(p.numel() for p in params),
+                "dtensor_params": sum(isinstance(p, DTensor) for p in self.model.parameters()),
+                "params": sum(1 for _ in self.model.parameters())}
+
+    # ---- batches ---------------------------------------------------------------------------------
+
+    def _shard(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], int]:
+        """This rank's rows of `batch` (padded to a multiple of the world size with empty rows); and B."""
+        ids = _tensor(batch["input_ids"], torch.long)
+        size = ids.shape[0]
+        per_rank = math.ceil(size / self.world_size)
+        pad = per_rank * self.world_size - size
+        out: dict[str, Tensor] = {}
+        for key, value in batch.items():
+            if value is None:
+                continue
+            t = _tensor(value, torch.long if key in BATCH_KEYS else torch.float32)
+            if pad:  # empty rows: a copy of row 0 with every mask at 0
+                filler = t[:1].expand(pad, *t.shape[1:]).clone()
+                if key in ("attention_mask", "completion_mask"):
+                    filler.zero_()
+                    if key == "attention_mask":
+                        filler[:, 0] = 1  # one attended token keeps attention finite
+                t = torch.cat([t, filler])
+            out[key] = t[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.device)
+        return out, size
+
+    def _micro(self, shard: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        rows = shard["input_ids"].shape[0]
+        size = self.micro_batch_size or rows
+        return [{k: v[i:i + size] for k, v in shard.items()} for i in range(0, rows, size)]
+
+    def _forward(self, model: Any, mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(B, L) logprobs, 0 off the completion, and the raw logits (B, L, V)."""
+        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                       position_ids=position_ids(mb["attention_mask"]), use_cache=False).logits
+        logp = token_logprobs(logits, mb["input_ids"])
+        return torch.where(mb["completion_mask"].bool(), logp, 0.0), logits
+
+    @torch.no_grad()
+    def _logprobs(self, shard: dict[str, Tensor], *, reference: bool = False) -> Tensor:
+        out = []
+        for mb in self._micro(shard):
+            if reference and self.is_lora:
+                with self.model.disable_adapter():
+                    out.append(self._forward(self.model, mb)[0])
+            else:
+                out.append(self._forward(self.ref_model if reference else self.model, mb)[0])
+        return torch.cat(out)
+
+    def _gather_rows(self, local: Tensor, size: int) -> Tensor:
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)[:size].cpu()
+
+    def compute_logprobs(self, batch: dict[str, Any]) -> Tensor:
+        """(B, L) logprobs of the batch's completion tokens under the current policy (on every rank)."""
+        shard, size = self._shard(batch)
+        return self._gather_rows(self._logprobs(shard), size)
+
+    def reference_logprobs(self, batch: dict[str, Any]) -> Tensor:
+        """(B, L) logprobs under the reference policy (LoRA: adapter disabled). Needs kl.beta > 0 for
+        full fine-tuning (no frozen copy is kept otherwise)."""
+        if not self.is_lora and self.ref_model is None:
+            raise RuntimeError("no reference policy: full fine-tuning keeps one only when rl.kl.beta > 0")
+        shard, size = self._shard(batch)
+        return self._gather_rows(self._logprobs(shard, reference=True), size)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """`rl.ppo_epochs` optimizer steps over the batch, each accumulating gradients over micro-batches.
+
+        Returns metrics averaged over ranks and epochs: loss, kl (the unscaled estimate; 0 when beta is 0),
+        entropy, clip_fraction, grad_norm (before clipping), lr.
+        """
+        shard, _ = self._shard(batch)
+        mask = shard["completion_mask"]
+        adv = shard["advantages"]
+        if adv.dim() == 1:
+            adv = adv.unsqueeze(-1).expand_as(mask)
+        shard["advantages"] = torch.where(mask.bool(), adv, 0.0)
+        if "old_logprobs" not in shard:
+            shard["old_logprobs"] = self._logprobs(shard)
+        beta = self.rl.kl.beta
+        if uses_reference(beta):
+            shard["ref_logprobs"] = self._logprobs(shard, reference=True)  # once per step
+        clip_high = self.rl.clip_high if self.rl.clip_high is not None else self.rl.clip_low
+        micro = self._micro(shard)
+        totals: dict[str, float] = {}
+        for _ in range(self.rl.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = torch.zeros(4, dtype=torch.float64)
+            for mb in micro:
+                logp, logits = self._forward(self.model, mb)
+                penalty = kl_penalty(logp, mb.get("ref_logprobs"), mb["completion_mask"], beta=beta,
+                                     estimator=self.rl.kl.estimator)
+                loss, metrics = self.loss_fn(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
+                                             clip_low=self.rl.clip_low, clip_high=clip_high,
+                                             max_length=self.rl.max_new_tokens,
+                                             kl_penalty=penalty if uses_reference(beta) else None)
+                (loss / len(micro)).backward()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), mb["completion_mask"]),
+                                          mb["completion_mask"])
+                    kl = masked_mean(penalty, mb["completion_mask"]) / beta if beta else torch.zeros(())
+                    sums += torch.stack([loss.detach().double().cpu(), kl.double().cpu(),
+                                         entropy.double().cpu(), metrics["clip_fraction"].double().cpu()])
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.step += 1
+            sums = (sums / len(micro)).to(self.device)
+            dist.all_reduce(sums)  # sum over ranks, then the mean
+            sums = (sums / self.world_size).cpu()
+            for key, value in zip(("loss", "kl", "entropy", "clip_fraction"), sums.tolist()):
+                totals[key] = totals.get(key, 0.0) + value / self.rl.ppo_epochs
+            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) / self.rl.ppo_epochs
+        totals["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return totals
+
+    # ---- weights and checkpoints ----------------------------------------------------------------
+
+    def export_weights(self, adapter_only: bool = False) -> list[tuple[str, Tensor]]:
+        """HF-named full tensors on CPU for the rollout engine, on rank 0 (other ranks return []).
+
+        A collective: call it on every rank. LoRA weights come merged (W + scaling * B @ A) under the
+        base module's name; `adapter_only` keeps only those (full fine-tuning has no adapter: error).
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if adapter_only and not self.is_lora:
+            raise ValueError("adapter_only export needs a LoRA adapter; full fine-tuning sends every weight")
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return []
+        if not self.is_lora:
+            return list(state.items())
+        return merge_lora_state(state, self._lora_scalings(), adapter_only=adapter_only)
+
+    def _lora_scalings(self) -> dict[str, float]:
+        """{peft module name: scaling} for every LoRA layer; DoRA cannot be merged this way."""
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in getattr(module, "scaling", {}):
+                if getattr(module, "use_dora", {}).get("default", False):
+                    raise NotImplementedError("merged export of a DoRA adapter (magnitude vector) is not implemented")
+                out[name] = float(module.scaling["default"])
+        return out
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `learner.json`."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if self.rank == 0:
+            Path(path, "learner.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size}))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Restore model and optimizer shards written by `save_checkpoint` (any world size); returns learner.json."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        meta = json.loads(Path(path, "learner.json").read_text())
+        self.step = int(meta["step"])
+        return meta
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def merge_lora_state(state: dict[str, Tensor], scalings: dict[str, float], *,
+                     adapter_only: bool) -> list[tuple[str, Tensor]]:
+    """A PEFT model's full state dict -> plain HF names with each LoRA update folded in.
+
+    `base_model.model.X.base_layer.weight` + `X.lora_A.default.weight` (r, in) and
+    `X.lora_B.default.weight` (out, r) become `X.weight` = W + scaling * B @ A; lora tensors
+    are dropped; other tensors are renamed (only kept when not `adapter_only`).
+    """
+    prefix = "base_model.model."
+    out: list[tuple[str, Tensor]] = []
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            continue
+        plain = name.removeprefix(prefix).replace(".base_layer.", ".")
+        module = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+        if name.endswith(".base_layer.weight") and module in scalings:
+            a = state[f"{module}.lora_A.default.weight"].float()
+            b = state[f"{module}.lora_B.default.weight"].float()
+            tensor = (tensor.float() + scalings[module] * (b @ a)).to(tensor.dtype)
+            out.append((plain, tensor))
+        elif not adapter_only:
+            out.append((plain, tensor))
+    return out
+
+
+def free_port() -> int:
+    """An unused TCP port on this host, for the group's `master_port`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+

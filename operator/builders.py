@@ -161,24 +161,19 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
     env = _env(settings, run)
     suspend = spec.suspend if suspend is None else suspend
 
+    def container(name: str, resources: dict[str, Any], mounts: list[dict], **extra: Any) -> dict[str, Any]:
+        return {"name": name, "image": image, "imagePullPolicy": settings.image_pull_policy,
+                "env": [dict(e) for e in env], **extra, "resources": resources, "volumeMounts": mounts}
+
     head_volumes, head_mounts = _volumes(job, with_spec=True)
-    head_container = {
-        "name": "ray-head",
-        "image": image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "env": [dict(e) for e in env],
-        "ports": [
-            {"name": "gcs", "containerPort": 6379},
-            {"name": "dashboard", "containerPort": 8265},
-            {"name": "client", "containerPort": 10001},
-            {"name": vocab.DRIVER_METRICS_PORT_NAME, "containerPort": vocab.DRIVER_METRICS_PORT},
-        ],
-        "resources": {
-            "requests": {"cpu": settings.head_cpu, "memory": settings.head_memory},
-            "limits": {"cpu": settings.head_cpu, "memory": settings.head_memory},
-        },
-        "volumeMounts": head_mounts,
-    }
+    head_amounts = {"cpu": settings.head_cpu, "memory": settings.head_memory}
+    head_container = container("ray-head", {"requests": dict(head_amounts), "limits": dict(head_amounts)}, head_mounts,
+                               ports=[
+                                   {"name": "gcs", "containerPort": 6379},
+                                   {"name": "dashboard", "containerPort": 8265},
+                                   {"name": "client", "containerPort": 10001},
+                                   {"name": vocab.DRIVER_METRICS_PORT_NAME, "containerPort": vocab.DRIVER_METRICS_PORT},
+                               ])
     head = {
         # num-cpus 0: the head runs the driver and small coordinating actors, never training work.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
@@ -189,14 +184,7 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
     groups = []
     for role, rs in roles_of(spec).items():
         volumes, mounts = _volumes(job, with_spec=False)
-        container = {
-            "name": "ray-worker",
-            "image": image,
-            "imagePullPolicy": settings.image_pull_policy,
-            "env": [dict(e) for e in env],
-            "resources": _resources(rs),
-            "volumeMounts": mounts,
-        }
+        worker_container = container("ray-worker", _resources(rs), mounts)
         groups.append({
             "groupName": role,
             "replicas": rs.replicas,
@@ -205,7 +193,7 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
             # KubeRay passes this to `ray start --resources`: one unit per GPU (one for a CPU pod),
             # and the driver asks for one unit per actor, so each role's actors land on its own pods.
             "rayStartParams": {"resources": json.dumps(json.dumps({ray_resource(role): max(1, rs.gpus)}))},
-            "template": _pod_template(job, component="worker", role=role, container=container,
+            "template": _pod_template(job, component="worker", role=role, container=worker_container,
                                       volumes=volumes, placement=rs),
         })
 

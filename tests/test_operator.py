@@ -142,7 +142,8 @@ def test_whole_life_create_run_progress_fail_restart_succeed_delete(k8s, driver)
         assert r1["metadata"]["labels"][vocab.LABEL_RUN] == "1"
         status = k8s.wait_for(lambda: (s := ptj(k8s)["status"]).get("restarts") == 1 and s)
         assert status["rayJob"] == "tune-r1" and status["phase"] == "Provisioning"
-        assert k8s.events(NS, involved=created, reason="Restarting"), "a restart emits an Event"
+        # kopf posts Events in the background: wait for it rather than race it.
+        assert k8s.wait_for(lambda: k8s.events(NS, involved=created, reason="Restarting")), "a restart emits an Event"
 
         k8s.set_rayjob_status(NS, "tune-r1", deployment="Running", job="RUNNING", dashboardURL="127.0.0.1:8265")
         k8s.wait_for(phase_is(k8s, "Running"))
@@ -151,9 +152,9 @@ def test_whole_life_create_run_progress_fail_restart_succeed_delete(k8s, driver)
         final = ptj(k8s)["status"]
         ready = next(c for c in final["conditions"] if c["type"] == "Ready")
         assert ready["status"] == "True" and final["completionTime"]
-        reasons = [e["reason"] for e in k8s.events(NS, involved=created)]
-        for reason in ("Provisioning", "Running", "Restarting", "Succeeded"):
-            assert reason in reasons
+        expected = {"Provisioning", "Running", "Restarting", "Succeeded"}
+        k8s.wait_for(lambda: expected <= {e["reason"] for e in k8s.events(NS, involved=created)},
+                     what=f"Events {sorted(expected)}")
         assert len(rayjobs(k8s)) == 2
 
         exposition = controller.metrics.exposition().decode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from posttrain.api import runtime
 from posttrain.jobs.cli import main as cli_main
 
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posttrain.jobs")
     parser.add_argument("--spec", required=True, help="PostTrainingJob YAML or JSON file")
     parser.add_argument("--output", help="override spec.output.uri")
-    parser.add_argument("--metrics-port", type=int, default=8080)
+    parser.add_argument("--metrics-port", type=int, default=runtime.DRIVER_METRICS_PORT)
     args = parser.parse_args(argv)
     forwarded = ["run", args.spec, "--metrics-port", str(args.metrics_port)]
     if args.output:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from posttrain.api import runtime
 from posttrain.api.spec import PostTrainingJob
 from posttrain.jobs import data as data_mod
 from posttrain.jobs import models, outputs, sft, storage
@@ -188,8 +189,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         "checkpoint_dir": str(ckpt_dir),
         "output_location": {"uri": out_loc.uri, "local": out, "remote": out_loc.remote},
         "resume_from": str(resume[0]) if resume else None,
-        "torch_threads": (max(1, int(spec.roles.trainer.cpus / max(1, spec.roles.trainer.gpus)))
-                          if spec.roles.trainer.cpus else sft.default_torch_threads(spec.trainer_workers())),
+        "torch_threads": (max(1, int(per_worker)) if (per_worker := cpus_per_worker(spec.roles.trainer))
+                          else sft.default_torch_threads(spec.trainer_workers())),
     }
     if resume:
         log.info("resuming from %s (step %d)", resume[0], resume_step)
@@ -240,6 +241,11 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     return summary
 
 
+def cpus_per_worker(role: Any) -> float | None:
+    """A replica's CPUs shared among its workers (one per GPU), or None when the spec sets none."""
+    return role.cpus / max(1, role.gpus) if role.cpus else None
+
+
 def scaling(spec: Any, role_name: str):
     """Ray Train workers of a role: one per GPU of each replica (one per replica on CPU).
 
@@ -249,13 +255,13 @@ def scaling(spec: Any, role_name: str):
     from ray.train import ScalingConfig
 
     role = getattr(spec.roles, role_name)
-    per_pod = max(1, role.gpus)
-    resources: dict[str, float] = {"CPU": (role.cpus / per_pod) if role.cpus else 1}
+    resources: dict[str, float] = {"CPU": cpus_per_worker(role) or 1}
     if role.gpus:
         resources["GPU"] = 1
-    if os.environ.get("POSTTRAIN_PLACEMENT") == "roles":
-        resources[f"posttrain_{role_name}"] = 1
-    return ScalingConfig(num_workers=role.replicas * per_pod, use_gpu=role.gpus > 0, resources_per_worker=resources)
+    if os.environ.get(runtime.PLACEMENT_ENV) == runtime.PLACEMENT_ROLES:
+        resources[runtime.ray_resource(role_name)] = 1
+    return ScalingConfig(num_workers=role.replicas * max(1, role.gpus), use_gpu=role.gpus > 0,
+                         resources_per_worker=resources)
 
 
 def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.api import runtime
 from posttrain.api.spec import GROUP, KIND, RL_ROLES, VERSION, PostTrainingJob, PostTrainingJobSpec, RoleSpec
 from posttrain.operator import vocab
 
@@ -41,11 +42,6 @@ def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
     if spec.algorithm.is_rl():
         return {name: getattr(spec.roles, name) or RoleSpec() for name in RL_ROLES}
     return {"trainer": spec.roles.trainer}
-
-
-def ray_resource(role: str) -> str:
-    """The Ray custom resource that pins a role's actors to its worker group."""
-    return f"posttrain_{role}"
 
 
 def pvc_claims(spec: PostTrainingJobSpec) -> list[str]:
@@ -121,7 +117,7 @@ def _volumes(job: PostTrainingJob, *, with_spec: bool) -> tuple[list[dict], list
 
 def _env(settings: BuildSettings, run: int) -> list[dict[str, str]]:
     env = {
-        "POSTTRAIN_PLACEMENT": "roles",  # the driver asks Ray for each role's custom resource
+        runtime.PLACEMENT_ENV: runtime.PLACEMENT_ROLES,  # the driver asks Ray for each role's custom resource
         "POSTTRAIN_RUN": str(run),
         "POSTTRAIN_PVC_ROOT": vocab.PVC_ROOT,
         "POSTTRAIN_CACHE": "/tmp/posttrain-cache",
@@ -192,7 +188,7 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
             "maxReplicas": rs.replicas,
             # KubeRay passes this to `ray start --resources`: one unit per GPU (one for a CPU pod),
             # and the driver asks for one unit per actor, so each role's actors land on its own pods.
-            "rayStartParams": {"resources": json.dumps(json.dumps({ray_resource(role): max(1, rs.gpus)}))},
+            "rayStartParams": {"resources": json.dumps(json.dumps({runtime.ray_resource(role): max(1, rs.gpus)}))},
             "template": _pod_template(job, component="worker", role=role, container=worker_container,
                                       volumes=volumes, placement=rs),
         })

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+from posttrain.api import runtime
 from posttrain.api.spec import GROUP
 
 # Labels on every child object and pod.
@@ -22,9 +23,9 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # passed from the PostTrainingJ
 FINALIZER = f"{GROUP}/finalizer"
 ANNOTATION_PREFIX = GROUP
 
-# Where the driver serves /metrics and /progress inside the head pod.
-DRIVER_METRICS_PORT = 8490
-DRIVER_METRICS_PORT_NAME = "ptj-metrics"
+# Where the driver serves /metrics and /progress inside the head pod (shared with the runtime).
+DRIVER_METRICS_PORT = runtime.DRIVER_METRICS_PORT
+DRIVER_METRICS_PORT_NAME = runtime.DRIVER_METRICS_PORT_NAME
 SPEC_MOUNT = "/etc/posttrain"  # the ConfigMap with the resolved job
 SPEC_FILE = "job.json"
 PVC_ROOT = "/mnt/pvc"  # pvc://claim/path is mounted at /mnt/pvc/claim

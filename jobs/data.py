@@ -237,3 +237,75 @@ def build(data: DataSpec, tokenizer, *, seed: int, max_len: int, base: Path | No
     train = datasets.Dataset.from_list(train_rows)
     evaluation = datasets.Dataset.from_list(eval_rows) if eval_rows else None
     return train, evaluation, stats
+
+
+@dataclass
+class Prompt:
+    """One RL prompt: its token ids, its text (what rewards see), and the record's other fields."""
+
+    ids: list[int]
+    text: str
+    fields: dict[str, Any]
+
+
+def render_prompt(record: dict[str, Any], data: DataSpec, tokenizer) -> tuple[str, bool]:
+    """(prompt text, templated) of an RL record: `messages` (every turn up to the last user turn, with the
+    generation prompt) or `prompt` (a string as is; a list of messages through the chat template)."""
+    if data.messages_field in record and record[data.messages_field] is not None:
+        msgs = list(record[data.messages_field])
+        while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
+            msgs.pop()
+        if not msgs:
+            raise DataError("a messages record has no turn before its assistant answer")
+        return _chat(tokenizer, msgs, generation_prompt=True), True
+    if data.prompt_field not in record:
+        raise DataError(f"an RL record needs a {data.prompt_field!r} or {data.messages_field!r} field "
+                        f"(set data.promptField); it has {sorted(record)}")
+    prompt = record[data.prompt_field]
+    if isinstance(prompt, list):
+        return _chat(tokenizer, prompt, generation_prompt=True), True
+    return str(prompt), False
+
+
+def build_prompts(data: DataSpec, tokenizer, *, seed: int, max_prompt_len: int,
+                  base: Path | None = None) -> tuple[list[Prompt], DataStats]:
+    """The mixed, shuffled prompt list of a grpo/ppo job (same mixing rules as `build`).
+
+    Every field besides the prompt (`answer`, `tests`, ...) is kept and handed to the
+    rewards. Prompts longer than `max_prompt_len` tokens are dropped and counted.
+    """
+    stats = DataStats()
+    prompt_keys = {data.prompt_field, data.messages_field}
+    pools: list[list[Prompt]] = []
+    loaded = [read_source(src, f"spec.data.train[{i}]", base=base) for i, src in enumerate(data.train)]
+    for i, (ds, src) in enumerate(zip(loaded, data.train)):
+        where = f"spec.data.train[{i}]"
+        capped = min(len(ds), src.max_samples) if src.max_samples else len(ds)
+        order = np.random.default_rng([seed, i]).permutation(len(ds))[:capped]
+        pool = []
+        for j in order.tolist():
+            record = ds[j]
+            try:
+                text, templated = render_prompt(record, data, tokenizer)
+            except (KeyError, TypeError, DataError) as exc:
+                raise DataError(f"{where}: record {j}: {exc}") from None
+            ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+            if not ids or len(ids) > max_prompt_len:
+                stats.dropped += 1
+                continue
+            pool.append(Prompt(ids=ids, text=text, fields={k: v for k, v in record.items() if k not in prompt_keys}))
+        pools.append(pool)
+    counts = mixture_counts([len(p) for p in pools], data.train)
+    prompts: list[Prompt] = []
+    for i, (pool, count, src) in enumerate(zip(pools, counts, data.train)):
+        rng = np.random.default_rng([seed, 1000 + i])
+        picked = [pool[j] for j in mixture_indices(len(pool), count, rng)] if pool else []
+        prompts.extend(picked)
+        stats.sets.append({"source": src.source, "available": len(loaded[i]), "used": len(pool), "drawn": len(picked)})
+    order = np.random.default_rng([seed, 7]).permutation(len(prompts))
+    prompts = [prompts[j] for j in order]
+    if not prompts:
+        raise DataError(f"spec.data.train: no usable prompts (empty sets, or every prompt longer than "
+                        f"{max_prompt_len} tokens = training.maxSeqLength - rl.maxNewTokens)")
+    stats.train_examples = len(prompts)
+    return prompts, stats

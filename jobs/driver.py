@@ -43,6 +43,7 @@ class RunOptions:
     ray_address: str | None = None
     on_event: Callable[[RunState, dict[str, Any]], None] | None = None  # progress display hook
     poll_seconds: float = 0.5
+    local_cpus: int = 8  # logical CPUs of an embedded Ray at least (RL roles hold one each)
 
 
 def output_location(job: PostTrainingJob, opts: RunOptions) -> storage.Location:
@@ -78,6 +79,10 @@ def versions() -> dict[str, str]:
 
 def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     """Run one job to the end; returns the summary (also written to summary.json)."""
+    if job.spec.algorithm.is_rl():
+        from posttrain.jobs.rl.loop import run_rl
+
+        return run_rl(job, opts)
     spec = job.spec
     started = time.time()
     out_loc = output_location(job, opts)
@@ -264,6 +269,20 @@ def scaling(spec: Any, role_name: str):
                          resources_per_worker=resources)
 
 
+def ensure_ray(opts: RunOptions) -> bool:
+    """Join Ray (RAY_ADDRESS / --ray-address) or start an embedded one; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=os.environ.get("POSTTRAIN_RAY_LOGS") == "1",
+             include_dashboard=False, logging_level=logging.WARNING,
+             # embedded: logical CPUs as many as the roles ask for; their phases mostly take turns
+             **({} if address else {"num_cpus": max(os.cpu_count() or 1, opts.local_cpus)}))
+    return True
+
+
 def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:
     """Start (or join) Ray, run the TorchTrainer, and relay worker events while it trains."""
     import ray
@@ -272,13 +291,7 @@ def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, A
 
     from posttrain.jobs.progress import tracker_actor
 
-    started_ray = False
-    if not ray.is_initialized():
-        address = opts.ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=os.environ.get("POSTTRAIN_RAY_LOGS") == "1",
-                 include_dashboard=False, logging_level=logging.WARNING,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
-        started_ray = True
+    started_ray = ensure_ray(opts)
     tracker = tracker_actor().remote()
     cfg["tracker"] = tracker
     trainer = TorchTrainer(

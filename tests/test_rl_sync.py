@@ -1,0 +1,297 @@
+"""Weight sync learner -> rollout engines (object store and bucketed broadcast) on local Ray actors.
+
+    pytest -m slow tests/test_rl_sync.py
+
+Two module fixtures each run one scenario on a tiny Llama and record what the tests check:
+- untied, full fine-tuning, 2 learner ranks, 2 transformers rollouts: after each train step a push
+  (object store; broadcast over Gloo in one bucket; broadcast in many small buckets loaded one by
+  one) leaves every engine's weights equal to the learner's export, and greedy decoding follows;
+- tied, LoRA, 1 learner rank, 2 rollouts: adapter-only through the object store, then the full
+  merged export through many small buckets; the engines' embeddings stay tied.
+CollectiveSync runs on Gloo here (no CUDA): the same code path as NCCL but for the device of the
+buffers. The `gpu` test needs CUDA (NCCL with 2 GPUs, else the shared-GPU Gloo fallback).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny
+
+torch = pytest.importorskip("torch")
+ray = pytest.importorskip("ray")
+pytest.importorskip("peft")
+
+from posttrain.jobs.rl.actors import RolloutWorker  # noqa: E402
+from posttrain.jobs.rl.engines import Sampling, TransformersEngine  # noqa: E402
+from posttrain.jobs.rl.learner import LearnerWorker, free_port  # noqa: E402
+from posttrain.jobs.rl.sync import (  # noqa: E402
+    CollectiveSync, ObjectStoreSync, TensorMeta, choose_backend, make_weight_sync, pack, plan_buckets, unpack,
+)
+
+pytestmark = pytest.mark.slow
+
+FULL = {"type": "none"}
+LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
+RL = {"lossType": "grpo", "kl": {"beta": 0.0}, "maxNewTokens": 8}
+SMALL_BUCKET = 16 << 10  # 16 KiB: the tiny model's ~30 tensors need several buckets
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------------
+
+def test_plan_buckets_groups_by_dtype_and_bounds_size():
+    metas = [TensorMeta("a", (4,), "float32", 4, 16), TensorMeta("b", (2,), "bfloat16", 2, 4),
+             TensorMeta("c", (8,), "float32", 8, 32), TensorMeta("d", (30,), "float32", 30, 120),
+             TensorMeta("e", (1,), "float32", 1, 4)]
+    buckets = plan_buckets(metas, 48)
+    assert [(b.dtype, b.items) for b in buckets] == [("float32", (0, 2)), ("float32", (3,)), ("float32", (4,)),
+                                                     ("bfloat16", (1,))]
+    assert buckets[1].nbytes == 120  # larger than a bucket: travels alone
+    assert sorted(i for b in buckets for i in b.items) == list(range(5))
+    assert [b.items for b in plan_buckets(metas, 1 << 20)] == [(0, 2, 3, 4), (1,)]
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        plan_buckets(metas, 0)
+
+
+def test_pack_unpack_roundtrip():
+    named = [("x", torch.randn(3, 4)), ("y", torch.randn(5)), ("z", torch.randn(2, 1, 2))]
+    metas = [TensorMeta(n, tuple(t.shape), "float32", t.numel(), 4 * t.numel()) for n, t in named]
+    flat = pack([t for _, t in named])
+    assert flat.shape == (21,)
+    for (name, want), (got_name, got) in zip(named, unpack(flat, metas)):
+        assert name == got_name and torch.equal(want, got)
+
+
+def test_factory_picks_by_name_and_lists_choices():
+    learners, rollouts = [object()], [object(), object()]  # the constructors start nothing
+    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=False)) is ObjectStoreSync
+    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=True)) is CollectiveSync
+    sync = make_weight_sync("nccl", learners, rollouts, adapter_only=True, on_gpu=False, bucket_bytes=1024)
+    assert isinstance(sync, CollectiveSync) and sync.bucket_bytes == 1024 and sync.adapter_only
+    with pytest.raises(ValueError, match="auto, nccl, object_store"):
+        make_weight_sync("shm", learners, rollouts, adapter_only=False, on_gpu=False)
+    with pytest.raises(ValueError, match="at least one learner"):
+        ObjectStoreSync(learners, [], adapter_only=False)
+
+
+def test_backend_choice():
+    cpu = {"cuda": False, "gpu": None}
+    assert choose_backend("auto", [cpu, cpu]) == "gloo"
+    assert choose_backend("auto", [{"cuda": True, "gpu": "a"}, {"cuda": True, "gpu": "b"}]) == "nccl"
+    shared = [{"cuda": True, "gpu": "a"}, {"cuda": True, "gpu": "a"}]
+    assert choose_backend("auto", shared) == "gloo"  # NCCL cannot run two ranks on one GPU
+    with pytest.raises(ValueError, match="own GPU"):
+        choose_backend("nccl", shared)
+    with pytest.raises(ValueError, match="'auto', 'nccl' or 'gloo'"):
+        choose_backend("mpi", [cpu])  # type: ignore[arg-type]
+
+
+# ---- on Ray actors -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_batch(tok) -> dict:
+    pairs = [("add 3 + 4 =", " the answer is 7"), ("add 3 + 4 =", " so 9"),
+             ("sum 12 + 30 =", " 42"), ("think", " the value is 5 then")]
+    rows = [(tok(p)["input_ids"], tok(c)["input_ids"]) for p, c in pairs]
+    width = max(len(p) + len(c) for p, c in rows)
+    ids, att, comp = [], [], []
+    for p, c in rows:
+        n = len(p) + len(c)
+        ids.append(p + c + [tok.pad_token_id] * (width - n))
+        att.append([1] * n + [0] * (width - n))
+        comp.append([0] * len(p) + [1] * len(c) + [0] * (width - n))
+    return {"input_ids": ids, "attention_mask": att, "completion_mask": comp,
+            "advantages": [1.0, -1.0, 0.5, -0.5]}
+
+
+def start_rollouts(count: int, gpu: float = 0.0) -> list:
+    return [ray.remote(num_cpus=1, num_gpus=gpu)(RolloutWorker).remote() for _ in range(count)]
+
+
+class Group:
+    """Learner ranks (started here) and rollout actors (loaded here with the same model)."""
+
+    def __init__(self, model_path: str, world: int, adapter: dict, rollouts: list, *, gpu: float = 0.0) -> None:
+        learner = ray.remote(num_cpus=1, num_gpus=gpu)(LearnerWorker)
+        self.learners = [learner.remote() for _ in range(world)]
+        self.rollouts = rollouts
+        port = free_port()
+        kwargs = {"device": "cuda" if gpu else "cpu"}
+        ray.get([r.close.remote() for r in rollouts])  # a reused rollout actor drops its previous engine
+        ray.get([w.setup.remote(r, world, "127.0.0.1", port, model_path, adapter, RL, 5e-3, 0, dtype="float32")
+                 for r, w in enumerate(self.learners)]
+                + [r.setup.remote(model_path, engine="transformers", threads=1, engine_kwargs=kwargs)
+                   for r in rollouts])
+
+    def all(self, method: str, *args, **kwargs):
+        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.learners])[0]
+
+    def engine_states(self) -> list[dict[str, torch.Tensor]]:
+        return ray.get([r.call.remote(lambda w: {k: v.detach().cpu().clone()
+                                                 for k, v in w.engine.model.state_dict().items()})
+                        for r in self.rollouts])
+
+    def stop(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.learners])
+        for a in self.learners:
+            ray.kill(a)
+
+
+@pytest.fixture(scope="module")
+def rollouts(ray_local):
+    """Two rollout actors, shared by the scenarios (each loads its own model): starting actors is the slow part."""
+    actors = start_rollouts(2)
+    yield actors
+    for a in actors:
+        ray.kill(a)
+
+
+def push_and_record(group: Group, sync, step: int, *, adapter_only: bool) -> dict:
+    group.all("train_step", group.batch)
+    stats = sync.push(step)
+    full = group.all("export_weights", adapter_only=False)
+    exported = group.all("export_weights", adapter_only=True) if adapter_only else full
+    return {"stats": stats, "exported": exported, "full": full, "engines": group.engine_states()}
+
+
+@pytest.fixture(scope="module")
+def untied_path(tmp_path_factory):
+    return str(tiny.make_model(tmp_path_factory.mktemp("untied"), hidden=64))
+
+
+@pytest.fixture(scope="module")
+def full_run(rollouts, untied_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(untied_path)
+    group = Group(untied_path, 2, FULL, rollouts)
+    group.batch = make_batch(tok)
+    out: dict = {"base": group.engine_states()[0]}
+    prompts = [tok("add 3 + 4 =")["input_ids"], tok("think")["input_ids"]]
+    greedy = Sampling.greedy_decoding(max_new_tokens=8)
+    store = ObjectStoreSync(group.learners, group.rollouts, adapter_only=False)
+    one = CollectiveSync(group.learners, group.rollouts, adapter_only=False)
+    many = CollectiveSync(group.learners, group.rollouts, adapter_only=False, bucket_bytes=SMALL_BUCKET,
+                          name="small", load_per_bucket=True)
+    try:
+        store.setup(), one.setup(), many.setup()  # two groups live side by side on the same actors
+        out["object_store"] = push_and_record(group, store, 1, adapter_only=False)
+        out["one_bucket"] = push_and_record(group, one, 2, adapter_only=False)
+        out["many_buckets"] = push_and_record(group, many, 3, adapter_only=False)
+        out["generations"] = ray.get([r.generate.remote(prompts, greedy) for r in group.rollouts])
+        out["backend"] = one.backend
+        bad = CollectiveSync(group.learners, group.rollouts, adapter_only=True, name="bad")  # full FT: no adapter
+        bad.setup()
+        with pytest.raises(ray.exceptions.RayTaskError, match="adapter_only export needs a LoRA adapter"):
+            bad.push(4)
+        bad.close()
+    finally:
+        one.close(), many.close(), store.close()
+        group.stop()
+    local = TransformersEngine(untied_path)
+    local.load_weights(out["many_buckets"]["exported"])
+    out["local_generations"] = local.generate(prompts, greedy)
+    return out
+
+
+def assert_synced(run: dict, base: dict[str, torch.Tensor], *, method: str) -> None:
+    stats, exported = run["stats"], run["exported"]
+    assert stats.method == method
+    assert stats.seconds > 0 and stats.export_seconds > 0 and stats.transfer_seconds > 0
+    assert stats.seconds >= stats.export_seconds + stats.transfer_seconds - 1e-6
+    assert stats.tensors == len(exported) > 0
+    assert stats.bytes == sum(t.numel() * t.element_size() for _, t in exported)
+    assert any(not torch.equal(t, base[n]) for n, t in exported)  # the step moved the weights
+    for engine in run["engines"]:
+        for name, tensor in run["full"]:  # every weight, sent now or before, is the learner's
+            assert torch.equal(engine[name], tensor), name
+
+
+def test_object_store_sync(full_run):
+    assert_synced(full_run["object_store"], full_run["base"], method="object_store")
+    assert full_run["object_store"]["stats"].backend == "object_store"
+
+
+def test_collective_sync_one_bucket(full_run):
+    run = full_run["one_bucket"]
+    assert_synced(run, full_run["object_store"]["engines"][0], method="nccl")
+    assert full_run["backend"] == run["stats"].backend == "gloo"  # no CUDA: the same broadcast over Gloo
+    assert run["stats"].buckets == 1
+
+
+def test_collective_sync_many_buckets(full_run):
+    run = full_run["many_buckets"]
+    assert_synced(run, full_run["one_bucket"]["engines"][0], method="nccl")
+    assert run["stats"].buckets > 3 and run["stats"].bytes > SMALL_BUCKET * 3
+
+
+def test_rollouts_decode_like_the_learner_weights(full_run):
+    want = [g.token_ids for g in full_run["local_generations"]]
+    for gens in full_run["generations"]:
+        assert [g.token_ids for g in gens] == want
+
+
+@pytest.fixture(scope="module")
+def lora_run(rollouts, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = str(tiny.make_model(tmp_path_factory.mktemp("tied"), tied=True, hidden=64))
+    group = Group(path, 1, LORA, rollouts)
+    group.batch = make_batch(AutoTokenizer.from_pretrained(path))
+    out: dict = {"base": group.engine_states()[0]}
+    adapter = make_weight_sync("auto", group.learners, group.rollouts, adapter_only=True, on_gpu=False)
+    whole = make_weight_sync("nccl", group.learners, group.rollouts, adapter_only=False, on_gpu=False,
+                             bucket_bytes=SMALL_BUCKET)
+    try:
+        adapter.setup(), whole.setup()
+        out["adapter_only"] = push_and_record(group, adapter, 1, adapter_only=True)
+        out["whole"] = push_and_record(group, whole, 2, adapter_only=False)
+        out["tied"] = ray.get([r.call.remote(lambda w: w.engine.model.lm_head.weight
+                                             is w.engine.model.model.embed_tokens.weight) for r in group.rollouts])
+    finally:
+        adapter.close(), whole.close()
+        group.stop()
+    return out
+
+
+def test_lora_adapter_only(lora_run):
+    run = lora_run["adapter_only"]
+    assert_synced(run, lora_run["base"], method="object_store")
+    names = {n for n, _ in run["exported"]}
+    assert names and all(n.endswith("proj.weight") for n in names)  # only the adapted modules travelled
+    assert run["stats"].tensors < len(run["full"])
+
+
+def test_lora_full_merged_many_buckets_keeps_tied(lora_run):
+    run = lora_run["whole"]
+    assert_synced(run, lora_run["adapter_only"]["engines"][0], method="nccl")
+    assert run["stats"].buckets > 1
+    assert lora_run["tied"] == [True, True]
+
+
+@pytest.mark.gpu
+def test_collective_sync_on_gpu(ray_local, untied_path):
+    """NCCL where learner rank 0 and the rollout each have a GPU; on one shared GPU, the Gloo fallback."""
+    from transformers import AutoTokenizer
+
+    own = torch.cuda.device_count() >= 2
+    gpu = 1.0 if own else 0.5
+    group = Group(untied_path, 1, FULL, start_rollouts(1, gpu), gpu=gpu)
+    group.batch = make_batch(AutoTokenizer.from_pretrained(untied_path))
+    sync = CollectiveSync(group.learners, group.rollouts, adapter_only=False, bucket_bytes=SMALL_BUCKET)
+    try:
+        sync.setup()
+        run = push_and_record(group, sync, 1, adapter_only=False)
+    finally:
+        sync.close()
+        group.stop()
+        ray.kill(group.rollouts[0])
+    assert run["stats"].backend == ("nccl" if own else "gloo")
+    for name, tensor in run["full"]:
+        assert torch.equal(run["engines"][0][name], tensor), name

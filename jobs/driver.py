@@ -275,7 +275,7 @@ def ensure_ray(opts: RunOptions) -> bool:
 
     if ray.is_initialized():
         return False
-    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, log_to_driver=os.environ.get("POSTTRAIN_RAY_LOGS") == "1",
              include_dashboard=False, logging_level=logging.WARNING,
              # embedded: logical CPUs as many as the roles ask for; their phases mostly take turns

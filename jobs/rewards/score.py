@@ -48,7 +48,10 @@ class RewardError(RuntimeError):
 
     def __init__(self, function: str, message: str):
         super().__init__(f"reward {function!r}: {message}")
-        self.function = function
+        self.function, self.message = function, message
+
+    def __reduce__(self):  # raised inside reward actors: Ray pickles it back to the driver
+        return type(self), (self.function, self.message)
 
 
 def _import_module(spec: str, module_name: str):

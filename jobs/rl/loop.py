@@ -566,7 +566,7 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         artifact = _save_outputs(run, out, spec)
         event("saved", **artifact)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
-        error = exc
+        error = _unwrap(exc)
     finally:
         writer.flush()
         run.shutdown()
@@ -610,6 +610,14 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
     return summary
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error an actor raised (a reward's RewardError, ...) rather than Ray's wrapper around it."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else exc
+
+
 def _mean(values: list[Any]) -> float | None:
     present = [v for v in values if v is not None]
     return round(sum(present) / len(present), 4) if present else None
@@ -628,17 +636,18 @@ def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, s
 
     spec, rl = run.spec, run.rl
     every = spec.checkpoint.every_steps
-    pending = run.launch_generate(start) if start < steps else None
+    pending = None
     for step in range(start, steps):
         t0 = time.perf_counter()
-        prompts, refs = pending  # type: ignore[misc]
+        if pending is None:
+            pending = run.launch_generate(step)
+        prompts, refs = pending
         gens = [g for part in ray.get(refs) for g in part]
         t_gen = time.perf_counter() - t0
-        staleness = 0
+        staleness = 1 if rl.async_ and step > start else 0  # generated before the previous step's update
         pending = None
         if rl.async_ and step + 1 < steps:  # generate step+1 with this step's weights while this step trains
             pending = run.launch_generate(step + 1)
-            staleness = 1 if step > start else 0
         t1 = time.perf_counter()
         scored = run.score(prompts, gens)
         t_reward = time.perf_counter() - t1
@@ -651,8 +660,6 @@ def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, s
         t3 = time.perf_counter()
         sync = run.sync.push(step + 1)
         t_sync = time.perf_counter() - t3
-        if not rl.async_ and step + 1 < steps:
-            pending = run.launch_generate(step + 1)
         lengths = [len(t) for g in gens for t in g.token_ids]
         line: dict[str, Any] = {
             "reward_mean": sum(scored.rewards) / len(scored.rewards),

@@ -246,8 +246,8 @@ class RoleSpec(ApiModel):
     engine: Literal["auto", "vllm", "transformers"] | None = Field(
         None, description="Inference engine of roles.rollout: vllm where installed (auto), else transformers."
     )
-    strategy: Literal["fsdp2", "ddp"] | None = Field(
-        None, description="Sharding of roles.learner: fsdp2 (fully_shard per decoder layer, default) or ddp."
+    strategy: Literal["fsdp2"] | None = Field(
+        None, description="Sharding of roles.learner: fsdp2 (fully_shard per decoder layer, the default and only one)."
     )
 
 
@@ -345,6 +345,13 @@ class PostTrainingJobSpec(ApiModel):
                 raise ValueError(f"@rl.advantage: ppo uses gae with its critic, not {advantage}")
             if self.algorithm is Algorithm.grpo and advantage == "gae":
                 raise ValueError("@rl.advantage: gae needs a critic; use algorithm ppo, or grpo/rloo/dr_grpo here")
+            rollout = self.roles.rollout
+            if self.placement == "colocated" and rollout is not None:
+                default = RoleSpec()
+                sized = [k for k in RoleSpec.model_fields if k != "engine" and getattr(rollout, k) != getattr(default, k)]
+                if sized:
+                    raise ValueError(f"@roles.rollout.{sized[0]}: with placement colocated an engine runs beside each "
+                                     "learner on the learner's pods; size roles.learner (roles.rollout takes only engine)")
         for role in ("trainer", "learner", "reward"):
             if (getattr(self.roles, role) or RoleSpec()).engine is not None:
                 raise ValueError(f"@roles.{role}.engine: only roles.rollout has an inference engine")

@@ -40,7 +40,9 @@ class BuildSettings:
 def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
     """The Ray roles a job runs, each with its settings (defaults where the spec is silent)."""
     if spec.algorithm.is_rl():
-        return {name: getattr(spec.roles, name) or RoleSpec() for name in RL_ROLES}
+        # colocated: the engines run on the learners' pods (one per learner worker), no rollout group
+        skip = {"rollout"} if spec.placement == "colocated" else set()
+        return {name: getattr(spec.roles, name) or RoleSpec() for name in RL_ROLES if name not in skip}
     return {"trainer": spec.roles.trainer}
 
 

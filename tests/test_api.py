@@ -209,9 +209,9 @@ def test_a_document_that_is_not_a_mapping():
 REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "reward", "distill"])
 def test_unavailable_algorithms_validate_as_models_but_are_refused(algorithm):
-    doc = _job(algorithm=algorithm, **({"rewards": REWARDS} if algorithm == "grpo" else {}))
+    doc = _job(algorithm=algorithm)
     assert parse_job(doc).spec.algorithm.value == algorithm
     with pytest.raises(InvalidJob) as info:
         parse_job(doc, require_available=True)
@@ -253,6 +253,10 @@ def test_rl_sections_round_trip_with_their_wire_names():
      "only roles.rollout"),
     ({"algorithm": "grpo", "rewards": REWARDS, "roles": {"rollout": {"strategy": "fsdp2"}}},
      "spec.roles.rollout.strategy", "only roles.learner"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "placement": "colocated", "roles": {"rollout": {"replicas": 2}}},
+     "spec.roles.rollout.replicas", "size roles.learner"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "roles": {"learner": {"strategy": "ddp"}}},
+     "spec.roles.learner.strategy", "fsdp2"),
 ])
 def test_bad_rl_sections_name_the_field(changes, path, text):
     [(got_path, message)] = _errors(_job(**changes))

@@ -222,6 +222,14 @@ def test_rl_jobs_get_one_worker_group_per_role():
         assert f"posttrain_{role}" in json.loads(json.loads(group["rayStartParams"]["resources"]))
 
 
+def test_colocated_rl_jobs_run_their_engines_on_the_learner_pods():
+    roles = {"learner": RL_ROLES["learner"], "reward": RL_ROLES["reward"], "rollout": {"engine": "vllm"}}
+    rj = builders.build_rayjob(make_job(algorithm="grpo", roles=roles, rewards=REWARDS, placement="colocated"),
+                               run=0, owner_uid=UID, settings=SETTINGS)
+    groups = [g["groupName"] for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    assert groups == ["learner", "reward"]
+
+
 def test_suspend_and_kueue_label_pass_through():
     job = make_job(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a", "other": "x"})
     rj = builders.build_rayjob(job, run=0, owner_uid=UID, settings=SETTINGS)

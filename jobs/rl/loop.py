@@ -24,7 +24,9 @@ recomputed by the learner on the batch it trains on.
 Placement: `disaggregated` gives every role its own actors (and, on a cluster,
 its own worker group); `colocated` puts rollout engine i in the same Ray
 placement-group bundle as learner rank i (same node and devices; vLLM sleeps
-while the learners train, where it can).
+while the learners train, where it can). PPO's critic rank i always shares
+learner rank i's bundle. Actors in one bundle split its CPUs and GPU equally
+(Ray's accounting) and each uses all of its threads, since they take turns.
 
 Checkpoints (`<checkpoint dir>/checkpoint-<step>/`): `learner/` and `critic/`
 (torch.distributed.checkpoint shards of model and optimizer), `driver.json`
@@ -87,9 +89,6 @@ def preflight(job: PostTrainingJob) -> None:
     if rl is not None and rl.advantage == "grpo_process":
         raise ValueError("spec.rl.advantage: grpo_process needs per-step rewards, which the reward interface "
                          "(one value per completion) does not deliver in this version; use grpo, dr_grpo or rloo")
-    learner = spec.roles.learner or RoleSpec()
-    if learner.strategy not in (None, "fsdp2"):
-        raise ValueError(f"spec.roles.learner.strategy: {learner.strategy} is not available; the learner runs fsdp2")
 
 
 def total_steps(spec: Any, n_prompts: int) -> int:
@@ -148,13 +147,15 @@ class RLRun:
             "reward": _role_actors("reward", roles.reward or RoleSpec(), local_cpus=local_cpus, per_gpu=False),
         }
         self.colocated = self.spec.placement == "colocated"
-        if self.colocated:  # one engine beside each learner rank, sharing its bundle
-            learner = self.roles["learner"]
-            rollout = self.roles["rollout"]
-            self.roles["rollout"] = Role("rollout", learner.count, rollout.cpus,
-                                         0.5 if learner.gpus else 0.0, rollout.threads)
-            if learner.gpus:
-                learner.gpus = 0.5
+        # Actors that share one Ray placement-group bundle per learner rank (that rank's devices and CPUs,
+        # one learner worker's worth): PPO's critic always; with `colocated`, a rollout engine too.
+        # The phases take turns on the device, so each holds an equal share and uses every thread.
+        self.bundle_members = ["learner"] + (["critic"] if self.is_ppo else []) + (["rollout"] if self.colocated else [])
+        learner = self.roles["learner"]
+        self.bundle = learner.resources()
+        share = len(self.bundle_members)
+        for name in self.bundle_members:
+            self.roles[name] = Role(name, learner.count, learner.cpus / share, learner.gpus / share, learner.threads)
         self.engine_kind = (roles.rollout or RoleSpec()).engine or "auto"
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -162,7 +163,7 @@ class RLRun:
 
     def _options(self, role: Role, index: int) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": role.cpus, "num_gpus": role.gpus}
-        if self.colocated and role.name in ("learner", "rollout", "critic"):
+        if len(self.bundle_members) > 1 and role.name in self.bundle_members:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
@@ -179,12 +180,10 @@ class RLRun:
 
         spec, rl = self.spec, self.rl
         learner, rollout, reward = self.roles["learner"], self.roles["rollout"], self.roles["reward"]
-        if self.colocated:
+        if len(self.bundle_members) > 1:
             from ray.util.placement_group import placement_group
 
-            bundle: dict[str, float] = {"CPU": learner.cpus + rollout.cpus + (learner.cpus if self.is_ppo else 0)}
-            if learner.gpus:
-                bundle["GPU"] = 1.0
+            bundle = dict(self.bundle)
             if os.environ.get(runtime.PLACEMENT_ENV) == runtime.PLACEMENT_ROLES:
                 bundle[runtime.ray_resource("learner")] = 1
             self.pg = placement_group([dict(bundle) for _ in range(learner.count)], strategy="PACK")
@@ -210,7 +209,7 @@ class RLRun:
         if self.is_ppo:
             from .critic import CriticWorker
 
-            critic_role = Role("critic", learner.count, learner.cpus, learner.gpus, learner.threads)
+            critic_role = self.roles["critic"]
             self.critics = [ray.remote(CriticWorker).options(**self._options(critic_role, i)).remote()
                             for i in range(learner.count)]
             cport = ray.get(self.critics[0].call.remote(_free_port))
@@ -245,7 +244,7 @@ class RLRun:
             "weight_sync": {"method": type(self.sync).__name__, "adapter_only": self.is_lora},
         }
         if self.is_ppo:
-            roles["critic"] = {"actors": learner.count, "resources_per_actor": learner.resources(),
+            roles["critic"] = {"actors": learner.count, "resources_per_actor": self.roles["critic"].resources(),
                                "strategy": critic_info[0].get("sharding", "fsdp2"), "processes": pids["critic"]}
         return roles
 

@@ -62,6 +62,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if "exclusiveMaximum" in node and not isinstance(node["exclusiveMaximum"], bool):
         node["maximum"] = node["exclusiveMaximum"]
         node["exclusiveMaximum"] = True
+    if "const" in node:  # a one-value Literal: OpenAPI v3 in Kubernetes has no const
+        node["enum"] = [node.pop("const")]
     if "enum" in node and "type" not in node:
         node["type"] = "string"
     if node.get("additionalProperties") is True or (

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import copy
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_example_is_valid_and_runnable(path: Path):
     text = path.read_text()
     assert text.startswith("#"), "every example starts with a header comment"
     job = load_job(path)  # require_available=True: examples must be runnable in this version
-    assert job.spec.algorithm.value == "sft"
+    assert job.spec.algorithm.value in ("sft", "grpo", "ppo")
     assert job.metadata.name == yaml.safe_load(text)["metadata"]["name"]
     # Round trip: what the model writes back reads as the same job.
     again = PostTrainingJob.model_validate({**yaml.safe_load(text), "spec": job.spec.wire()})
@@ -76,6 +77,13 @@ def test_examples_cover_what_they_claim():
     assert gpu.roles.trainer.gpus > 0 and gpu.roles.trainer.node_selector and gpu.roles.trainer.tolerations
     assert gpu.model.source.startswith("hf://")
     assert gpu.checkpoint.uri.startswith("pvc://") and gpu.output.uri.startswith("pvc://")
+    grpo = jobs["grpo-gsm8k-gpu"].spec
+    assert grpo.roles.rollout.engine == "vllm" and grpo.roles.rollout.gpus and grpo.roles.learner.gpus
+    assert grpo.rl.loss_type == "dapo" and grpo.rl.kl.beta > 0 and len(grpo.rewards) == 2
+    ppo = jobs["ppo-lora"].spec
+    assert ppo.algorithm.value == "ppo" and ppo.adapter.type is AdapterType.lora and ppo.rewards[0].url
+    colocated = jobs["grpo-colocated-async"].spec
+    assert colocated.placement == "colocated" and colocated.rl.async_ and colocated.rl.advantage == "dr_grpo"
 
 
 def test_defaults_fill_in():
@@ -367,7 +375,7 @@ def test_cli_validate_good_files(capsys):
     assert cli_main(["validate", *map(str, EXAMPLES)]) == 0
     out = capsys.readouterr().out
     for path in EXAMPLES:
-        assert f"{path}: ok (sft, " in out
+        assert re.search(rf"{re.escape(str(path))}: ok \((sft|grpo|ppo), ", out)
 
 
 def test_cli_validate_lists_every_error(bad_file, capsys):
@@ -400,7 +408,7 @@ def test_cli_validate_subprocess(bad_file):
     good = subprocess.run([str(POSTTRAIN), "validate", *map(str, EXAMPLES)], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert good.returncode == 0, good.stderr
-    assert good.stdout.count(": ok (sft, ") == len(EXAMPLES)
+    assert len(re.findall(r": ok \((?:sft|grpo|ppo), ", good.stdout)) == len(EXAMPLES)
     bad = subprocess.run([str(POSTTRAIN), "validate", str(bad_file)], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
     for path in BAD_FILE_PATHS:

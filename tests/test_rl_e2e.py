@@ -254,3 +254,36 @@ def test_a_misspelt_reward_function_fails_before_anything_is_written(workdir, ra
     with pytest.raises(ValueError, match=r"spec.rewards\[0\].function: reward '.*rl_rewards.py:digitz'.* has no attribute 'digitz'"):
         run(doc, workdir, "typo")
     assert not (workdir / "typo").exists()
+
+
+def _vllm_model(root: Path) -> Path:
+    folder = root / "model128"
+    if not folder.exists():  # vLLM's CPU attention needs a head size of at least 32
+        tiny.make_model(folder, hidden=128)
+    return folder
+
+
+def test_grpo_with_vllm_rollouts_learns(workdir, ray_local):
+    pytest.importorskip("vllm")
+    _vllm_model(workdir)
+    doc = grpo_job(model={"source": "model128"}, roles={"rollout": {"engine": "vllm"}})
+    summary = run(doc, workdir, "grpo-vllm")
+    assert summary["roles"]["rollout"]["engine"] == "vllm"
+    lines = metrics(workdir, "grpo-vllm")
+    assert all(m["sync_bytes"] > 0 for m in lines)
+    rises(lines, margin=0.05)
+
+
+@pytest.mark.gpu
+def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
+    pytest.importorskip("vllm")
+    import torch
+
+    _vllm_model(workdir)
+    two = torch.cuda.device_count() >= 2  # one GPU: the engine shares the learner's (colocated, sleep/wake)
+    roles = {"rollout": {"engine": "vllm", "gpus": 1} if two else {"engine": "vllm"}, "learner": {"gpus": 1}}
+    doc = grpo_job(model={"source": "model128"}, roles=roles, placement="disaggregated" if two else "colocated")
+    summary = run(doc, workdir, "grpo-gpu")
+    assert summary["roles"]["learner"]["backend"] == "nccl"
+    assert summary["roles"]["weight_sync"]["method"] == "CollectiveSync"
+    rises(metrics(workdir, "grpo-gpu"), margin=0.05)

@@ -45,7 +45,8 @@ class RolloutWorker(ActorBase):
     """Owns one rollout engine (vLLM where importable, else transformers `generate`)."""
 
     def setup(self, model_folder: str, *, engine: str = "auto", seed: int = 0, threads: int | None = None,
-              engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+              colocated: bool = False, engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load the engine. `colocated`: a learner shares this GPU, so vLLM takes a smaller share of its memory."""
         import torch
 
         if threads:
@@ -57,6 +58,9 @@ class RolloutWorker(ActorBase):
 
             if engine == "vllm" or vllm_available():
                 kwargs.setdefault("seed", seed)
+                if colocated and torch.cuda.is_available():
+                    kwargs.setdefault("gpu_memory_utilization", 0.35)
+                    kwargs.setdefault("enable_sleep_mode", True)
         started = time.perf_counter()
         self.engine = make_engine(engine, model_folder, **kwargs)  # type: ignore[arg-type]
         self.kind = "vllm" if type(self.engine).__name__ == "VLLMEngine" else "transformers"
@@ -77,6 +81,8 @@ class RolloutWorker(ActorBase):
         return self.engine.generate(prompt_token_ids, sampling)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        if self.asleep:
+            self.wake()
         named = list(named_tensors)
         self.engine.load_weights(named)
         return len(named)

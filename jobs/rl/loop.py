@@ -202,7 +202,8 @@ class RLRun:
                                  weight_decay=t.weight_decay, threads=learner.threads)
                   for r, w in enumerate(self.learners)]
         engine_setups = [r.setup.remote(self.model_source, engine=self.engine_kind, seed=t.seed + i,
-                                        threads=rollout.threads) for i, r in enumerate(self.rollouts)]
+                                        threads=rollout.threads, colocated=self.colocated)
+                         for i, r in enumerate(self.rollouts)]
         labels = [s.setup.remote([r.wire() for r in spec.rewards], base_dir=str(self.base_dir)) for s in self.scorers]
         self.critics: list[Any] = []
         critic_info: list[dict[str, Any]] = []
@@ -643,6 +644,8 @@ def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, s
         prompts, refs = pending
         gens = [g for part in ray.get(refs) for g in part]
         t_gen = time.perf_counter() - t0
+        if run.colocated and not rl.async_:  # hand the device to the learner (vLLM on GPU; no-op elsewhere)
+            ray.get([r.sleep.remote() for r in run.rollouts])
         staleness = 1 if rl.async_ and step > start else 0  # generated before the previous step's update
         pending = None
         if rl.async_ and step + 1 < steps:  # generate step+1 with this step's weights while this step trains

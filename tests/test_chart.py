@@ -54,10 +54,7 @@ def _exported(registry: Any) -> set[str]:
 
 # What the operator and the driver really export; the alerts and the dashboard may use nothing else.
 OPERATOR_METRICS = _exported(OperatorMetrics().registry)
-# The RL driver's series are announced by the operator's contract before the RL runtime exists.
-DRIVER_METRICS = _exported(DriverMetrics(RunState(job="j", algorithm="sft")).registry) | {
-    "posttrain_reward_std", "posttrain_kl", "posttrain_time_generate_seconds", "posttrain_time_train_seconds",
-    "posttrain_time_sync_seconds"}
+DRIVER_METRICS = _exported(DriverMetrics(RunState(job="j", algorithm="grpo")).registry)
 NAMESPACED_RULES = [
     {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs"], "verbs": ["get", "list", "watch", "patch", "update"]},
     {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/status"], "verbs": ["get", "patch", "update"]},

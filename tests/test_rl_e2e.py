@@ -50,6 +50,14 @@ def flaky(prompts, completions, **_):
         raise RuntimeError("verifier crashed")
     return digits(prompts, completions)
 
+def digit_lines(prompts, completions, **_):
+    """A process reward: per non-blank line, the fraction of its characters that are digits."""
+    out = []
+    for t in completions:
+        lines = [line for line in t.split("\\n") if line.strip()]
+        out.append([sum(c.isdigit() for c in line) / len(line) for line in lines] or None)
+    return out
+
 def nan_reward(prompts, completions, **_):
     return [float("nan")] + [0.5] * (len(completions) - 1)
 
@@ -287,3 +295,26 @@ def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
     assert summary["roles"]["learner"]["backend"] == "nccl"
     assert summary["roles"]["weight_sync"]["method"] == "CollectiveSync"
     rises(metrics(workdir, "grpo-gpu"), margin=0.05)
+
+
+def test_line_end_tokens_find_the_token_that_ends_each_line(workdir):
+    from transformers import AutoTokenizer
+
+    from posttrain.jobs.rl.loop import line_end_tokens
+
+    tok = AutoTokenizer.from_pretrained(workdir / "model")
+    text = "add 2 + 3\n\nthe answer\nis 5"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ends = line_end_tokens(ids, tok)
+    assert len(ends) == 3 and ends[-1] == len(ids) - 1
+    for end, prefix in zip(ends[:2], ["add 2 + 3\n", "add 2 + 3\n\nthe answer\n"]):
+        assert tok.decode(ids[:end + 1]).startswith(prefix) and not tok.decode(ids[:end]).endswith("\n")
+
+
+def test_grpo_with_process_rewards_learns(workdir, ray_local):
+    doc = grpo_job(rewards=[{"function": "rl_rewards.py:digit_lines"}])
+    doc["spec"]["rl"].update({"advantage": "grpo_process", "maxNewTokens": 12})
+    run(doc, workdir, "grpo-process")
+    lines = metrics(workdir, "grpo-process")
+    assert all("reward_digit_lines" in m for m in lines)
+    rises(lines, margin=0.05)

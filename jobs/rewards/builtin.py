@@ -26,7 +26,8 @@ import re
 import textwrap
 from typing import Any, Callable
 
-__all__ = ["exact_answer", "format", "length_penalty", "docstring", "step_count", "final_number", "parse_number"]
+__all__ = ["exact_answer", "format", "length_penalty", "docstring", "step_count", "equation_steps", "reasoning_steps",
+           "final_number", "parse_number"]
 
 # A number: optional sign (not glued to a word, so "10-3" is 10 and 3), digits with optional
 # thousands commas, optional decimals, then an optional exponent or "/denominator".
@@ -283,4 +284,44 @@ def step_count(prompts: list[str], completions: list[str], *, target: int = 3, *
             continue
         steps = sum(1 for line in m.group(1).splitlines() if line.strip())
         out.append(min(steps, target) / target)
+    return out
+
+
+def reasoning_steps(completion: str) -> list[str]:
+    r"""The steps of a completion as process rewards see them: its non-blank lines, in order.
+
+    A process reward returns one score per such line; the RL driver puts each
+    score on the token that ends the line.
+
+    >>> reasoning_steps("2 + 3 = 5\n\n5 * 2 = 10\nanswer: 10")
+    ['2 + 3 = 5', '5 * 2 = 10', 'answer: 10']
+    """
+    return [line for line in completion.split("\n") if line.strip()]
+
+
+_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+
+
+def equation_steps(prompts: list[str], completions: list[str], *, wrong: float = -1.0,
+                   **_: Any) -> list[list[float] | None]:
+    r"""A process reward for arithmetic reasoning: per step (non-blank line), 1.0 when the line holds an
+    equation `a op b = c` that is right, `wrong` when it is wrong, 0.0 when it holds none.
+    None for a completion without any step. Needs `rl.advantage: grpo_process`.
+
+    >>> equation_steps(["q"], ["2 + 3 = 5\nthen 5 * 2 = 11\nso the answer is 11"])
+    [[1.0, -1.0, 0.0]]
+    """
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "x": lambda a, b: a * b,
+           "×": lambda a, b: a * b, "/": lambda a, b: a / b if b else math.nan}
+    out: list[list[float] | None] = []
+    for completion in completions:
+        scores = []
+        for line in reasoning_steps(completion):
+            m = _EQUATION.search(line)
+            if m is None:
+                scores.append(0.0)
+                continue
+            a, op, b, c = float(m[1]), m[2], float(m[3]), float(m[4])
+            scores.append(1.0 if math.isclose(ops[op](a, b), c, rel_tol=1e-9, abs_tol=1e-9) else float(wrong))
+        out.append(scores or None)
     return out

@@ -190,14 +190,24 @@ class RewardBatch:
     """
 
     rewards: list[float]
-    per_function: dict[str, list[float | None]]
+    per_function: dict[str, list[Any]]
     means: dict[str, float | None]
     skipped: dict[str, int]
     unscored: int
+    steps: list[list[float]] | None = None  # process mode: each sample's weighted score per step
 
 
-def _validated(reward: Reward, result: Any, n: int, skip: bool) -> tuple[list[float | None], int]:
-    """The reward's values as floats/None, and how many samples were skipped."""
+def _step_scores(v: Any) -> list[float] | None:
+    """A process reward's value for one sample: a non-empty list of finite numbers, as floats (else None)."""
+    if isinstance(v, (list, tuple)) and v and all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+        return [float(x) for x in v]
+    return None
+
+
+def _validated(reward: Reward, result: Any, n: int, skip: bool,
+               process: bool = False) -> tuple[list[Any], int]:
+    """The reward's values as floats/None (process mode: also lists of step scores), and how many were skipped."""
     if hasattr(result, "tolist"):  # numpy arrays, torch tensors
         result = result.tolist()
     if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Sequence):
@@ -205,19 +215,22 @@ def _validated(reward: Reward, result: Any, n: int, skip: bool) -> tuple[list[fl
     elif len(result) != n:
         problem = f"returned {len(result)} values for {n} samples"
     else:
-        values: list[float | None] = []
+        values: list[Any] = []
         bad: list[str] = []
         for i, v in enumerate(result):
             if v is None:
                 values.append(None)
             elif isinstance(v, numbers.Real) and math.isfinite(v):
                 values.append(float(v))
+            elif process and _step_scores(v) is not None:
+                values.append(_step_scores(v))
             else:
                 bad.append(f"{v!r} at index {i}")
                 values.append(None)
         if not bad:
             return values, 0
-        problem = f"returned {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; rewards must be finite numbers or None"
+        problem = (f"returned {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; rewards must be finite numbers or None"
+                   + ("" if process else " (lists of step scores are process rewards: rl.advantage grpo_process)"))
         if skip:
             log.warning("reward %r %s; skipping %d sample(s)", reward.label, problem, len(bad))
             return values, len(bad)
@@ -230,11 +243,16 @@ def _validated(reward: Reward, result: Any, n: int, skip: bool) -> tuple[list[fl
 
 def combine(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequence[str], *,
             fields: Mapping[str, Sequence[Any]] | None = None,
-            on_error: Literal["raise", "skip"] = "raise") -> RewardBatch:
+            on_error: Literal["raise", "skip"] = "raise", process: bool = False) -> RewardBatch:
     """Score one batch with every reward and sum them with their weights (see the module docstring).
 
     fields: data set columns, each a sequence with one entry per sample, passed
     to every reward as keyword arguments.
+    process: rewards may also return, per sample, a list with one score per
+    reasoning step (process rewards, for grpo_process). `steps[i]` is then the
+    weighted sum per step; a plain number (an outcome reward) adds to the last
+    step; process rewards that disagree on a sample's step count are an error.
+    `rewards[i]` is the sum of `steps[i]`.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}; use 'raise' or 'skip'")
@@ -262,16 +280,34 @@ def combine(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequ
                         reward.label, type(exc).__name__, exc, n)
             per_function[reward.label], skipped[reward.label] = [None] * n, n
             continue
-        per_function[reward.label], skipped[reward.label] = _validated(reward, result, n, skip)
+        per_function[reward.label], skipped[reward.label] = _validated(reward, result, n, skip, process)
 
     totals: list[float] = []
+    step_totals: list[list[float]] = []
     unscored = 0
     for i in range(n):
-        applied = [(r.weight, per_function[r.label][i]) for r in rewards if per_function[r.label][i] is not None]
+        applied = [(r, per_function[r.label][i]) for r in rewards if per_function[r.label][i] is not None]
         unscored += not applied
-        totals.append(float(sum(w * v for w, v in applied)))  # type: ignore[operator]
+        if not process:
+            totals.append(float(sum(r.weight * v for r, v in applied)))
+            continue
+        lists = [(r, v) for r, v in applied if isinstance(v, list)]
+        for r, v in lists[1:]:
+            if len(v) != len(lists[0][1]):
+                raise RewardError(r.label, f"returned {len(v)} step scores for sample {i}, but "
+                                           f"{lists[0][0].label!r} returned {len(lists[0][1])}")
+        steps = [0.0] * (len(lists[0][1]) if lists else 1)
+        for r, v in applied:
+            if isinstance(v, list):
+                for j, x in enumerate(v):
+                    steps[j] += r.weight * x
+            else:
+                steps[-1] += r.weight * v
+        step_totals.append(steps)
+        totals.append(float(sum(steps)))
     means: dict[str, float | None] = {}
     for label, values in per_function.items():
-        present = [v for v in values if v is not None]
+        present = [x for v in values if v is not None for x in (v if isinstance(v, list) else [v])]
         means[label] = sum(present) / len(present) if present else None
-    return RewardBatch(rewards=totals, per_function=per_function, means=means, skipped=skipped, unscored=unscored)
+    return RewardBatch(rewards=totals, per_function=per_function, means=means, skipped=skipped, unscored=unscored,
+                       steps=step_totals if process else None)

@@ -128,10 +128,12 @@ class RewardWorker(ActorBase):
         self.rewards = build_rewards([reward_function(s, base_dir) for s in specs])
         return [r.label for r in self.rewards]
 
-    def score(self, prompts: list[str], completions: list[str], fields: dict[str, list[Any]]):
+    def score(self, prompts: list[str], completions: list[str], fields: dict[str, list[Any]], *,
+              process: bool = False):
+        """A `RewardBatch`; with `process`, rewards may return one score per reasoning step (grpo_process)."""
         from posttrain.jobs.rewards.score import combine
 
-        return combine(self.rewards, prompts, completions, fields=fields, on_error=self.on_error)
+        return combine(self.rewards, prompts, completions, fields=fields, on_error=self.on_error, process=process)
 
 
 def reward_function(spec: Any, base_dir: str | Path | None = None):

@@ -85,10 +85,6 @@ def preflight(job: PostTrainingJob) -> None:
     if spec.adapter.type not in RL_ADAPTERS:
         raise ValueError(f"spec.adapter.type: {spec.adapter.type.value} is not supported by grpo/ppo in this version; "
                          "use none (full fine-tuning), lora or rslora")
-    rl = spec.rl
-    if rl is not None and rl.advantage == "grpo_process":
-        raise ValueError("spec.rl.advantage: grpo_process needs per-step rewards, which the reward interface "
-                         "(one value per completion) does not deliver in this version; use grpo, dr_grpo or rloo")
 
 
 def total_steps(spec: Any, n_prompts: int) -> int:
@@ -140,6 +136,7 @@ class RLRun:
         self.is_ppo = self.spec.algorithm is Algorithm.ppo
         self.is_lora = self.spec.adapter.type is not AdapterType.none
         self.advantage = self.rl.advantage or ("gae" if self.is_ppo else "grpo")
+        self.process = self.advantage == "grpo_process"
         roles = self.spec.roles
         self.roles = {
             "learner": _role_actors("learner", roles.learner or RoleSpec(), local_cpus=local_cpus, per_gpu=True),
@@ -313,18 +310,21 @@ class RLRun:
                     fields.setdefault(k, []).append(p.fields.get(k))
         per = math.ceil(len(texts) / len(self.scorers))
         refs = [s.score.remote(texts[i * per:(i + 1) * per], completions[i * per:(i + 1) * per],
-                               {k: v[i * per:(i + 1) * per] for k, v in fields.items()})
+                               {k: v[i * per:(i + 1) * per] for k, v in fields.items()}, process=self.process)
                 for i, s in enumerate(self.scorers) if texts[i * per:(i + 1) * per]]
         parts = ray.get(refs)
-        merged = RewardBatch(rewards=[], per_function={}, means={}, skipped={}, unscored=0)
+        merged = RewardBatch(rewards=[], per_function={}, means={}, skipped={}, unscored=0,
+                             steps=[] if self.process else None)
         for part in parts:
             merged.rewards.extend(part.rewards)
+            if merged.steps is not None:
+                merged.steps.extend(part.steps or [])
             for label, values in part.per_function.items():
                 merged.per_function.setdefault(label, []).extend(values)
                 merged.skipped[label] = merged.skipped.get(label, 0) + part.skipped.get(label, 0)
             merged.unscored += part.unscored
         for label, values in merged.per_function.items():
-            present = [v for v in values if v is not None]
+            present = [x for v in values if v is not None for x in (v if isinstance(v, list) else [v])]
             merged.means[label] = sum(present) / len(present) if present else None
         return merged
 
@@ -347,17 +347,50 @@ class RLRun:
             completion[i, :len(m)] = torch.tensor(m)
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}, int(completion.sum())
 
-    def advantages(self, rewards: list[float], batch: dict[str, Any], values: Any = None):
+    def advantages(self, rewards: list[float], batch: dict[str, Any], values: Any = None,
+                   steps: list[list[float]] | None = None, gens: list[Any] | None = None):
         import torch
 
         from .algos import ADVANTAGE_ESTIMATORS
 
         estimator = ADVANTAGE_ESTIMATORS.get(self.advantage)
         r = torch.tensor(rewards, dtype=torch.float32)
+        step_mask = None
+        if self.process:
+            r, step_mask = self.step_rewards(steps or [], gens or [], batch["completion_mask"])
         return estimator(r, batch["completion_mask"], group_size=self.rl.group_size, values=values,
-                         gamma=self.rl.gamma, lam=self.rl.lam, scale_by_std=self.rl.scale_rewards)
+                         gamma=self.rl.gamma, lam=self.rl.lam, scale_by_std=self.rl.scale_rewards,
+                         step_mask=step_mask)
 
-    def train(self, batch: dict[str, Any], rewards: list[float]) -> dict[str, float]:
+    def step_rewards(self, steps: list[list[float]], gens: list[Any], mask: Any):
+        """Process rewards as (B, L) tensors: each step's score on the token that ends its line, and the step mask.
+
+        A sample scored per step must have one score per non-blank line of its completion
+        (`posttrain.jobs.rewards.builtin.reasoning_steps`); a sample with one (outcome) score gets it on its
+        last token.
+        """
+        import torch
+
+        rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        ends = torch.zeros(mask.shape, dtype=torch.bool)
+        row = 0
+        for g in gens:
+            start = len(g.prompt_token_ids)
+            for toks, text in zip(g.token_ids, g.texts):
+                scores = steps[row]
+                positions = line_end_tokens(toks, self.tokenizer) if len(scores) > 1 else []
+                if len(scores) > 1 and len(positions) != len(scores):
+                    raise ValueError(f"process rewards gave {len(scores)} step scores for a completion with "
+                                     f"{len(positions)} non-blank lines; a process reward returns one score per "
+                                     f"non-blank line (completion: {text[:80]!r})")
+                for score, pos in zip(scores, positions or [max(0, len(toks) - 1)]):
+                    rewards[row, start + pos] += score
+                    ends[row, start + pos] = True
+                row += 1
+        return rewards, ends
+
+    def train(self, batch: dict[str, Any], rewards: list[float], steps: list[list[float]] | None = None,
+              gens: list[Any] | None = None) -> dict[str, float]:
         import ray
 
         metrics: dict[str, float] = {}
@@ -367,7 +400,7 @@ class RLRun:
             critic_batch = dict(batch, returns=returns, old_values=values)
             critic_refs = [c.train_step.remote(critic_batch) for c in self.critics]
         else:
-            advantages, _ = self.advantages(rewards, batch)
+            advantages, _ = self.advantages(rewards, batch, steps=steps, gens=gens)
             critic_refs = []
         learner_metrics = ray.get([w.train_step.remote(dict(batch, advantages=advantages))
                                    for w in self.learners])[0]
@@ -408,6 +441,23 @@ class RLRun:
         state = outputs.read_json(folder / DRIVER_STATE)
         restore_rng(state.get("rng") or {})
         return state
+
+
+def line_end_tokens(token_ids: list[int], tokenizer: Any) -> list[int]:
+    """For each non-blank line of the decoded completion, the index of the token that ends it.
+
+    A line ends at the token holding its newline (the last line at the last token). Tokens are
+    decoded one by one only to find newlines, which byte-level and SentencePiece tokenizers both
+    keep whole in a single token.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    newline_tokens = [i for i, t in enumerate(token_ids)
+                      for _ in range(tokenizer.decode([t], skip_special_tokens=True).count("\n"))]
+    out = []
+    for k, line in enumerate(text.split("\n")):
+        if line.strip():
+            out.append(newline_tokens[k] if k < len(newline_tokens) else max(0, len(token_ids) - 1))
+    return out
 
 
 def driver_state(step: int, per_step: int, n_prompts: int) -> dict[str, Any]:
@@ -655,7 +705,7 @@ def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, s
         t_reward = time.perf_counter() - t1
         batch, generated = run.batch(gens)
         t2 = time.perf_counter()
-        train_metrics = run.train(batch, scored.rewards)
+        train_metrics = run.train(batch, scored.rewards, scored.steps, gens)
         t_train = time.perf_counter() - t2
         if pending is not None:  # the sync waits for the engines' running generation anyway
             ray.wait(pending[1], num_returns=len(pending[1]))

@@ -595,13 +595,15 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
     if resume:
         log.info("resuming from %s (step %d)", resume[0], resume_step)
     event("resume" if resume else "start", step=resume_step)
-    started_ray = driver.ensure_ray(opts)
-    local_cpus = os.cpu_count() if started_ray and not opts.ray_address else None
-    run = RLRun(job, model_source=model_source, tokenizer=tokenizer, prompts=prompts, ckpt_dir=ckpt_dir,
-                base_dir=opts.base_dir, local_cpus=local_cpus)
     error: BaseException | None = None
     artifact: dict[str, Any] = {}
+    started_ray = False
+    run: RLRun | None = None
     try:
+        started_ray = driver.ensure_ray(opts)
+        local_cpus = os.cpu_count() if started_ray and not opts.ray_address else None
+        run = RLRun(job, model_source=model_source, tokenizer=tokenizer, prompts=prompts, ckpt_dir=ckpt_dir,
+                    base_dir=opts.base_dir, local_cpus=local_cpus)
         summary["roles"] = run.start()
         if resume:
             run.load(resume[0])
@@ -619,7 +621,8 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         error = _unwrap(exc)
     finally:
         writer.flush()
-        run.shutdown()
+        if run is not None:
+            run.shutdown()
         if started_ray:
             import ray
 

@@ -87,7 +87,7 @@ def grpo_job(**spec_updates) -> dict:
         "algorithm": "grpo",
         "model": {"source": "model"},
         "data": {"train": [{"source": "train.jsonl"}]},
-        "training": {"maxSteps": 10, "learningRate": 0.02, "maxSeqLength": 64, "seed": 0},
+        "training": {"maxSteps": 10, "learningRate": 0.02, "lrScheduler": "constant", "maxSeqLength": 64, "seed": 0},
         "rl": {"groupSize": 8, "promptsPerStep": 4, "maxNewTokens": 8},
         "roles": {"rollout": {"engine": "transformers"}},
         "rewards": [{"function": "rl_rewards.py:digits"}],
@@ -186,9 +186,10 @@ def test_async_rollouts_are_one_step_stale_and_still_learn(workdir, ray_local):
 
 def test_killed_after_a_checkpoint_resumes_with_the_same_metrics(workdir, ray_local):
     doc = grpo_job(checkpoint={"everySteps": 2})
-    doc["spec"]["training"]["maxSteps"] = 5
+    doc["spec"]["training"].update(maxSteps=5, lrScheduler="linear", warmupRatio=0.2)  # schedule state resumes too
     run(doc, workdir, "uninterrupted")
     expected = metrics(workdir, "uninterrupted")
+    assert [m["learning_rate"] for m in expected] == pytest.approx([0.0, 0.02, 0.015, 0.01, 0.005])
 
     spec_file = workdir / "resume.yaml"
     spec_file.write_text(yaml.safe_dump(doc))
@@ -211,7 +212,7 @@ def test_killed_after_a_checkpoint_resumes_with_the_same_metrics(workdir, ray_lo
     resumed = metrics(workdir, "killed")
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(expected, resumed):
-        for key in ("reward_mean", "loss", "grad_norm", "entropy", "response_length_mean"):
+        for key in ("reward_mean", "loss", "grad_norm", "entropy", "response_length_mean", "learning_rate"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 

@@ -89,8 +89,13 @@ class LearnerWorker(ActorBase):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
               adapter_spec_dict: dict[str, Any], rl_spec_dict: dict[str, Any], lr: float, seed: int, *,
               dtype: str = "auto", max_grad_norm: float = 1.0, micro_batch_size: int | None = None,
-              weight_decay: float = 0.0, threads: int | None = 1) -> dict[str, Any]:
-        """Join the process group, load and shard the policy (and reference), build AdamW.
+              weight_decay: float = 0.0, threads: int | None = 1, lr_scheduler: str = "constant",
+              warmup_ratio: float = 0.0, total_steps: int | None = None) -> dict[str, Any]:
+        """Join the process group, load and shard the policy (and reference), build AdamW and its schedule.
+
+        `lr_scheduler` (linear, cosine, constant, constant_with_warmup, as `training.lrScheduler`) runs over
+        `total_steps` RL steps (one scheduler step per RL step, whatever `rl.ppo_epochs`), warming up for
+        `warmup_ratio` of them.
 
         Returns {"rank", "backend", "sharding": "fsdp2", "trainable_params", "dtensor_params"} (the last
         counts parameters that `fully_shard` turned into DTensors: all of them).
@@ -136,6 +141,11 @@ class LearnerWorker(ActorBase):
             self.ref_model = shard(load_for_training(model_path, model_spec, self.adapter)).requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        from transformers import get_scheduler
+
+        total = max(1, total_steps or 1)
+        self.scheduler = get_scheduler(lr_scheduler, self.optimizer, num_warmup_steps=int(warmup_ratio * total),
+                                       num_training_steps=total)
         self.step = 0
         from torch.distributed.tensor import DTensor
 
@@ -222,8 +232,10 @@ class LearnerWorker(ActorBase):
         if adv.dim() == 1:
             adv = adv.unsqueeze(-1).expand_as(mask)
         shard["advantages"] = torch.where(mask.bool(), adv, 0.0)
-        if "old_logprobs" not in shard:
-            shard["old_logprobs"] = self._logprobs(shard)
+        # Without rollout logprobs the ratio's denominator is this policy before the step: the first epoch's
+        # own forward, detached (dropout is off and no update happens before every micro-batch has run),
+        # kept for later epochs; no extra forward pass.
+        given_old = "old_logprobs" in shard
         beta = self.rl.kl.beta
         if uses_reference(beta):
             shard["ref_logprobs"] = self._logprobs(shard, reference=True)  # once per step
@@ -235,6 +247,8 @@ class LearnerWorker(ActorBase):
             sums = torch.zeros(4, dtype=torch.float64)
             for mb in micro:
                 logp, logits = self._forward(self.model, mb)
+                if not given_old and "old_logprobs" not in mb:
+                    mb["old_logprobs"] = logp.detach()  # stored in the micro-batch dict for the next epochs
                 penalty = kl_penalty(logp, mb.get("ref_logprobs"), mb["completion_mask"], beta=beta,
                                      estimator=self.rl.kl.estimator)
                 loss, metrics = self.loss_fn(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
@@ -261,6 +275,7 @@ class LearnerWorker(ActorBase):
                 totals[key] = totals.get(key, 0.0) + value / self.rl.ppo_epochs
             totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) / self.rl.ppo_epochs
         totals["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()  # one schedule step per RL step
         return totals
 
     # ---- weights and checkpoints ----------------------------------------------------------------
@@ -331,7 +346,8 @@ class LearnerWorker(ActorBase):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
         if self.rank == 0:
-            Path(path, "learner.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size}))
+            Path(path, "learner.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
+                                                              "scheduler": self.scheduler.state_dict()}))
         dist.barrier()
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
@@ -346,6 +362,8 @@ class LearnerWorker(ActorBase):
                        optim_state_dict=state["optim"])
         meta = json.loads(Path(path, "learner.json").read_text())
         self.step = int(meta["step"])
+        if "scheduler" in meta:
+            self.scheduler.load_state_dict(meta["scheduler"])
         return meta
 
     def shutdown(self) -> None:

@@ -128,8 +128,9 @@ class RLRun:
     """The actors and the loop of one grpo/ppo run."""
 
     def __init__(self, job: PostTrainingJob, *, model_source: str, tokenizer: Any, prompts: list[data_mod.Prompt],
-                 ckpt_dir: Path, base_dir: Path, local_cpus: int | None) -> None:
+                 ckpt_dir: Path, base_dir: Path, local_cpus: int | None, total_steps: int) -> None:
         self.job, self.spec = job, job.spec
+        self.total_steps = total_steps
         self.rl = self.spec.rl
         self.model_source, self.tokenizer, self.prompts = model_source, tokenizer, prompts
         self.ckpt_dir, self.base_dir = ckpt_dir, base_dir
@@ -196,7 +197,8 @@ class RLRun:
         t = spec.training
         setups = [w.setup.remote(r, learner.count, addr, port, self.model_source, spec.adapter.wire(), rl.wire(),
                                  t.learning_rate, t.seed, dtype=spec.model.dtype, micro_batch_size=t.micro_batch_size,
-                                 weight_decay=t.weight_decay, threads=learner.threads)
+                                 weight_decay=t.weight_decay, threads=learner.threads, lr_scheduler=t.lr_scheduler,
+                                 warmup_ratio=t.warmup_ratio, total_steps=self.total_steps)
                   for r, w in enumerate(self.learners)]
         engine_setups = [r.setup.remote(self.model_source, engine=self.engine_kind, seed=t.seed + i,
                                         threads=rollout.threads, colocated=self.colocated)
@@ -603,7 +605,7 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         started_ray = driver.ensure_ray(opts)
         local_cpus = os.cpu_count() if started_ray and not opts.ray_address else None
         run = RLRun(job, model_source=model_source, tokenizer=tokenizer, prompts=prompts, ckpt_dir=ckpt_dir,
-                    base_dir=opts.base_dir, local_cpus=local_cpus)
+                    base_dir=opts.base_dir, local_cpus=local_cpus, total_steps=steps)
         summary["roles"] = run.start()
         if resume:
             run.load(resume[0])
@@ -632,8 +634,7 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
 
     final = outputs.read_metrics(out / outputs.METRICS_FILE)
     rewards = [m["reward_mean"] for m in final if m.get("reward_mean") is not None]
-    head = rewards[: max(1, min(3, len(rewards) // 3))]
-    tail = rewards[-max(1, min(3, len(rewards) // 3)):]
+    head, tail = rewards[:3], rewards[-3:]
     newest = latest_checkpoint(ckpt_dir)
     summary.update({
         "status": "failed" if error else "succeeded",
@@ -645,7 +646,7 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         "first_loss": next((m["loss"] for m in final if m.get("loss") is not None), None),
         "last_loss": next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None),
         "tokens_per_second": _mean([m.get("tokens_per_second") for m in final]),
-        "seconds_per_step": _mean([m.get("time_step") for m in final]),
+        "seconds_per_step": _mean([m.get("time_step") for m in final[1:] or final]),  # step 1 warms up
         "sync_seconds_mean": _mean([m.get("time_sync") for m in final]),
         "last_checkpoint": str(newest[0]) if newest else None,
         "artifact": artifact or None,

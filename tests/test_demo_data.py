@@ -1,4 +1,4 @@
-"""The demo's data maker (examples/docstrings/make_data.py): pure, no model, no Ray.
+"""The demos' data makers (examples/grpo/make_data.py, examples/docstrings/make_data.py): pure, no model, no Ray.
 
     .venv/bin/python -m pytest tests/test_demo_data.py
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -116,3 +118,63 @@ def test_summary_of_keeps_plain_first_paragraphs():
     assert md.summary_of(">>> f(1) returns the value one.") is None
     assert md.summary_of("f(x) -> y, the mapped value of x.") is None
     assert md.summary_of("Return a value but no full stop") is None
+
+
+# ---- examples/grpo/make_data.py: the GRPO demo's questions ----------------------------------------------
+
+def _load_grpo_make_data():
+    path = REPO / "examples" / "grpo" / "make_data.py"
+    spec = importlib.util.spec_from_file_location("grpo_make_data", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+grpo = _load_grpo_make_data()
+
+
+def _solve(text: str) -> int:
+    """Answer a question independently of the generator: parse the sentence back."""
+    m = re.fullmatch(r"(\w+) has (\d+) (\w+) and (\d+) (\w+)\. How many (\w+) does (\w+) have\?", text)
+    assert m, text
+    name, first, thing1, second, thing2, asked, name_again = m.groups()
+    assert name == name_again and thing1 != thing2 and asked in (thing1, thing2)
+    return int(first) if asked == thing1 else int(second)
+
+
+def test_grpo_questions_have_correct_exact_answers():
+    train, held = grpo.build(n_train=300, n_eval=50, seed=0)
+    assert len(train) == 300 and len(held) == 50
+    for record in train + held:
+        assert set(record) == {"prompt", "answer"}
+        assert [m["role"] for m in record["prompt"]] == ["system", "user"]
+        assert record["prompt"][0]["content"] == grpo.SYSTEM
+        assert isinstance(record["answer"], int) and grpo.LOW <= record["answer"] <= grpo.HIGH
+        assert _solve(grpo.question(record)) == record["answer"]
+
+
+def test_grpo_questions_are_distinct_and_ask_both_counts():
+    train, held = grpo.build(n_train=300, n_eval=50, seed=0)
+    texts = [grpo.question(r) for r in train + held]
+    assert len(set(texts)) == len(texts)  # no question twice, so none is shared by train and eval
+    first = sum(r["answer"] == int(grpo.question(r).split()[2]) for r in train)
+    assert 0.35 < first / len(train) < 0.65  # "say the first number" is no shortcut
+
+
+def test_grpo_build_is_deterministic_and_seeded(tmp_path):
+    assert grpo.build(n_train=40, n_eval=8, seed=3) == grpo.build(n_train=40, n_eval=8, seed=3)
+    assert grpo.build(n_train=40, n_eval=8, seed=3) != grpo.build(n_train=40, n_eval=8, seed=4)
+    assert grpo.main(["--out", str(tmp_path), "--train", "40", "--eval", "8", "--seed", "3"]) == 0
+    written = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert written == grpo.build(n_train=40, n_eval=8, seed=3)[0]
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 8
+
+
+def test_grpo_the_reward_scores_the_answer_field():
+    from posttrain.jobs.rewards.builtin import exact_answer
+
+    record = grpo.build(n_train=1, n_eval=0, seed=0)[0][0]
+    answer = record["answer"]
+    completions = [str(answer), f"{grpo.question(record).split()[0]} has {answer}.", str(answer + 1)]
+    assert exact_answer([], completions, answer=[answer] * 3) == [1.0, 1.0, 0.0]

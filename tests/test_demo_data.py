@@ -178,3 +178,16 @@ def test_grpo_the_reward_scores_the_answer_field():
     answer = record["answer"]
     completions = [str(answer), f"{grpo.question(record).split()[0]} has {answer}.", str(answer + 1)]
     assert exact_answer([], completions, answer=[answer] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_grpo_job_reads_what_make_data_writes():
+    from posttrain.api.load import load_job
+
+    path = REPO / "examples" / "grpo" / "job.yaml"
+    job = load_job(str(path))  # validates, and grpo must be runnable in this version
+    assert job.spec.algorithm.value == "grpo" and job.spec.roles.rollout.engine == "vllm"
+    source = (path.parent / job.spec.data.train[0].source).resolve()
+    assert source == grpo.DEFAULT_OUT / "train.jsonl"
+    assert [r.function for r in job.spec.rewards] == ["posttrain.jobs.rewards.builtin:exact_answer"]
+    # every training prompt is new: the run never sees a question twice
+    assert job.spec.training.max_steps * job.spec.rl.prompts_per_step <= grpo.N_TRAIN

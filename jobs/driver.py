@@ -233,6 +233,13 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             "artifact": artifact or None,
         }
     )
+    return finish(summary, error, state, metrics, out, out_loc)
+
+
+def finish(summary: dict[str, Any], error: BaseException | None, state: RunState, metrics: Metrics, out: Path,
+           out_loc: storage.Location) -> dict[str, Any]:
+    """The end of every run: summary.json (with the error, if any), the final phase, the upload; then
+    re-raise a failure as RunFailed (Ctrl-C stays KeyboardInterrupt)."""
     if error:
         summary["error"] = f"{type(error).__name__}: {error}"
     state.phase = "failed" if error else "succeeded"

@@ -36,8 +36,6 @@ the root; eval mode (no dropout); DCP folders of model and optimizer plus `criti
 from __future__ import annotations
 
 import datetime
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,7 +44,7 @@ from torch import Tensor
 
 from .actors import ActorBase
 from .algos import value_loss
-from .learner import LearnerWorker, decoder_layers, position_ids
+from .learner import LearnerWorker, decoder_layers, load_sharded, position_ids, save_sharded
 
 if TYPE_CHECKING:
     from posttrain.api.spec import AdapterSpec, ModelSpec
@@ -219,28 +217,11 @@ class CriticWorker(ActorBase):
 
     def save_checkpoint(self, path: str) -> None:
         """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `critic.json`."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        if self.rank == 0:
-            Path(path, "critic.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size}))
-        dist.barrier()
+        save_sharded(self, path, "critic.json")
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Restore model and optimizer shards written by `save_checkpoint` (any world size); returns critic.json."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        meta = json.loads(Path(path, "critic.json").read_text())
-        self.step = int(meta["step"])
-        return meta
+        return load_sharded(self, path, "critic.json")
 
     def shutdown(self) -> None:
         if dist.is_initialized():

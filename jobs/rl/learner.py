@@ -340,28 +340,11 @@ class LearnerWorker(ActorBase):
 
     def save_checkpoint(self, path: str) -> None:
         """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `learner.json`."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        if self.rank == 0:
-            Path(path, "learner.json").write_text(json.dumps({"step": self.step, "world_size": self.world_size,
-                                                              "scheduler": self.scheduler.state_dict()}))
-        dist.barrier()
+        save_sharded(self, path, "learner.json", {"scheduler": self.scheduler.state_dict()})
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """Restore model and optimizer shards written by `save_checkpoint` (any world size); returns learner.json."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        meta = json.loads(Path(path, "learner.json").read_text())
-        self.step = int(meta["step"])
+        meta = load_sharded(self, path, "learner.json")
         if "scheduler" in meta:
             self.scheduler.load_state_dict(meta["scheduler"])
         return meta
@@ -369,6 +352,34 @@ class LearnerWorker(ActorBase):
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def save_sharded(worker: Any, path: str, meta_file: str, extra: dict[str, Any] | None = None) -> None:
+    """Every rank writes its shards of `worker.model` and `worker.optimizer` into the DCP folder `path`;
+    rank 0 adds `meta_file` ({"step", "world_size", **extra}). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(worker.model, worker.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    if worker.rank == 0:
+        meta = {"step": worker.step, "world_size": worker.world_size, **(extra or {})}
+        Path(path, meta_file).write_text(json.dumps(meta))
+    dist.barrier()
+
+
+def load_sharded(worker: Any, path: str, meta_file: str) -> dict[str, Any]:
+    """Restore what `save_sharded` wrote (any world size) into `worker`; sets `worker.step`, returns the meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(worker.model, worker.optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(worker.model, worker.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    meta = json.loads(Path(path, meta_file).read_text())
+    worker.step = int(meta["step"])
+    return meta
 
 
 def merge_lora_state(state: dict[str, Tensor], scalings: dict[str, float], *,

@@ -53,7 +53,7 @@ from typing import Any
 from posttrain.api import runtime
 from posttrain.api.spec import AdapterType, Algorithm, PostTrainingJob, RoleSpec
 from posttrain.jobs import data as data_mod
-from posttrain.jobs import models, outputs, storage
+from posttrain.jobs import models, outputs
 from posttrain.jobs.progress import Metrics, ProgressServer, RunState
 
 log = logging.getLogger("posttrain.rl")
@@ -651,17 +651,7 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         "last_checkpoint": str(newest[0]) if newest else None,
         "artifact": artifact or None,
     })
-    if error:
-        summary["error"] = f"{type(error).__name__}: {error}"
-    state.phase = "failed" if error else "succeeded"
-    metrics.refresh()
-    outputs.write_json(out / outputs.SUMMARY_FILE, summary)
-    storage.publish(out, out_loc)
-    if error:
-        if isinstance(error, KeyboardInterrupt):
-            raise error
-        raise driver.RunFailed(summary["error"]) from error
-    return summary
+    return driver.finish(summary, error, state, metrics, out, out_loc)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -156,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     except driver.RunFailed as exc:
         display.close()
-        print(f"error: the run failed: {exc}\n(checkpoints are kept; run the same command again to resume)", file=sys.stderr)
+        print(f"error: the run failed: {exc}\n(checkpoints written so far are kept; running the same command again "
+              "resumes from the newest one, or starts over if there is none)", file=sys.stderr)
         return 1
     display.close()
     print(summary_table(summary))

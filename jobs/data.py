@@ -182,12 +182,25 @@ def mixture_indices(size: int, count: int, rng: np.random.Generator) -> list[int
     return out
 
 
+def mix(pools: list[list[Any]], available: list[int], sources: list[DataSource], seed: int,
+        stats: DataStats) -> list[Any]:
+    """Draw each set's share from its pool (`mixture_counts`), record it in `stats.sets`, shuffle the union."""
+    counts = mixture_counts([len(p) for p in pools], sources)
+    rows: list[Any] = []
+    for i, (pool, count, src) in enumerate(zip(pools, counts, sources)):
+        rng = np.random.default_rng([seed, 1000 + i])
+        picked = [pool[j] for j in mixture_indices(len(pool), count, rng)] if pool else []
+        rows.extend(picked)
+        stats.sets.append({"source": src.source, "available": available[i], "used": len(pool), "drawn": len(picked)})
+    order = np.random.default_rng([seed, 7]).permutation(len(rows))
+    return [rows[j] for j in order]
+
+
 def build(data: DataSpec, tokenizer, *, seed: int, max_len: int, base: Path | None = None):
     """The tokenized (train, eval or None, DataStats) of a spec."""
     import datasets
 
     stats = DataStats()
-    train_rows: list[dict[str, Any]] = []
     eval_rows: list[dict[str, Any]] = []
 
     def encode(ds, src: DataSource, where: str) -> list[dict[str, Any]]:
@@ -220,14 +233,7 @@ def build(data: DataSpec, tokenizer, *, seed: int, max_len: int, base: Path | No
             eval_rows.extend(encode(ds.select(order[:n_eval].tolist()), src, f"spec.data.train[{i}]"))
         pools.append(encode(ds.select(order[n_eval:].tolist()), src, f"spec.data.train[{i}]"))
 
-    counts = mixture_counts([len(p) for p in pools], data.train)
-    for i, (pool, count, src) in enumerate(zip(pools, counts, data.train)):
-        rng = np.random.default_rng([seed, 1000 + i])
-        picked = [pool[j] for j in mixture_indices(len(pool), count, rng)] if pool else []
-        train_rows.extend(picked)
-        stats.sets.append({"source": src.source, "available": len(loaded[i]), "used": len(pool), "drawn": len(picked)})
-    order = np.random.default_rng([seed, 7]).permutation(len(train_rows))
-    train_rows = [train_rows[j] for j in order]
+    train_rows = mix(pools, [len(ds) for ds in loaded], data.train, seed, stats)
     if not train_rows:
         raise DataError("spec.data.train: no usable examples (empty sets, or all truncated away by maxSeqLength)")
 
@@ -295,15 +301,7 @@ def build_prompts(data: DataSpec, tokenizer, *, seed: int, max_prompt_len: int,
                 continue
             pool.append(Prompt(ids=ids, text=text, fields={k: v for k, v in record.items() if k not in prompt_keys}))
         pools.append(pool)
-    counts = mixture_counts([len(p) for p in pools], data.train)
-    prompts: list[Prompt] = []
-    for i, (pool, count, src) in enumerate(zip(pools, counts, data.train)):
-        rng = np.random.default_rng([seed, 1000 + i])
-        picked = [pool[j] for j in mixture_indices(len(pool), count, rng)] if pool else []
-        prompts.extend(picked)
-        stats.sets.append({"source": src.source, "available": len(loaded[i]), "used": len(pool), "drawn": len(picked)})
-    order = np.random.default_rng([seed, 7]).permutation(len(prompts))
-    prompts = [prompts[j] for j in order]
+    prompts = mix(pools, [len(ds) for ds in loaded], data.train, seed, stats)
     if not prompts:
         raise DataError(f"spec.data.train: no usable prompts (empty sets, or every prompt longer than "
                         f"{max_prompt_len} tokens = training.maxSeqLength - rl.maxNewTokens)")

@@ -35,7 +35,6 @@ the root; eval mode (no dropout); DCP folders of model and optimizer plus `criti
 
 from __future__ import annotations
 
-import datetime
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor
 
 from .actors import ActorBase
 from .algos import value_loss
-from .learner import LearnerWorker, decoder_layers, load_sharded, position_ids, save_sharded
+from .learner import LearnerWorker, decoder_layers, join_group, load_sharded, position_ids, save_sharded
 
 if TYPE_CHECKING:
     from posttrain.api.spec import AdapterSpec, ModelSpec
@@ -130,15 +129,7 @@ class CriticWorker(ActorBase):
             raise ValueError(f"adapter type {self.adapter.type.value}: the critic supports full fine-tuning and "
                              "lora, dora or rslora (no 4-bit base, no virtual tokens); use type lora for the critic")
         self.max_grad_norm, self.micro_batch_size = max_grad_norm, micro_batch_size
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
-            else torch.device("cpu")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=world_size, timeout=datetime.timedelta(minutes=30))
-        elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-            raise RuntimeError(f"this process already belongs to a group as rank {dist.get_rank()} of "
-                               f"{dist.get_world_size()}; run the critic in its own actor")
+        self.device, backend = join_group(rank, world_size, master_addr, master_port)
         self.mesh = init_device_mesh(self.device.type, (world_size,))
         torch.manual_seed(seed)
 

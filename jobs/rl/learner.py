@@ -117,12 +117,7 @@ class LearnerWorker(ActorBase):
                              "fine-tuning and the LoRA family; prefix / prompt tuning has no weights to sync")
         self.loss_fn = POLICY_LOSSES.get(self.rl.loss_type)  # an unknown name fails in setup, not at step 1
         self.max_grad_norm, self.micro_batch_size = max_grad_norm, micro_batch_size
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() \
-            else torch.device("cpu")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                    world_size=world_size, timeout=datetime.timedelta(minutes=30))
+        self.device, backend = join_group(rank, world_size, master_addr, master_port)
         self.mesh = init_device_mesh(self.device.type, (world_size,))
         torch.manual_seed(seed)
         self.is_lora = self.adapter.type is not AdapterType.none
@@ -352,6 +347,22 @@ class LearnerWorker(ActorBase):
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def join_group(rank: int, world_size: int, master_addr: str, master_port: int) -> tuple[torch.device, str]:
+    """Join this process's default torch.distributed group (NCCL on GPU, gloo on CPU); (device, backend).
+
+    A process holds one default group: joining again with another rank or size is an error.
+    """
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(minutes=30))
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise RuntimeError(f"this process already belongs to a group as rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}; run each group's ranks in their own actors")
+    return device, backend
 
 
 def save_sharded(worker: Any, path: str, meta_file: str, extra: dict[str, Any] | None = None) -> None:

@@ -60,7 +60,10 @@ def read_source(src: DataSource, where: str, *, base: Path | None = None):
     if loc.is_hub:
         name = loc.hub_id.removeprefix("datasets/")  # type: ignore[union-attr]
         return datasets.load_dataset(name, revision=loc.revision, split=src.split)
-    path = storage.fetch(loc)
+    try:
+        path = storage.fetch(loc)
+    except FileNotFoundError as exc:
+        raise DataError(f"{where}.source: {exc}") from None
     if not path.exists():
         raise DataError(f"{where}.source: {path} does not exist")
     if path.is_dir():

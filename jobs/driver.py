@@ -24,6 +24,7 @@ from posttrain.api import runtime
 from posttrain.api.spec import PostTrainingJob
 from posttrain.jobs import data as data_mod
 from posttrain.jobs import models, outputs, sft, storage
+from posttrain.jobs.checkpoints import Checkpoints
 from posttrain.jobs.progress import Metrics, ProgressServer, RunState
 
 log = logging.getLogger("posttrain")
@@ -51,18 +52,15 @@ def output_location(job: PostTrainingJob, opts: RunOptions) -> storage.Location:
     return storage.resolve(uri, base=opts.base_dir if opts.output is None else Path.cwd())
 
 
-def checkpoint_dir(job: PostTrainingJob, out: Path, opts: RunOptions) -> Path:
+def checkpoint_location(job: PostTrainingJob, out: storage.Location, opts: RunOptions) -> storage.Location:
+    """`spec.checkpoint.uri`, or `checkpoints/` inside the output (a path, a PVC or object storage)."""
     uri = job.spec.checkpoint.uri
     if uri is None:
-        return out / "checkpoints"
+        return out.child("checkpoints")
     loc = storage.resolve(uri, base=opts.base_dir)
-    if loc.remote or loc.is_hub:
-        raise ValueError(
-            f"spec.checkpoint.uri: {uri} is not a filesystem path; checkpoints need a path or pvc:// "
-            "(shared by every worker) in this version"
-        )
-    assert loc.local is not None
-    return loc.local
+    if loc.is_hub:
+        raise ValueError(f"spec.checkpoint.uri: {uri} is a hub reference; checkpoints go to a path, pvc:// or s3://")
+    return loc
 
 
 def versions() -> dict[str, str]:
@@ -85,34 +83,33 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         return run_rl(job, opts)
     spec = job.spec
     started = time.time()
-    out_loc = output_location(job, opts)
-    out = out_loc.local
-    assert out is not None
-    state_of_folder = outputs.prepare(out, overwrite=opts.overwrite)
-    ckpt_dir = checkpoint_dir(job, out, opts)
+    folder = outputs.RunFolder(output_location(job, opts))
+    state_of_folder = folder.prepare(overwrite=opts.overwrite)
+    ckpts = Checkpoints(checkpoint_location(job, folder.loc, opts))
 
-    # Everything that can fail on bad input happens before the first write.
-    model_source = models.materialize(spec.model, base=opts.base_dir)
-    tok_source = models.materialize(spec.model.model_copy(update={"source": spec.model.tokenizer}), base=opts.base_dir) \
-        if spec.model.tokenizer else model_source
-    tokenizer = models.load_tokenizer(tok_source, revision=models.hub_revision(spec.model),
+    # Everything that can fail on bad input happens before the first write. The head only needs the
+    # tokenizer (the workers materialise the model on their own pods).
+    tok_spec = spec.model.model_copy(update={"source": spec.model.tokenizer}) if spec.model.tokenizer else spec.model
+    tok_source = models.materialize(tok_spec, base=opts.base_dir, weights=False)
+    tokenizer = models.load_tokenizer(tok_source, revision=models.hub_revision(tok_spec),
                                       trust_remote_code=spec.model.trust_remote_code)
     train_ds, eval_ds, data_stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
                                                    max_len=spec.training.max_seq_length, base=opts.base_dir)
 
     if state_of_folder == "finished":  # --overwrite was given
-        outputs.clear(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / outputs.RUN_FILE
-    run_info = outputs.read_json(run_file)
-    resume = sft.latest_checkpoint(ckpt_dir)
+        folder.clear()
+    folder.pull()
+    folder.work.mkdir(parents=True, exist_ok=True)
+    run_file = folder.path(outputs.RUN_FILE)
+    resume = ckpts.latest()
     resume_step = resume[1] if resume else 0
-    if not resume:
-        run_info = {}
+    run_info = outputs.read_json(run_file) if resume else {}
     run_info.update({"job": job.metadata.name, "spec": spec.wire()})
     outputs.write_json(run_file, run_info)
-    log_history = outputs.read_json(resume[0] / "trainer_state.json").get("log_history", []) if resume else []
-    history = outputs.restore_metrics(out / outputs.METRICS_FILE, after_step=resume_step, log_history=log_history)
+    log_history = ckpts.read_json(resume[0], "trainer_state.json").get("log_history", []) if resume else []
+    history = outputs.restore_metrics(folder.path(outputs.METRICS_FILE), after_step=resume_step,
+                                      log_history=log_history)
+    folder.push()
 
     state = RunState(job=job.metadata.name, algorithm=spec.algorithm.value, step=resume_step,
                      total_steps=spec.training.max_steps)
@@ -120,7 +117,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     server = ProgressServer(metrics, opts.metrics_port, opts.metrics_host) if opts.metrics_port is not None else None
     if server:
         log.info("serving /metrics and /progress on port %d", server.port)
-    writer = outputs.MetricsWriter(out / outputs.METRICS_FILE)
+    writer = outputs.MetricsWriter(folder.path(outputs.METRICS_FILE))
     summary: dict[str, Any] = {
         "status": "running",
         "job": job.metadata.name,
@@ -131,7 +128,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         "resumed_from_step": resume_step or None,
         "data": {"train_examples": data_stats.train_examples, "eval_examples": data_stats.eval_examples,
                  "truncated": data_stats.truncated, "dropped": data_stats.dropped, "sets": data_stats.sets},
-        "checkpoint_dir": str(ckpt_dir),
+        "output": folder.loc.uri,
+        "checkpoint_dir": ckpts.root.uri,
         "versions": versions(),
     }
     losses = [m["loss"] for m in history if m.get("loss") is not None]
@@ -172,7 +170,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             state.eval_loss = event["eval_loss"]
             writer.add(event["step"], {"eval_loss": event["eval_loss"]})
         elif kind == "checkpoint":
-            writer.flush()  # metrics up to a checkpoint are on disk before it counts
+            writer.flush()  # metrics up to a checkpoint are stored before it counts
+            folder.push(outputs.METRICS_FILE, outputs.RUN_FILE)
             state.last_checkpoint = event["path"]
             state.checkpoints_saved += 1
             new_ckpt = 1
@@ -187,13 +186,12 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
 
     cfg = {
         "spec": spec.wire(),
-        "model_source": model_source,
-        "tokenizer_source": tok_source,
+        "base_dir": str(opts.base_dir),
         "train": train_ds,
         "eval": eval_ds,
-        "checkpoint_dir": str(ckpt_dir),
-        "output_location": {"uri": out_loc.uri, "local": out, "remote": out_loc.remote},
-        "resume_from": str(resume[0]) if resume else None,
+        "checkpoints": ckpts.root.address,
+        "output": folder.loc.address,
+        "resume_step": resume_step or None,
         "torch_threads": (max(1, int(per_worker)) if (per_worker := cpus_per_worker(spec.roles.trainer))
                           else sft.default_torch_threads(spec.trainer_workers())),
     }
@@ -203,7 +201,7 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         opts.on_event(state, {"type": "resume" if resume else "start", "step": resume_step})
     error: BaseException | None = None
     try:
-        _fit(spec, cfg, out, apply, opts)
+        _fit(spec, cfg, apply, opts)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = exc
     finally:
@@ -211,8 +209,8 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
         if server:
             server.close()
 
-    final = outputs.read_metrics(out / outputs.METRICS_FILE)
-    newest = sft.latest_checkpoint(ckpt_dir)
+    final = outputs.read_metrics(folder.path(outputs.METRICS_FILE))
+    newest = ckpts.latest()
     last_loss = next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None)
     runtime = train_metrics.get("train_runtime")
     tokens = state.tokens_seen
@@ -229,23 +227,23 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
             "last_loss": last_loss,
             "eval_loss_before": run_info.get("eval_loss_before"),
             "eval_loss_after": state.eval_loss if eval_ds is not None and not error else None,
-            "last_checkpoint": str(newest[0]) if newest else None,
+            "last_checkpoint": newest[0].uri if newest else None,
             "artifact": artifact or None,
         }
     )
-    return finish(summary, error, state, metrics, out, out_loc)
+    return finish(summary, error, state, metrics, folder)
 
 
-def finish(summary: dict[str, Any], error: BaseException | None, state: RunState, metrics: Metrics, out: Path,
-           out_loc: storage.Location) -> dict[str, Any]:
-    """The end of every run: summary.json (with the error, if any), the final phase, the upload; then
-    re-raise a failure as RunFailed (Ctrl-C stays KeyboardInterrupt)."""
+def finish(summary: dict[str, Any], error: BaseException | None, state: RunState, metrics: Metrics,
+           folder: outputs.RunFolder) -> dict[str, Any]:
+    """The end of every run: summary.json (with the error, if any), the final phase, the upload of the
+    driver's files; then re-raise a failure as RunFailed (Ctrl-C stays KeyboardInterrupt)."""
     if error:
         summary["error"] = f"{type(error).__name__}: {error}"
     state.phase = "failed" if error else "succeeded"
     metrics.refresh()
-    outputs.write_json(out / outputs.SUMMARY_FILE, summary)
-    storage.publish(out, out_loc)
+    outputs.write_json(folder.path(outputs.SUMMARY_FILE), summary)
+    folder.push()
     if error:
         if isinstance(error, KeyboardInterrupt):
             raise error
@@ -290,7 +288,7 @@ def ensure_ray(opts: RunOptions) -> bool:
     return True
 
 
-def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:
+def _fit(spec: Any, cfg: dict[str, Any], apply: Callable[[dict[str, Any]], None], opts: RunOptions) -> None:
     """Start (or join) Ray, run the TorchTrainer, and relay worker events while it trains."""
     import ray
     from ray.train import FailureConfig, RunConfig
@@ -307,7 +305,7 @@ def _fit(spec: Any, cfg: dict[str, Any], out: Path, apply: Callable[[dict[str, A
         scaling_config=scaling(spec, "trainer"),
         run_config=RunConfig(
             name=f"posttrain-{spec.algorithm.value}",
-            storage_path=str((out / ".ray").resolve()),
+            storage_path=str(storage.cache_root() / "ray-train"),  # Ray Train's own files, not ours
             failure_config=FailureConfig(max_failures=0),  # restarts belong to the operator, with resume
         ),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s into %s (once)", path.name, dest)
+    log.info("dequantizing %s into %s (once per pod)", path.name, dest)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = model.config
@@ -44,30 +45,57 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True)
     tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(dest)
 
 
-def materialize(model: ModelSpec, *, base: Path | None = None) -> str:
-    """A local folder (or hub id) that `from_pretrained` can load on every worker."""
+def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = True) -> str:
+    """A local folder (or hub id) that `from_pretrained` can load, on this pod.
+
+    Every process that loads the model calls this itself: on a cluster each pod has its own
+    filesystem, so a folder made on the head means nothing to a worker. Object storage is
+    downloaded and a `.gguf` file dequantized once per pod (under a lock, into `$POSTTRAIN_CACHE`);
+    paths and `pvc://` are used in place. `weights=False` is enough for a tokenizer or a config
+    (object storage then skips the weight files).
+    """
     loc = storage.resolve(model.source, base=base)
     if loc.is_hub:
         return loc.hub_id  # type: ignore[return-value]
-    path = storage.fetch(loc)
+    try:
+        path = storage.fetch(loc, weights=weights)  # a single object (a .gguf file) comes whole
+    except FileNotFoundError:
+        raise ModelSourceError(f"spec.model.source: {loc.uri} does not exist") from None
     if not path.exists():
         raise ModelSourceError(f"spec.model.source: {path} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelSourceError(f"spec.model.source: {path} is a file but not .gguf; give a model folder or a .gguf file")
         dest = _gguf_cache_dir(path)
-        if not (dest / "config.json").exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(path, dest)
+        with storage.file_lock(dest.with_suffix(".lock")):
+            if not (dest / "config.json").exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _convert_gguf(path, dest)
         return str(dest)
     if not (path / "config.json").exists():
         raise ModelSourceError(f"spec.model.source: {path} has no config.json; it is not a Hugging Face model folder")
     return str(path)
+
+
+def model_on_this_pod(model: str | dict[str, Any] | ModelSpec, *, dtype: str | None = None,
+                      base: str | Path | None = None) -> tuple[str, ModelSpec]:
+    """The job's `spec.model` (wire form or model) or a local folder -> (a folder or hub id this process can
+    load, the ModelSpec with every field the job set: trustRemoteCode, gradientCheckpointing, ...)."""
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, dict):
+        spec = ModelSpec.model_validate(model)
+    else:
+        spec = ModelSpec(source=str(model))
+    if dtype is not None:
+        spec = spec.model_copy(update={"dtype": dtype})
+    return materialize(spec, base=Path(base) if base else None), spec
 
 
 def hub_revision(model: ModelSpec) -> str | None:

@@ -8,63 +8,109 @@
       model/ | adapter/   the trained result (`posttrain.json` inside says which)
       checkpoints/    checkpoint-<step>/ folders, unless spec.checkpoint.uri points elsewhere
 
-A folder that holds a finished run is never overwritten silently: `run`
-refuses it unless told `--overwrite`.
+The output is a filesystem path (locally, or a PVC on a cluster) or object storage. The driver keeps
+its three files in a working folder (the output itself on a filesystem, a local copy for object
+storage) and `RunFolder.push` uploads them: at every checkpoint, so that a resumed run finds the
+metrics up to it, and at the end. The model is written by the process that holds it
+(`storage.publish_tree`), not by the driver.
+
+A folder that holds a finished run is never overwritten silently: `run` refuses it unless told
+`--overwrite`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from posttrain.jobs import storage
+
+log = logging.getLogger(__name__)
+
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DRIVER_FILES = (RUN_FILE, METRICS_FILE, SUMMARY_FILE)
+RESULT_FOLDERS = ("model", "adapter", "checkpoints")
 
 
 class OutputInUse(RuntimeError):
     """The output folder holds something we must not overwrite."""
 
 
-def inspect(folder: Path) -> str:
-    """`fresh`, `resumable` (an unfinished posttrain run) or `finished`; raises for foreign folders."""
-    if not folder.exists() or not any(folder.iterdir()):
-        return "fresh"
-    summary = folder / SUMMARY_FILE
-    if summary.exists():
-        try:
-            status = json.loads(summary.read_text()).get("status")
-        except json.JSONDecodeError:
-            status = None
-        if status == "succeeded":
-            return "finished"
-    if (folder / RUN_FILE).exists():
-        return "resumable"
-    raise OutputInUse(
-        f"output folder {folder} is not empty and is not a posttrain run; choose an empty or new folder with --output"
-    )
+class RunFolder:
+    """The output location of one run, and the driver's working copy of its own files."""
 
+    def __init__(self, loc: storage.Location) -> None:
+        if loc.is_hub:
+            raise ValueError(f"spec.output.uri: {loc.uri} is a hub reference; write to a path, pvc:// or s3://")
+        self.loc = loc
+        if loc.local is not None:
+            self.work = loc.local
+        else:  # one working copy per output URI on this pod
+            digest = hashlib.sha256(loc.address.encode()).hexdigest()[:16]
+            self.work = storage.cache_root() / "outputs" / digest
 
-def prepare(folder: Path, *, overwrite: bool) -> str:
-    """Check the folder before anything is written; returns its state (see `inspect`)."""
-    state = inspect(folder)
-    if state == "finished" and not overwrite:
-        raise OutputInUse(
-            f"output folder {folder} holds a finished run (summary.json status succeeded); "
-            "choose another --output, or pass --overwrite to replace it"
-        )
-    return state
+    def path(self, name: str) -> Path:
+        """Where the driver reads and writes its file `name` (run.json, metrics.jsonl, summary.json)."""
+        return self.work / name
 
+    def pull(self) -> None:
+        """Object storage: start the working copy afresh from what the output holds now."""
+        if not self.loc.is_remote:
+            return
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        for name in DRIVER_FILES:
+            text = storage.read_text(self.loc.child(name))
+            if text is not None:
+                (self.work / name).write_text(text)
 
-def clear(folder: Path) -> None:
-    for name in (RUN_FILE, METRICS_FILE, SUMMARY_FILE, "model", "adapter", "checkpoints"):
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    def push(self, *names: str) -> None:
+        """Object storage: upload the driver's files (all of them by default) that exist."""
+        if not self.loc.is_remote:
+            return
+        for name in names or DRIVER_FILES:
+            if (self.work / name).exists():
+                storage.write_text(self.loc.child(name), (self.work / name).read_text())
+
+    def inspect(self) -> str:
+        """`fresh`, `resumable` (an unfinished posttrain run) or `finished`; raises for foreign folders.
+        Reads the output itself (object storage included), not a cache."""
+        names = storage.list_names(self.loc)
+        if not names:
+            return "fresh"
+        if SUMMARY_FILE in names:
+            try:
+                status = json.loads(storage.read_text(self.loc.child(SUMMARY_FILE)) or "{}").get("status")
+            except json.JSONDecodeError:
+                status = None
+            if status == "succeeded":
+                return "finished"
+        if RUN_FILE in names:
+            return "resumable"
+        raise OutputInUse(f"output {self.loc.uri} is not empty and is not a posttrain run; "
+                          "choose an empty or new location with --output or spec.output.uri")
+
+    def prepare(self, *, overwrite: bool) -> str:
+        """Check the output before anything is written; returns its state (see `inspect`)."""
+        state = self.inspect()
+        if state == "finished" and not overwrite:
+            raise OutputInUse(f"output {self.loc.uri} holds a finished run (summary.json status succeeded); "
+                              "choose another --output, or pass --overwrite to replace it")
+        return state
+
+    def clear(self) -> None:
+        """Remove a previous run's files and results (for --overwrite)."""
+        for name in (*DRIVER_FILES, *RESULT_FOLDERS):
+            storage.remove(self.loc.child(name))
+        if self.loc.is_remote:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -72,15 +118,25 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)  # readers never see half a file
+    storage.write_text(storage.Location(str(path), local=path),
+                       json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every step line of metrics.jsonl. A last line cut short (the driver was killed while appending)
+    is dropped with a warning: the resumed run writes that step again."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged (fix or remove that line)")
+            log.warning("%s: dropping an incomplete last line (%d bytes)", path, len(line))
+    return out
 
 
 def restore_metrics(path: Path, *, after_step: int, log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,7 +158,8 @@ def restore_metrics(path: Path, *, after_step: int, log_history: list[dict[str, 
         if "num_input_tokens_seen" in entry:
             line["tokens_seen"] = entry["num_input_tokens_seen"]
     kept = [by_step[s] for s in sorted(by_step)]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_text(storage.Location(str(path), local=path), "".join(json.dumps(m) + "\n" for m in kept))
     return kept
 
 

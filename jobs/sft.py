@@ -5,10 +5,17 @@ already joined the workers into one torch.distributed group (gloo on CPU,
 NCCL on GPU), and the HF Trainer inside picks it up: DDP on CPU, FSDP on
 several GPUs. Rank 0 reports progress to the driver's tracker actor and writes
 the trained model or adapter.
+
+Each worker loads the model on its own pod (`models.materialize`). Checkpoints go to the run's
+checkpoint location: on a filesystem (a PVC) the Trainer writes them in place; on object storage
+each rank writes into a local staging folder and uploads its own files. Either way rank 0 marks a
+checkpoint complete only after every rank is done with it, and only then deletes older ones
+(the Trainer's own rotation is off: it deleted the old checkpoint before the new one counted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -19,37 +26,18 @@ from typing import Any
 
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
 from posttrain.jobs import models, storage
+from posttrain.jobs.checkpoints import PREFIX, Checkpoints
 
 log = logging.getLogger(__name__)
-
-COMPLETE_MARKER = ".posttrain-complete"
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
-    """The newest checkpoint whose save finished (it carries our marker), with its step."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        name = child.name
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
-            if (child / COMPLETE_MARKER).exists():
-                found.append((int(name[len(CHECKPOINT_PREFIX) :]), child))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
-
 
 def _callback_class():
     from transformers import TrainerCallback
 
     class ReportToDriver(TrainerCallback):
-        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only)."""
+        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only); completes checkpoints."""
 
-        def __init__(self, tracker: Any, rank: int) -> None:
-            self.tracker, self.rank = tracker, rank
+        def __init__(self, tracker: Any, rank: int, ckpts: Checkpoints, keep: int) -> None:
+            self.tracker, self.rank, self.ckpts, self.keep = tracker, rank, ckpts, keep
             self._last: tuple[float, int] | None = None
 
         def push(self, event: dict[str, Any]) -> None:
@@ -73,13 +61,33 @@ def _callback_class():
             self.push(event)
 
         def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                # Written after HF finished every file of the checkpoint: resume trusts only marked ones.
-                (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
-                self.push({"type": "checkpoint", "step": state.global_step, "path": str(folder)})
+            step = state.global_step
+            local = Path(args.output_dir) / f"{PREFIX}{step}"
+            target = self.ckpts.folder(step)
+            if target.is_remote and local.is_dir():
+                storage.upload_tree(local, target)  # this rank's files; the others upload theirs
+            _barrier()  # every rank's files are in before the marker
+            if self.rank == 0:
+                self.ckpts.mark_complete(step)
+                self.ckpts.rotate(self.keep)
+                self.push({"type": "checkpoint", "step": step, "path": target.uri})
+            if target.is_remote:
+                shutil.rmtree(local, ignore_errors=True)  # staged copy uploaded
 
     return ReportToDriver
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _staging(address: str, rank: int) -> Path:
+    """A local folder of this rank's for checkpoints bound for object storage."""
+    digest = hashlib.sha256(address.encode()).hexdigest()[:16]
+    return storage.cache_root() / "staging" / digest / f"rank-{rank}"
 
 
 def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool):
@@ -94,7 +102,7 @@ def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, h
         kwargs["fsdp_config"] = {"use_orig_params": True}
     ckpt = spec.checkpoint
     return SFTConfig(
-        output_dir=cfg["checkpoint_dir"],
+        output_dir=cfg["checkpoint_local"],
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,
         per_device_train_batch_size=t.micro_batch_size,
@@ -111,7 +119,7 @@ def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, h
         eval_steps=t.eval_steps,
         save_strategy="steps" if ckpt.every_steps else "no",
         save_steps=ckpt.every_steps or 500,
-        save_total_limit=ckpt.keep,
+        save_total_limit=None,  # rotation is ours, after the newest checkpoint is marked complete
         max_length=t.max_seq_length,
         report_to=[],
         disable_tqdm=True,
@@ -140,14 +148,28 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
         torch.set_num_threads(torch_threads)
 
-    tokenizer = models.load_tokenizer(cfg["tokenizer_source"], revision=models.hub_revision(spec.model),
+    base = Path(cfg["base_dir"])
+    model_source = models.materialize(spec.model, base=base)  # on this worker's pod
+    tok_spec = spec.model.model_copy(update={"source": spec.model.tokenizer}) if spec.model.tokenizer else spec.model
+    tokenizer = models.load_tokenizer(models.materialize(tok_spec, base=base, weights=False),
+                                      revision=models.hub_revision(tok_spec),
                                       trust_remote_code=spec.model.trust_remote_code)
+    ckpts = Checkpoints(storage.resolve(cfg["checkpoints"]))
+    local_root = ckpts.root.local if ckpts.root.local is not None else _staging(cfg["checkpoints"], rank)
+    local_root.mkdir(parents=True, exist_ok=True)
+    cfg = dict(cfg, checkpoint_local=str(local_root))
+    resume_from = None
+    if cfg.get("resume_step"):
+        step = cfg["resume_step"]
+        resume_from = local_root / f"{PREFIX}{step}"
+        if ckpts.root.is_remote:  # every rank reads the whole checkpoint (model, optimizer, its RNG file)
+            storage.download_tree(ckpts.folder(step), resume_from)
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter initialisation is part of what the seed decides
-    net = models.load_for_training(cfg["model_source"], spec.model, spec.adapter)
+    net = models.load_for_training(model_source, spec.model, spec.adapter)
     train_ds, eval_ds = cfg["train"], cfg["eval"]
-    callback = _callback_class()(tracker, rank)
+    callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
     trainer = SFTTrainer(
         model=net,
         args=_sft_config(spec, cfg, world=world, has_eval=eval_ds is not None),
@@ -156,58 +178,50 @@ def train_loop(cfg: dict[str, Any]) -> None:
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    if eval_ds is not None and cfg.get("resume_from") is None:
+    if eval_ds is not None and resume_from is None:
         callback.push({"type": "phase", "phase": "evaluating"})
         before = trainer.evaluate()
         callback.push({"type": "eval_before", "eval_loss": before["eval_loss"]})
     callback.push({"type": "phase", "phase": "training"})
-    result = trainer.train(resume_from_checkpoint=cfg.get("resume_from"))
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
     if eval_ds is not None:
         callback.push({"type": "phase", "phase": "evaluating"})
         after = trainer.evaluate()
         callback.push({"type": "eval_after", "step": trainer.state.global_step, "eval_loss": after["eval_loss"]})
     callback.push({"type": "phase", "phase": "saving"})
-    _save(trainer, tokenizer, spec, cfg, rank=rank, callback=callback)
+    _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback)
 
 
-def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, cfg: dict[str, Any], *, rank: int, callback: Any) -> None:
-    """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 writes."""
-    out_loc = storage.Location(**cfg["output_location"])
+def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.Location, model_source: str, *,
+          rank: int, callback: Any) -> None:
+    """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 publishes it to the output
+    (a PVC or object storage), whole: a reader sees the previous result or the new one."""
     adapter = spec.adapter
     staging = Path(tempfile.mkdtemp(prefix="posttrain-save-"))
     try:
         trainer.save_model(str(staging))  # full weights or the adapter alone, gathered across ranks
         if rank != 0:
             return
-        out_root = out_loc.local
-        assert out_root is not None
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not a model
         kind = "model" if adapter.type is AdapterType.none else "adapter"
-        dest = out_root / kind
-        _replace_dir(staging, dest)
-        tokenizer.save_pretrained(dest)
-        models.write_provenance(dest, kind=kind, base_model=spec.model.source)
+        tokenizer.save_pretrained(staging)
+        models.write_provenance(staging, kind=kind, base_model=spec.model.source)
+        dest = out.child(kind)
+        storage.publish_tree(staging, dest)
+        event = {"type": "saved", "kind": kind, "path": dest.uri}
         if kind == "adapter" and spec.output.merge_adapter:
             # The adapter stays beside the merged model: small, and what a serving stack may want.
-            kind, dest = "merged-model", out_root / "model"
-            shutil.rmtree(dest, ignore_errors=True)
-            _merge_into(staging, dest, cfg["model_source"], spec)
-            tokenizer.save_pretrained(dest)
-            models.write_provenance(dest, kind=kind, base_model=spec.model.source)
-        storage.publish(out_root, out_loc)
-        event = {"type": "saved", "kind": kind, "path": str(dest)}
-        if kind == "merged-model":
-            event["adapter_path"] = str(out_root / "adapter")
+            merged = staging.parent / f"{staging.name}-merged"
+            _merge_into(staging, merged, model_source, spec)
+            tokenizer.save_pretrained(merged)
+            models.write_provenance(merged, kind="merged-model", base_model=spec.model.source)
+            storage.publish_tree(merged, out.child("model"))
+            event.update(kind="merged-model", path=out.child("model").uri, adapter_path=dest.uri)
         callback.push(event)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(src, dest)
-    (dest / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not part of a model
+        shutil.rmtree(staging.parent / f"{staging.name}-merged", ignore_errors=True)
 
 
 def _merge_into(adapter_dir: Path, dest: Path, base_source: str, spec: PostTrainingJobSpec) -> None:

@@ -63,6 +63,6 @@ def test_uri_forms(tmp_path, monkeypatch):
     hub = storage.resolve("hf://HuggingFaceTB/SmolLM2-135M-Instruct@v1")
     assert (hub.hub_id, hub.revision, hub.local) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "v1", None)
     s3 = storage.resolve("s3://bucket/models/m1")
-    assert s3.remote == "s3://bucket/models/m1" and s3.local.is_relative_to(tmp_path / "cache")
+    assert (s3.remote, s3.local, s3.is_remote) == ("s3://bucket/models/m1", None, True)
     assert models.materialize(ModelSpec(source="hf://org/name@main")) == "org/name"
     assert models.hub_revision(ModelSpec(source="hf://org/name@main")) == "main"

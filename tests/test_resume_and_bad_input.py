@@ -63,9 +63,10 @@ def test_killed_run_resumes_from_last_checkpoint_and_ends_with_the_same_steps(wo
         assert time.time() < deadline, "processes of the killed run are still alive"
         time.sleep(0.2)
 
-    from posttrain.jobs.sft import latest_checkpoint
+    from posttrain.jobs import storage
+    from posttrain.jobs.checkpoints import Checkpoints
 
-    path, step = latest_checkpoint(out / "checkpoints")
+    path, step = Checkpoints(storage.resolve(str(out / "checkpoints"))).latest()
     assert step >= 6 and step % 3 == 0
     assert step < 40, "the run finished before it could be killed; make it longer"
     assert not (out / "summary.json").exists() or json.loads((out / "summary.json").read_text())["status"] != "succeeded"

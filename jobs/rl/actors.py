@@ -44,10 +44,16 @@ class ActorBase:
 class RolloutWorker(ActorBase):
     """Owns one rollout engine (vLLM where importable, else transformers `generate`)."""
 
-    def setup(self, model_folder: str, *, engine: str = "auto", seed: int = 0, threads: int | None = None,
-              colocated: bool = False, engine_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Load the engine. `colocated`: a learner shares this GPU, so vLLM takes a smaller share of its memory."""
+    def setup(self, model: str | dict[str, Any], *, engine: str = "auto", seed: int = 0, threads: int | None = None,
+              colocated: bool = False, engine_kwargs: dict[str, Any] | None = None,
+              base_dir: str | None = None) -> dict[str, Any]:
+        """Load the engine from `model` (the job's `spec.model` in wire form, loaded on this pod, or a local
+        folder). `colocated`: a learner shares this GPU, so vLLM takes a smaller share of its memory."""
         import torch
+
+        from posttrain.jobs.models import model_on_this_pod
+
+        model_folder, _ = model_on_this_pod(model, base=base_dir)
 
         if threads:
             torch.set_num_threads(threads)
@@ -148,7 +154,11 @@ def reward_function(spec: Any, base_dir: str | Path | None = None):
             name = f"{Path(base_dir, module)}:{attr}"
         return RewardFunction(name, spec.weight, kwargs, label=spec.name or "")
     if spec.model is not None:
-        kwargs.setdefault("path", spec.model)
+        from posttrain.api.spec import ModelSpec
+        from posttrain.jobs.models import materialize
+
+        # On this (reward) pod: a pvc:// or s3:// reward model becomes a local folder here.
+        kwargs.setdefault("path", materialize(ModelSpec(source=spec.model), base=Path(base_dir) if base_dir else None))
         return RewardFunction("posttrain.jobs.rewards.scorers:RewardModel", spec.weight, kwargs,
                               label=spec.name or "reward_model")
     kwargs.update(url=spec.url, timeout=spec.timeout_seconds, retries=spec.retries)

@@ -105,11 +105,12 @@ class CriticWorker(ActorBase):
     _micro = LearnerWorker._micro
     _gather_rows = LearnerWorker._gather_rows
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model: str | dict[str, Any],
               adapter_spec_dict: dict[str, Any], rl_spec_dict: dict[str, Any], lr: float, seed: int, *,
               dtype: str = "auto", max_grad_norm: float = 1.0, micro_batch_size: int | None = None,
-              weight_decay: float = 0.0, threads: int | None = 1) -> dict[str, Any]:
+              weight_decay: float = 0.0, threads: int | None = 1, base_dir: str | None = None) -> dict[str, Any]:
         """Join (or start) the critic's process group, load and shard the value model, build AdamW.
+        `model`: the job's `spec.model` (wire form, loaded on this pod) or a local model folder.
 
         Returns {"rank", "backend", "sharding": "fsdp2", "trainable_params", "dtensor_params", "params", "lr"}.
         """
@@ -118,7 +119,8 @@ class CriticWorker(ActorBase):
         from torch.distributed.tensor import DTensor
 
         from posttrain.api.rl import RLSpec
-        from posttrain.api.spec import AdapterSpec, AdapterType, ModelSpec
+        from posttrain.api.spec import AdapterSpec, AdapterType
+        from posttrain.jobs.models import model_on_this_pod
 
         if threads:
             torch.set_num_threads(threads)
@@ -133,8 +135,8 @@ class CriticWorker(ActorBase):
         self.mesh = init_device_mesh(self.device.type, (world_size,))
         torch.manual_seed(seed)
 
-        model = load_value_model(model_path, ModelSpec(source=model_path, dtype=dtype), self.adapter)
-        model.to(self.device)
+        model_path, model_spec = model_on_this_pod(model, dtype=dtype, base=base_dir)
+        model = load_value_model(model_path, model_spec, self.adapter).to(self.device)
         for layer in decoder_layers(model.backbone):
             fully_shard(layer, mesh=self.mesh)
         fully_shard(model.head, mesh=self.mesh)  # its own unit: float32 beside a possibly bf16 root

@@ -34,7 +34,8 @@ into the base weight (W + scaling * B @ A) so the engine's plain model needs no
 PEFT. `adapter_only=True` sends only the adapted modules' merged weights.
 
 Checkpoints (`save_checkpoint` / `load_checkpoint`) are torch.distributed.checkpoint
-folders of the sharded model and optimizer state; every rank writes its shard.
+folders of the sharded model and optimizer state; every rank writes its shard, to a path
+(a PVC) or straight to object storage (DCP's fsspec writer).
 """
 
 from __future__ import annotations
@@ -86,12 +87,16 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
 class LearnerWorker(ActorBase):
     """One rank of the learner group. Make it an actor with `ray.remote(num_cpus=...)(LearnerWorker)`."""
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model: str | dict[str, Any],
               adapter_spec_dict: dict[str, Any], rl_spec_dict: dict[str, Any], lr: float, seed: int, *,
               dtype: str = "auto", max_grad_norm: float = 1.0, micro_batch_size: int | None = None,
               weight_decay: float = 0.0, threads: int | None = 1, lr_scheduler: str = "constant",
-              warmup_ratio: float = 0.0, total_steps: int | None = None) -> dict[str, Any]:
+              warmup_ratio: float = 0.0, total_steps: int | None = None,
+              base_dir: str | None = None) -> dict[str, Any]:
         """Join the process group, load and shard the policy (and reference), build AdamW and its schedule.
+
+        `model` is the job's `spec.model` (wire form; loaded on this actor's pod, see
+        `models.model_on_this_pod`) or a local model folder.
 
         `lr_scheduler` (linear, cosine, constant, constant_with_warmup, as `training.lrScheduler`) runs over
         `total_steps` RL steps (one scheduler step per RL step, whatever `rl.ppo_epochs`), warming up for
@@ -104,8 +109,8 @@ class LearnerWorker(ActorBase):
         from torch.distributed.fsdp import fully_shard
 
         from posttrain.api.rl import RLSpec
-        from posttrain.api.spec import AdapterSpec, AdapterType, ModelSpec
-        from posttrain.jobs.models import load_for_training
+        from posttrain.api.spec import AdapterSpec, AdapterType
+        from posttrain.jobs.models import load_for_training, model_on_this_pod
 
         if threads:
             torch.set_num_threads(threads)
@@ -121,7 +126,8 @@ class LearnerWorker(ActorBase):
         self.mesh = init_device_mesh(self.device.type, (world_size,))
         torch.manual_seed(seed)
         self.is_lora = self.adapter.type is not AdapterType.none
-        model_spec = ModelSpec(source=model_path, dtype=dtype)
+        model_path, model_spec = model_on_this_pod(model, dtype=dtype, base=base_dir)
+        self.model_path = model_path  # this pod's copy: the base of a merged save
 
         def shard(m: torch.nn.Module) -> torch.nn.Module:
             m.to(self.device)
@@ -304,34 +310,50 @@ class LearnerWorker(ActorBase):
                 out[name] = float(module.scaling["default"])
         return out
 
-    def save_pretrained(self, path: str, *, merge: bool = False, base_model: str | None = None) -> str | None:
-        """Write the trained policy as a Hugging Face folder (rank 0; a collective: call on every rank).
+    def save_pretrained(self, dest: str, *, merge: bool = False, extra_files: dict[str, bytes] | None = None) -> str | None:
+        """Publish the trained policy as a Hugging Face folder at `dest` (a path, a PVC path or object storage;
+        `storage.publish_tree`: written whole, replacing an older one). A collective: call on every rank;
+        rank 0 writes.
 
-        Full fine-tuning: the model. LoRA: the adapter (`adapter_config.json` + weights), or with
-        `merge` a standalone model (base weights from `base_model` with the adapter folded in).
-        Returns what was written ("model" or "adapter") on rank 0, None elsewhere.
+        Full fine-tuning: the model. LoRA: the adapter (`adapter_config.json` + weights), or with `merge` a
+        standalone model (this pod's base weights with the adapter folded in). `extra_files` (name -> bytes,
+        e.g. the tokenizer's files) go in too. Returns what was written ("model" or "adapter") on rank 0.
         """
+        import shutil
+        import tempfile
+
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from posttrain.jobs import storage
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return None
-        if not self.is_lora:
-            self.model.save_pretrained(path, state_dict=state)
-            return "model"
-        if not merge:
-            from peft import get_peft_model_state_dict
+        staging = Path(tempfile.mkdtemp(prefix="posttrain-policy-"))
+        try:
+            if not self.is_lora:
+                self.model.save_pretrained(staging, state_dict=state)
+                written = "model"
+            elif not merge:
+                from peft import get_peft_model_state_dict
 
-            self.model.save_pretrained(path, state_dict=get_peft_model_state_dict(self.model, state_dict=state))
-            return "adapter"
-        from transformers import AutoModelForCausalLM
+                self.model.save_pretrained(staging, state_dict=get_peft_model_state_dict(self.model, state_dict=state))
+                written = "adapter"
+            else:
+                from transformers import AutoModelForCausalLM
 
-        from .engines import load_into_hf_model
+                from .engines import load_into_hf_model
 
-        plain = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-        load_into_hf_model(plain, merge_lora_state(state, self._lora_scalings(), adapter_only=True))
-        plain.save_pretrained(path)
-        return "model"
+                plain = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+                load_into_hf_model(plain, merge_lora_state(state, self._lora_scalings(), adapter_only=True))
+                plain.save_pretrained(staging)
+                written = "model"
+            for name, data in (extra_files or {}).items():
+                (staging / name).write_bytes(data)
+            storage.publish_tree(staging, storage.resolve(dest))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return written
 
     def save_checkpoint(self, path: str) -> None:
         """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `learner.json`."""
@@ -371,11 +393,13 @@ def save_sharded(worker: Any, path: str, meta_file: str, extra: dict[str, Any] |
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from posttrain.jobs import storage
+
     model_sd, optim_sd = get_state_dict(worker.model, worker.optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)  # a path or an fsspec URL (s3://...)
     if worker.rank == 0:
         meta = {"step": worker.step, "world_size": worker.world_size, **(extra or {})}
-        Path(path, meta_file).write_text(json.dumps(meta))
+        storage.write_text(storage.resolve(path).child(meta_file), json.dumps(meta))
     dist.barrier()
 
 
@@ -388,7 +412,9 @@ def load_sharded(worker: Any, path: str, meta_file: str) -> dict[str, Any]:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(worker.model, worker.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = json.loads(Path(path, meta_file).read_text())
+    from posttrain.jobs import storage
+
+    meta = json.loads(storage.read_text(storage.resolve(path).child(meta_file)) or "{}")
     worker.step = int(meta["step"])
     return meta
 

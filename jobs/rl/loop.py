@@ -43,8 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +52,12 @@ from typing import Any
 from posttrain.api import runtime
 from posttrain.api.spec import AdapterType, Algorithm, PostTrainingJob, RoleSpec
 from posttrain.jobs import data as data_mod
-from posttrain.jobs import models, outputs
+from posttrain.jobs import models, outputs, storage
+from posttrain.jobs.checkpoints import DRIVER_STATE, Checkpoints, driver_state, restore_rng
 from posttrain.jobs.progress import Metrics, ProgressServer, RunState
 
 log = logging.getLogger("posttrain.rl")
 
-DRIVER_STATE = "driver.json"
 RL_ADAPTERS = (AdapterType.none, AdapterType.lora, AdapterType.rslora)
 
 
@@ -127,13 +126,14 @@ def _role_actors(name: str, role: RoleSpec, *, local_cpus: int | None, per_gpu: 
 class RLRun:
     """The actors and the loop of one grpo/ppo run."""
 
-    def __init__(self, job: PostTrainingJob, *, model_source: str, tokenizer: Any, prompts: list[data_mod.Prompt],
-                 ckpt_dir: Path, base_dir: Path, local_cpus: int | None, total_steps: int) -> None:
+    def __init__(self, job: PostTrainingJob, *, tokenizer: Any, prompts: list[data_mod.Prompt],
+                 ckpts: Checkpoints, base_dir: Path, local_cpus: int | None, total_steps: int) -> None:
         self.job, self.spec = job, job.spec
         self.total_steps = total_steps
         self.rl = self.spec.rl
-        self.model_source, self.tokenizer, self.prompts = model_source, tokenizer, prompts
-        self.ckpt_dir, self.base_dir = ckpt_dir, base_dir
+        # Every actor loads spec.model on its own pod (models.model_on_this_pod).
+        self.model, self.tokenizer, self.prompts = self.spec.model.wire(), tokenizer, prompts
+        self.ckpts, self.base_dir = ckpts, base_dir
         self.is_ppo = self.spec.algorithm is Algorithm.ppo
         self.is_lora = self.spec.adapter.type is not AdapterType.none
         self.advantage = self.rl.advantage or ("gae" if self.is_ppo else "grpo")
@@ -195,13 +195,14 @@ class RLRun:
         addr = ray.get(self.learners[0].call.remote(_node_ip))
         port = ray.get(self.learners[0].call.remote(_free_port))
         t = spec.training
-        setups = [w.setup.remote(r, learner.count, addr, port, self.model_source, spec.adapter.wire(), rl.wire(),
+        base = str(self.base_dir)
+        setups = [w.setup.remote(r, learner.count, addr, port, self.model, spec.adapter.wire(), rl.wire(),
                                  t.learning_rate, t.seed, dtype=spec.model.dtype, micro_batch_size=t.micro_batch_size,
                                  weight_decay=t.weight_decay, threads=learner.threads, lr_scheduler=t.lr_scheduler,
-                                 warmup_ratio=t.warmup_ratio, total_steps=self.total_steps)
+                                 warmup_ratio=t.warmup_ratio, total_steps=self.total_steps, base_dir=base)
                   for r, w in enumerate(self.learners)]
-        engine_setups = [r.setup.remote(self.model_source, engine=self.engine_kind, seed=t.seed + i,
-                                        threads=rollout.threads, colocated=self.colocated)
+        engine_setups = [r.setup.remote(self.model, engine=self.engine_kind, seed=t.seed + i,
+                                        threads=rollout.threads, colocated=self.colocated, base_dir=base)
                          for i, r in enumerate(self.rollouts)]
         labels = [s.setup.remote([r.wire() for r in spec.rewards], base_dir=str(self.base_dir)) for s in self.scorers]
         self.critics: list[Any] = []
@@ -214,11 +215,11 @@ class RLRun:
                             for i in range(learner.count)]
             cport = ray.get(self.critics[0].call.remote(_free_port))
             caddr = ray.get(self.critics[0].call.remote(_node_ip))
-            critic_info = ray.get([c.setup.remote(r, learner.count, caddr, cport, self.model_source,
+            critic_info = ray.get([c.setup.remote(r, learner.count, caddr, cport, self.model,
                                                   spec.adapter.wire(), rl.wire(),
                                                   rl.critic_learning_rate or t.learning_rate, t.seed,
                                                   dtype=spec.model.dtype, micro_batch_size=t.micro_batch_size,
-                                                  threads=learner.threads)
+                                                  threads=learner.threads, base_dir=base)
                                    for r, c in enumerate(self.critics)])
         learner_info = ray.get(setups)
         engines = ray.get(engine_setups)
@@ -413,34 +414,27 @@ class RLRun:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def save(self, step: int, keep: int) -> Path:
+    def save(self, step: int, keep: int) -> storage.Location:
+        """Checkpoint `step`: every learner (and critic) rank writes its shards, the driver its state, then the
+        marker; older checkpoints are deleted only after that."""
         import ray
 
-        from posttrain.jobs.sft import CHECKPOINT_PREFIX, COMPLETE_MARKER
-
-        folder = self.ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        ray.get([w.save_checkpoint.remote(str(folder / "learner")) for w in self.learners])
+        folder = self.ckpts.begin(step)
+        ray.get([w.save_checkpoint.remote(folder.child("learner").address) for w in self.learners])
         if self.critics:
-            ray.get([c.save_checkpoint.remote(str(folder / "critic")) for c in self.critics])
-        outputs.write_json(folder / DRIVER_STATE, driver_state(step, self.rl.prompts_per_step, len(self.prompts)))
-        (folder / COMPLETE_MARKER).write_text(f"{step}\n")
-        done = sorted((int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in self.ckpt_dir.iterdir()
-                      if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-                      and (p / COMPLETE_MARKER).exists())
-        for _, old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            ray.get([c.save_checkpoint.remote(folder.child("critic").address) for c in self.critics])
+        self.ckpts.write_json(step, DRIVER_STATE, driver_state(step, self.rl.prompts_per_step, len(self.prompts)))
+        self.ckpts.mark_complete(step)
+        self.ckpts.rotate(keep)
         return folder
 
-    def load(self, folder: Path) -> dict[str, Any]:
+    def load(self, folder: storage.Location) -> dict[str, Any]:
         import ray
 
-        ray.get([w.load_checkpoint.remote(str(folder / "learner")) for w in self.learners])
+        ray.get([w.load_checkpoint.remote(folder.child("learner").address) for w in self.learners])
         if self.critics:
-            ray.get([c.load_checkpoint.remote(str(folder / "critic")) for c in self.critics])
-        state = outputs.read_json(folder / DRIVER_STATE)
+            ray.get([c.load_checkpoint.remote(folder.child("critic").address) for c in self.critics])
+        state = self.ckpts.read_json(folder, DRIVER_STATE)
         restore_rng(state.get("rng") or {})
         return state
 
@@ -460,47 +454,6 @@ def line_end_tokens(token_ids: list[int], tokenizer: Any) -> list[int]:
         if line.strip():
             out.append(newline_tokens[k] if k < len(newline_tokens) else max(0, len(token_ids) - 1))
     return out
-
-
-def driver_state(step: int, per_step: int, n_prompts: int) -> dict[str, Any]:
-    """What a checkpoint holds besides the shards: the step, where the data stands, the driver's RNGs."""
-    import numpy as np
-    import torch
-
-    position = step * per_step
-    return {
-        "step": step,
-        "data_position": position,
-        "epoch": position // n_prompts,
-        "index_in_epoch": position % n_prompts,
-        "rng": {
-            "python": _jsonable(random.getstate()),
-            "numpy": _jsonable(np.random.get_state()),
-            "torch": torch.get_rng_state().tolist(),
-        },
-    }
-
-
-def restore_rng(rng: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    if "python" in rng:
-        version, state, gauss = rng["python"]
-        random.setstate((version, tuple(state), gauss))
-    if "numpy" in rng:
-        name, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "torch" in rng:
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _node_ip(_: Any) -> str:
@@ -527,7 +480,6 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
     from posttrain.api.rl import RLSpec
     from posttrain.jobs import driver
     from posttrain.jobs.rewards.score import RewardError, build_rewards
-    from posttrain.jobs.sft import latest_checkpoint
 
     from .actors import reward_function
 
@@ -538,17 +490,15 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         spec = job.spec
     started = time.time()
     preflight(job)
-    out_loc = driver.output_location(job, opts)
-    out = out_loc.local
-    assert out is not None
-    state_of_folder = outputs.prepare(out, overwrite=opts.overwrite)
-    ckpt_dir = driver.checkpoint_dir(job, out, opts)
+    folder = outputs.RunFolder(driver.output_location(job, opts))
+    state_of_folder = folder.prepare(overwrite=opts.overwrite)
+    ckpts = Checkpoints(driver.checkpoint_location(job, folder.loc, opts))
 
-    # Bad input fails here, before the first write: model, tokenizer, prompts, reward functions.
-    model_source = models.materialize(spec.model, base=opts.base_dir)
-    tok_source = models.materialize(spec.model.model_copy(update={"source": spec.model.tokenizer}),
-                                    base=opts.base_dir) if spec.model.tokenizer else model_source
-    tokenizer = models.load_tokenizer(tok_source, revision=models.hub_revision(spec.model),
+    # Bad input fails here, before the first write: model, tokenizer, prompts, reward functions. The
+    # driver needs only the tokenizer; every actor materialises the model on its own pod.
+    tok_spec = spec.model.model_copy(update={"source": spec.model.tokenizer}) if spec.model.tokenizer else spec.model
+    tokenizer = models.load_tokenizer(models.materialize(tok_spec, base=opts.base_dir, weights=False),
+                                      revision=models.hub_revision(tok_spec),
                                       trust_remote_code=spec.model.trust_remote_code)
     max_prompt = spec.training.max_seq_length - rl.max_new_tokens
     if max_prompt < 1:
@@ -565,28 +515,30 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
     steps = total_steps(spec, len(prompts))
 
     if state_of_folder == "finished":
-        outputs.clear(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / outputs.RUN_FILE
-    resume = latest_checkpoint(ckpt_dir)
+        folder.clear()
+    folder.pull()
+    folder.work.mkdir(parents=True, exist_ok=True)
+    run_file = folder.path(outputs.RUN_FILE)
+    resume = ckpts.latest()
     resume_step = resume[1] if resume else 0
     run_info = outputs.read_json(run_file) if resume else {}
     run_info.update({"job": job.metadata.name, "spec": spec.wire()})
     outputs.write_json(run_file, run_info)
-    outputs.restore_metrics(out / outputs.METRICS_FILE, after_step=resume_step, log_history=[])
+    outputs.restore_metrics(folder.path(outputs.METRICS_FILE), after_step=resume_step, log_history=[])
+    folder.push()
 
     state = RunState(job=job.metadata.name, algorithm=spec.algorithm.value, step=resume_step, total_steps=steps)
     metrics = Metrics(state)
     server = ProgressServer(metrics, opts.metrics_port, opts.metrics_host) if opts.metrics_port is not None else None
     if server:
         log.info("serving /metrics and /progress on port %d", server.port)
-    writer = outputs.MetricsWriter(out / outputs.METRICS_FILE)
+    writer = outputs.MetricsWriter(folder.path(outputs.METRICS_FILE))
     summary: dict[str, Any] = {
         "status": "running", "job": job.metadata.name, "algorithm": spec.algorithm.value,
         "model": spec.model.source, "adapter": spec.adapter.type.value, "placement": spec.placement,
         "resumed_from_step": resume_step or None,
         "data": {"train_examples": stats.train_examples, "dropped": stats.dropped, "sets": stats.sets},
-        "checkpoint_dir": str(ckpt_dir), "versions": driver.versions(),
+        "output": folder.loc.uri, "checkpoint_dir": ckpts.root.uri, "versions": driver.versions(),
     }
 
     def event(kind: str, /, **fields: Any) -> None:
@@ -604,20 +556,20 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
     try:
         started_ray = driver.ensure_ray(opts)
         local_cpus = os.cpu_count() if started_ray and not opts.ray_address else None
-        run = RLRun(job, model_source=model_source, tokenizer=tokenizer, prompts=prompts, ckpt_dir=ckpt_dir,
-                    base_dir=opts.base_dir, local_cpus=local_cpus, total_steps=steps)
+        run = RLRun(job, tokenizer=tokenizer, prompts=prompts, ckpts=ckpts, base_dir=opts.base_dir,
+                    local_cpus=local_cpus, total_steps=steps)
         summary["roles"] = run.start()
         if resume:
             run.load(resume[0])
             run.sync.push(resume_step)  # the engines start from the checkpoint's policy
         state.phase = "training"
         event("begin", step=resume_step, max_steps=steps)
-        _loop(run, state, writer, event, start=resume_step, steps=steps)
+        _loop(run, state, writer, event, start=resume_step, steps=steps, folder=folder)
         writer.flush()
         if spec.checkpoint.every_steps and state.step % spec.checkpoint.every_steps and state.step > resume_step:
-            _checkpoint(run, state, writer, event)
+            _checkpoint(run, state, writer, event, folder)
         state.phase = "saving"
-        artifact = _save_outputs(run, out, spec)
+        artifact = _save_outputs(run, folder.loc, spec)
         event("saved", **artifact)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = _unwrap(exc)
@@ -632,10 +584,10 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         if server:
             server.close()
 
-    final = outputs.read_metrics(out / outputs.METRICS_FILE)
+    final = outputs.read_metrics(folder.path(outputs.METRICS_FILE))
     rewards = [m["reward_mean"] for m in final if m.get("reward_mean") is not None]
     head, tail = rewards[:3], rewards[-3:]
-    newest = latest_checkpoint(ckpt_dir)
+    newest = ckpts.latest()
     summary.update({
         "status": "failed" if error else "succeeded",
         "steps": state.step, "total_steps": steps,
@@ -648,10 +600,10 @@ def run_rl(job: PostTrainingJob, opts: Any) -> dict[str, Any]:
         "tokens_per_second": _mean([m.get("tokens_per_second") for m in final]),
         "seconds_per_step": _mean([m.get("time_step") for m in final[1:] or final]),  # step 1 warms up
         "sync_seconds_mean": _mean([m.get("time_sync") for m in final]),
-        "last_checkpoint": str(newest[0]) if newest else None,
+        "last_checkpoint": newest[0].uri if newest else None,
         "artifact": artifact or None,
     })
-    return driver.finish(summary, error, state, metrics, out, out_loc)
+    return driver.finish(summary, error, state, metrics, folder)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -667,15 +619,17 @@ def _mean(values: list[Any]) -> float | None:
     return round(sum(present) / len(present), 4) if present else None
 
 
-def _checkpoint(run: RLRun, state: RunState, writer: Any, event: Any) -> None:
-    writer.flush()  # metrics up to a checkpoint are on disk before it counts
-    folder = run.save(state.step, run.spec.checkpoint.keep)
-    state.last_checkpoint = str(folder)
+def _checkpoint(run: RLRun, state: RunState, writer: Any, event: Any, folder: outputs.RunFolder) -> None:
+    writer.flush()  # metrics up to a checkpoint are stored before it counts
+    folder.push(outputs.METRICS_FILE, outputs.RUN_FILE)
+    saved = run.save(state.step, run.spec.checkpoint.keep)
+    state.last_checkpoint = saved.uri
     state.checkpoints_saved += 1
-    event("checkpoint", step=state.step, path=str(folder))
+    event("checkpoint", step=state.step, path=saved.uri)
 
 
-def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, steps: int) -> None:
+def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, steps: int,
+          folder: outputs.RunFolder) -> None:
     import ray
 
     spec, rl = run.spec, run.rl
@@ -739,23 +693,29 @@ def _loop(run: RLRun, state: RunState, writer: Any, event: Any, *, start: int, s
         writer.flush()
         event("log", step=step + 1, **line)
         if every and (step + 1) % every == 0:
-            _checkpoint(run, state, writer, event)
+            _checkpoint(run, state, writer, event, folder)
     if pending is not None:
         ray.wait(pending[1], num_returns=len(pending[1]))
 
 
-def _save_outputs(run: RLRun, out: Path, spec: Any) -> dict[str, Any]:
+def _save_outputs(run: RLRun, out: storage.Location, spec: Any) -> dict[str, Any]:
+    """The trained policy, written by learner rank 0 straight to the output (with the tokenizer's files):
+    `adapter/` for LoRA, `model/` for full fine-tuning, both with `mergeAdapter`."""
     import ray
 
-    kind_dir = "model" if not run.is_lora or spec.output.merge_adapter else "adapter"
-    target = out / kind_dir
-    if target.exists():
-        shutil.rmtree(target)
-    written = ray.get([w.save_pretrained.remote(str(target), merge=False) for w in run.learners])[0]
-    if run.is_lora and spec.output.merge_adapter:
-        shutil.move(str(target), str(out / "adapter"))
-        ray.get([w.save_pretrained.remote(str(target), merge=True, base_model=run.model_source)
-                 for w in run.learners])
-        written = "model"
-    run.tokenizer.save_pretrained(str(target))
-    return {"kind": written, "path": str(target)}
+    with tempfile.TemporaryDirectory(prefix="posttrain-tokenizer-") as tmp:
+        run.tokenizer.save_pretrained(tmp)
+        tokenizer_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+    def publish(dest: storage.Location, *, merge: bool) -> str:
+        return ray.get([w.save_pretrained.remote(dest.address, merge=merge, extra_files=tokenizer_files)
+                        for w in run.learners])[0]
+
+    if run.is_lora:
+        publish(out.child("adapter"), merge=False)
+        if not spec.output.merge_adapter:
+            return {"kind": "adapter", "path": out.child("adapter").uri}
+        publish(out.child("model"), merge=True)
+        return {"kind": "model", "path": out.child("model").uri, "adapter_path": out.child("adapter").uri}
+    publish(out.child("model"), merge=False)
+    return {"kind": "model", "path": out.child("model").uri}

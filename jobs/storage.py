@@ -126,7 +126,8 @@ def filesystem(remote: str):
         raise RuntimeError("object storage needs fsspec: pip install fsspec") from exc
     protocol = remote.split("://", 1)[0]
     try:
-        return fsspec.filesystem(protocol)
+        # No listings cache: other pods write the same prefixes (checkpoints, markers) while we read them.
+        return fsspec.filesystem(protocol, use_listings_cache=False)
     except (ImportError, ValueError) as exc:
         plugin = PLUGINS.get(protocol, protocol)
         raise RuntimeError(f"{remote}: {protocol}:// needs the {plugin} package (pip install {plugin})") from exc
@@ -238,7 +239,11 @@ def publish_tree(src: Path, dest: Location) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     partial = target.with_name(f".{target.name}.partial-{tag}")
-    shutil.copytree(src, partial)
+    try:
+        shutil.copytree(src, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     old = target.with_name(f".{target.name}.old-{tag}")
     if target.exists():
         target.rename(old)

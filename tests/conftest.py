@@ -72,3 +72,42 @@ BASE_JOB = {
 def job_dict():
     """A fresh copy of a minimal valid SFT job (as YAML would give it)."""
     return copy.deepcopy(BASE_JOB)
+
+
+class S3:
+    """An S3 API (moto's server) on loopback; `bucket()` makes a fresh bucket, `env` reaches it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+        self._count = 0
+
+    def bucket(self, prefix: str = "ptj") -> str:
+        import boto3
+
+        self._count += 1
+        name = f"{prefix}-{self._count}"
+        boto3.client("s3", endpoint_url=self.url).create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3:
+    """One S3 server for the session; its address and credentials go into the environment, where s3fs in
+    this process and in every Ray worker started after it finds them, as in a pod given them by a Secret."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    store = S3(f"http://{host}:{port}")
+    saved = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    yield store
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

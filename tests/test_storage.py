@@ -134,3 +134,15 @@ def test_an_incomplete_last_metrics_line_does_not_block_resume(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         outputs.read_metrics(path)
+
+
+def test_sft_leaves_rotation_to_the_marker_aware_checkpoints(job_dict, tmp_path):
+    """HF's save_total_limit deletes old checkpoints inside the save, before our marker makes the new one
+    count: with keep 1 a crash there left no complete checkpoint. Rotation is ours, after the mark."""
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import sft
+
+    job_dict["spec"]["checkpoint"] = {"everySteps": 2, "keep": 1}
+    spec = parse_job(job_dict).spec
+    args = sft._sft_config(spec, {"checkpoint_local": str(tmp_path)}, world=1, has_eval=False)
+    assert args.save_total_limit is None and args.save_steps == 2 and args.output_dir == str(tmp_path)

@@ -91,8 +91,14 @@ def _staging(address: str, rank: int) -> Path:
 
 
 def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool):
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(**sft_arguments(spec, cfg, world=world, has_eval=has_eval))
+
+
+def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool) -> dict[str, Any]:
+    """The keyword arguments of TRL's SFTConfig for this job (building the config joins the process group)."""
+    import torch
 
     t = spec.training
     on_gpu = torch.cuda.is_available()
@@ -101,7 +107,7 @@ def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, h
         kwargs["fsdp"] = "full_shard auto_wrap"
         kwargs["fsdp_config"] = {"use_orig_params": True}
     ckpt = spec.checkpoint
-    return SFTConfig(
+    return dict(
         output_dir=cfg["checkpoint_local"],
         max_steps=t.max_steps or -1,
         num_train_epochs=t.epochs or 1.0,

@@ -144,5 +144,5 @@ def test_sft_leaves_rotation_to_the_marker_aware_checkpoints(job_dict, tmp_path)
 
     job_dict["spec"]["checkpoint"] = {"everySteps": 2, "keep": 1}
     spec = parse_job(job_dict).spec
-    args = sft._sft_config(spec, {"checkpoint_local": str(tmp_path)}, world=1, has_eval=False)
-    assert args.save_total_limit is None and args.save_steps == 2 and args.output_dir == str(tmp_path)
+    args = sft.sft_arguments(spec, {"checkpoint_local": str(tmp_path)}, world=1, has_eval=False)
+    assert args["save_total_limit"] is None and args["save_steps"] == 2 and args["output_dir"] == str(tmp_path)

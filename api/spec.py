@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api.base import ApiModel
 from posttrain.api.rl import RewardSpec, RLSpec
+from posttrain.api.tracking import TrackingSpec
 
 GROUP = "posttrain.dev"
 VERSION = "v1alpha1"
@@ -304,6 +305,9 @@ class PostTrainingJobSpec(ApiModel):
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment trackers (MLflow, TensorBoard, W&B) besides metrics.jsonl and Prometheus.")
     image: str | None = Field(None, description="Container image of the job's pods (default: the operator's runtime image).")
     max_restarts: int = Field(3, ge=0, description="Times a failed run is restarted from its last checkpoint.")
     suspend: bool = Field(False, description="Hold the job (maps to RayJob suspend; Kueue-compatible).")

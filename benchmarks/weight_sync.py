@@ -80,12 +80,19 @@ def measure(sync, repeats: int) -> dict[str, float]:
 def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
     import ray
 
-    from posttrain.jobs.rl.learner import LearnerWorker, free_port
+    from posttrain.api.load import parse_job
     from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
+    from posttrain.jobs.rl.workers.learner import LearnerWorker
+    from posttrain.jobs.rl.workers.sharded import free_port
 
     adapter_only = adapter["type"] != "none"
+    job = parse_job({"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "metadata": {"name": "bench"},
+                     "spec": {"algorithm": "grpo", "model": {"source": model}, "adapter": adapter, "rl": RL,
+                              "data": {"train": [{"source": "unused.jsonl"}]},
+                              "training": {"maxSteps": 1, "learningRate": 1e-5},
+                              "rewards": [{"function": "posttrain.jobs.rewards.builtin:length_penalty"}]}})
     learner = ray.remote(num_cpus=1)(LearnerWorker).remote()
-    ray.get(learner.setup.remote(0, 1, "127.0.0.1", free_port(), model, adapter, RL, 1e-5, 0))
+    ray.get(learner.setup.remote(job, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port()))
     try:
         named = ray.get(learner.export_weights.remote(adapter_only))
         baseline = memory_copy(named, args.repeats)
@@ -122,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    from posttrain.jobs.rl.actors import RolloutWorker
+    from posttrain.jobs.rl.workers.rollout import RolloutWorker
 
     work = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))

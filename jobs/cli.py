@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from posttrain.jobs import driver
     from posttrain.jobs.data import DataError
     from posttrain.jobs.models import ModelSourceError
-    from posttrain.jobs.outputs import OutputInUse
+    from posttrain.jobs.run.outputs import OutputInUse
 
     driver.setup_logging(args.verbose)
     display = Display(job.metadata.name)

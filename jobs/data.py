@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from posttrain.api.spec import DataSource, DataSpec
-from posttrain.jobs import storage
+from posttrain.jobs.run import storage
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.api.spec import AdapterSpec, AdapterType, ModelSpec
-from posttrain.jobs import storage
+from posttrain.jobs.run import storage
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from posttrain.jobs.progress import Metrics as DriverMetrics, RunState
+from posttrain.jobs.run.progress import Metrics as DriverMetrics, RunState
 from posttrain.operator import vocab
 from posttrain.operator.leader import LEASE_NAME
 from posttrain.operator.metrics import OperatorMetrics

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.api.spec import ModelSpec
-from posttrain.jobs import models, storage
+from posttrain.jobs import models
+from posttrain.jobs.run import storage
 
 
 def smollm_gguf() -> Path:

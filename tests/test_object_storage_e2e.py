@@ -22,7 +22,8 @@ import yaml
 
 import tiny
 from posttrain.api.load import parse_job
-from posttrain.jobs import driver, storage
+from posttrain.jobs import driver
+from posttrain.jobs.run import storage
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

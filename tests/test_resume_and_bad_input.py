@@ -63,8 +63,8 @@ def test_killed_run_resumes_from_last_checkpoint_and_ends_with_the_same_steps(wo
         assert time.time() < deadline, "processes of the killed run are still alive"
         time.sleep(0.2)
 
-    from posttrain.jobs import storage
-    from posttrain.jobs.checkpoints import Checkpoints
+    from posttrain.jobs.run import storage
+    from posttrain.jobs.run.checkpoints import Checkpoints
 
     path, step = Checkpoints(storage.resolve(str(out / "checkpoints"))).latest()
     assert step >= 6 and step % 3 == 0

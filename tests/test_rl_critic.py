@@ -21,13 +21,12 @@ torch = pytest.importorskip("torch")
 ray = pytest.importorskip("ray")
 pytest.importorskip("peft")
 
-from posttrain.jobs.rl.critic import CriticWorker  # noqa: E402
-from posttrain.jobs.rl.learner import free_port  # noqa: E402
+from posttrain.jobs.rl.workers.critic import CriticWorker  # noqa: E402
+from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
+from support.jobs import FULL, LORA, rl_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-FULL = {"type": "none"}
-LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 RL = {"ppoEpochs": 2}  # valueClip 0.2 (the default)
 LR = 5e-3
 STEPS = 6
@@ -81,9 +80,12 @@ def spawn(n: int) -> list:
     return [ray.remote(num_cpus=0.5)(CriticWorker).remote() for _ in range(n)]
 
 
-def start(workers: list, model_path: str, adapter: dict, rl: dict, lr: float = LR, **kwargs) -> list:
+def start(workers: list, model_path: str, adapter: dict, rl: dict, lr: float = LR, *,
+          micro_batch_size: int = 64) -> list:  # 64: one micro-batch a rank
     world, port = len(workers), free_port()
-    infos = ray.get([w.setup.remote(r, world, "127.0.0.1", port, model_path, adapter, rl, lr, 0, **kwargs)
+    job = rl_job(model_path, algorithm="ppo", adapter=adapter, rl=rl,
+                 training={"learningRate": lr, "microBatchSize": micro_batch_size})
+    infos = ray.get([w.setup.remote(job, rank=r, world_size=world, master_addr="127.0.0.1", master_port=port)
                      for r, w in enumerate(workers)])
     for info in infos:  # FSDP2 really sharded every parameter (gloo on CPU)
         assert info["sharding"] == "fsdp2" and info["dtensor_params"] == info["params"] > 0, info
@@ -203,7 +205,7 @@ def test_checkpoint_roundtrip(full_run):
 
 def test_lora_critic_trains(critics, model_path, batch):
     rl = {**RL, "criticLearningRate": LR}
-    workers = start(critics, model_path, LORA, rl, lr=1e-7)  # criticLearningRate wins over the lr argument
+    workers = start(critics, model_path, LORA, rl, lr=1e-7)  # criticLearningRate wins over training.learningRate
     try:
         info = call(workers, "call", lambda self: (self.lr, sum(p.numel() for p in self.model.parameters()
                                                                     if p.requires_grad)))
@@ -218,4 +220,5 @@ def test_lora_critic_trains(critics, model_path, batch):
 
 def test_setup_rejects_adapters_without_weights():
     with pytest.raises(ValueError, match="use type lora"):
-        CriticWorker().setup(0, 1, "127.0.0.1", 1, "unused", {"type": "prefix"}, {}, LR, 0)
+        CriticWorker().setup(rl_job("unused", algorithm="ppo", adapter={"type": "prefix"}), rank=0, world_size=1,
+                             master_addr="127.0.0.1", master_port=1)

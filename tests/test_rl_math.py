@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from posttrain.jobs.rl.algos import (
+from posttrain.jobs.rl.math.algos import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
     dapo_loss,
@@ -25,9 +25,9 @@ from posttrain.jobs.rl.algos import (
     rloo_advantages,
     value_loss,
 )
-from posttrain.jobs.rl.kl import KL_ESTIMATORS, entropy_from_logits, kl_k1, kl_k3, kl_penalty, uses_reference
-from posttrain.jobs.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from posttrain.jobs.rl.registry import Registry
+from posttrain.jobs.rl.math.kl import KL_ESTIMATORS, entropy_from_logits, kl_k1, kl_k3, kl_penalty, uses_reference
+from posttrain.jobs.rl.math.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from posttrain.jobs.registry import Registry
 
 D = torch.float64  # hand-computed values are compared in double precision
 

@@ -22,17 +22,18 @@ torch = pytest.importorskip("torch")
 ray = pytest.importorskip("ray")
 pytest.importorskip("peft")
 
-from posttrain.jobs.rl.actors import RolloutWorker  # noqa: E402
-from posttrain.jobs.rl.engines import Sampling, TransformersEngine  # noqa: E402
-from posttrain.jobs.rl.learner import LearnerWorker, free_port  # noqa: E402
+from posttrain.jobs.rl.engines import Sampling  # noqa: E402
+from posttrain.jobs.rl.engines.transformers_engine import TransformersEngine  # noqa: E402
+from posttrain.jobs.rl.workers.learner import LearnerWorker  # noqa: E402
+from posttrain.jobs.rl.workers.rollout import RolloutWorker  # noqa: E402
+from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
+from support.jobs import FULL, LORA, rl_job  # noqa: E402
 from posttrain.jobs.rl.sync import (  # noqa: E402
     CollectiveSync, ObjectStoreSync, TensorMeta, choose_backend, make_weight_sync, pack, plan_buckets, unpack,
 )
 
 pytestmark = pytest.mark.slow
 
-FULL = {"type": "none"}
-LORA = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 RL = {"lossType": "grpo", "kl": {"beta": 0.0}, "maxNewTokens": 8}
 SMALL_BUCKET = 16 << 10  # 16 KiB: the tiny model's ~30 tensors need several buckets
 
@@ -124,7 +125,8 @@ class Group:
         port = free_port()
         kwargs = {"device": "cuda" if gpu else "cpu"}
         ray.get([r.close.remote() for r in rollouts])  # a reused rollout actor drops its previous engine
-        ray.get([w.setup.remote(r, world, "127.0.0.1", port, model_path, adapter, RL, 5e-3, 0, dtype="float32")
+        job = rl_job(model_path, adapter=adapter, rl=RL, training={"learningRate": 5e-3}, model={"dtype": "float32"})
+        ray.get([w.setup.remote(job, rank=r, world_size=world, master_addr="127.0.0.1", master_port=port)
                  for r, w in enumerate(self.learners)]
                 + [r.setup.remote(model_path, engine="transformers", threads=1, engine_kwargs=kwargs)
                    for r in rollouts])

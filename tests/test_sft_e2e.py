@@ -141,7 +141,7 @@ def test_progress_and_metrics_are_served_while_running(workdir, job_dict, ray_lo
             seen["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
 
     # Port 0 picks a free port; find it through the server the driver starts.
-    from posttrain.jobs import progress
+    from posttrain.jobs.run import progress
 
     original = progress.ProgressServer.__init__
 
@@ -168,7 +168,7 @@ def test_progress_and_metrics_are_served_while_running(workdir, job_dict, ray_lo
 
 
 def test_a_finished_output_is_refused_then_replaced_with_overwrite(workdir, job_dict, ray_local):
-    from posttrain.jobs.outputs import OutputInUse
+    from posttrain.jobs.run.outputs import OutputInUse
 
     job_dict["spec"]["adapter"] = {"type": "lora"}
     job_dict["spec"]["training"]["maxSteps"] = 2

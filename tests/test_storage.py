@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from posttrain.jobs import outputs, storage
-from posttrain.jobs.checkpoints import COMPLETE_MARKER, Checkpoints
+from posttrain.jobs.run import outputs, storage
+from posttrain.jobs.run.checkpoints import COMPLETE_MARKER, Checkpoints
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -140,7 +139,7 @@ def test_sft_leaves_rotation_to_the_marker_aware_checkpoints(job_dict, tmp_path)
     """HF's save_total_limit deletes old checkpoints inside the save, before our marker makes the new one
     count: with keep 1 a crash there left no complete checkpoint. Rotation is ours, after the mark."""
     from posttrain.api.load import parse_job
-    from posttrain.jobs import sft
+    from posttrain.jobs.algorithms import sft_worker as sft
 
     job_dict["spec"]["checkpoint"] = {"everySteps": 2, "keep": 1}
     spec = parse_job(job_dict).spec

@@ -1,23 +1,19 @@
-"""GRPO and PPO: the driver loop and its actors.
+"""GRPO and PPO: the single-controller loop and the actors it drives (`algorithms.rl` is the entry).
 
-Pure tensor-in / tensor-out math, no Ray and no models:
+- `methods`: what distinguishes grpo from ppo (a critic, the default estimator);
+- `placement`: how many actors of each role, what each holds, Ray options and bundles;
+- `batch`: a step's prompts, their split over actors, scores merged back, the padded batch;
+- `loop`: `RLRun` (the actors of a run, a step's calls, checkpoints) and `run_steps`;
+- `sync`: weight sync learner -> engines (`ObjectStoreSync`, `CollectiveSync`);
+- `workers/`: `RolloutWorker` (one engine), `RewardWorker` (the job's rewards), and on
+  `ShardedWorker` (FSDP2 group, micro-batches, epochs, DCP checkpoints) `LearnerWorker` and
+  PPO's `CriticWorker`;
+- `engines/`: the engine interface and table (`transformers`, `vllm`, imported lazily);
+- `math/`: pure tensor-in / tensor-out code: advantage estimators and losses (`algos`),
+  KL estimators and entropy (`kl`), masked reductions (`masked`).
 
-- `registry`: `Registry`, the one way to pick an estimator, loss or sync by name;
-- `masked`: `masked_sum`, `masked_mean`, `masked_var`, `masked_whiten`;
-- `algos`: advantage estimators (`ADVANTAGE_ESTIMATORS`), policy losses
-  (`POLICY_LOSSES`) and the clipped PPO value loss;
-- `kl`: KL-to-reference estimators (`KL_ESTIMATORS`), `kl_penalty`, entropy.
-
-Actors and engines (imported only where they run):
-
-- `loop`: `run_rl`, the single-controller driver (what `posttrain run` calls for grpo/ppo);
-- `actors`: `RolloutWorker` (one engine), `RewardWorker` (the job's rewards);
-- `engines`: the rollout engine interface, `TransformersEngine`, `make_engine`;
-  `vllm_engine`: vLLM with weight reload (and the tied-embedding fix);
-- `learner`: `LearnerWorker`, FSDP2 policy (and reference) on one torch.distributed
-  group, train step through the loss registry, weight export, DCP checkpoints;
-- `critic`: `CriticWorker`, PPO's value model on its own FSDP2 group;
-- `sync`: weight sync learner -> engines (`ObjectStoreSync`, `CollectiveSync`).
+Layers (checked by import-linter): the loop above the workers, the workers above the engines and
+the math; the math imports nothing of the runtime but the registry.
 
 Tests: `pytest tests/test_rl_math.py tests/test_rl_engines.py tests/test_rl_learner.py
 tests/test_rl_critic.py tests/test_rl_sync.py tests/test_rl_e2e.py`.

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
-from .registry import Registry
+from posttrain.jobs.registry import Registry
 
 if TYPE_CHECKING:
     import torch

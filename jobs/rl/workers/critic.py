@@ -6,8 +6,8 @@ same method on every rank (the methods run collectives):
 
     Critic = ray.remote(num_cpus=1)(CriticWorker)
     critics = [Critic.remote() for _ in range(W)]
-    ray.get([c.setup.remote(r, W, addr, free_port(), model_path, adapter.wire(), rl.wire(), lr, seed)
-             for r, c in enumerate(critics)])
+    ray.get([c.setup.remote(job, rank=r, world_size=W, master_addr=addr, master_port=free_port())
+             for r, c in enumerate(critics)])       # job: the validated PostTrainingJob
     values = ray.get([c.compute_values.remote(batch) for c in critics])[0]         # every rank returns it all
     adv, returns = gae_advantages(rewards, batch["completion_mask"], values=values, gamma=..., lam=...)
     metrics = ray.get([c.train_step.remote({**batch, "returns": returns, "old_values": values})
@@ -16,8 +16,8 @@ same method on every rank (the methods run collectives):
 Model: the policy's base model without its LM head (`AutoModel`, e.g. `LlamaModel`) and a scalar
 head `Linear(hidden, 1)` in float32, initialised to zero so that every value starts at 0. With a
 LoRA-family adapter the backbone gets its own adapter (same spec as the policy's) and the head
-trains with it; with `type: none` everything trains. Learning rate: `rl.critic_learning_rate`,
-else the `lr` given to `setup`.
+trains with it; with `type: none` everything trains. Learning rate: `rl.criticLearningRate`,
+else `training.learningRate`; `model.gradientCheckpointing` applies to the backbone.
 
 Batch: as `LearnerWorker`'s (`input_ids`, `attention_mask`, `completion_mask`, each (B, L));
 `train_step` also takes `returns` (B, L) and optionally `old_values` (B, L), the values at rollout
@@ -25,10 +25,9 @@ time (default: this critic's values at the start of the step). Values are aligne
 learner's logprobs: `values[b, t]` is V of the state `input_ids[b, :t]`, the prefix before token
 t is generated, read from the hidden state at position t - 1; 0 where `completion_mask` is 0. So
 `values`, the learner's logprobs and per-token rewards share one index, which is what
-`gae_advantages` expects. Row split, padding rows and micro-batches are the learner's own code.
-
-Sharding and checkpoints as in `learner`: `fully_shard` per decoder layer, on the head, then on
-the root; eval mode (no dropout); DCP folders of model and optimizer plus `critic.json`.
+`gae_advantages` expects. Row split, padding rows, micro-batches, epochs and checkpoints are
+`sharded.ShardedWorker`'s, as for the learner: `fully_shard` per decoder layer, on the head, then
+on the root; eval mode (no dropout); DCP folders of model and optimizer plus `critic.json`.
 
     pytest -m slow tests/test_rl_critic.py
 """
@@ -38,15 +37,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .actors import ActorBase
-from .algos import value_loss
-from .learner import LearnerWorker, decoder_layers, join_group, load_sharded, position_ids, save_sharded
+from ..math.algos import value_loss
+from .sharded import ShardedWorker, position_ids
 
 if TYPE_CHECKING:
-    from posttrain.api.spec import AdapterSpec, ModelSpec
+    from posttrain.api.spec import AdapterSpec, ModelSpec, PostTrainingJob
 
 METRICS = ("value_loss", "value_clip_fraction", "value_mean", "critic_grad_norm")
 
@@ -87,6 +84,8 @@ def load_value_model(model_path: str, model_spec: ModelSpec, adapter: AdapterSpe
     backbone = AutoModel.from_pretrained(model_path, dtype=torch_dtype(model_spec.dtype),
                                          revision=hub_revision(model_spec),
                                          trust_remote_code=model_spec.trust_remote_code)
+    if model_spec.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
     hidden = backbone.config.get_text_config().hidden_size
     if adapter.type is not AdapterType.none:
         import peft
@@ -97,59 +96,38 @@ def load_value_model(model_path: str, model_spec: ModelSpec, adapter: AdapterSpe
     return ValueModel(backbone, hidden)
 
 
-class CriticWorker(ActorBase):
+class CriticWorker(ShardedWorker):
     """One rank of the critic group. Make it an actor with `ray.remote(num_cpus=...)(CriticWorker)`."""
 
-    # The learner's row split (padding rows), micro-batching and gather: both sides cut a batch alike.
-    _shard = LearnerWorker._shard
-    _micro = LearnerWorker._micro
-    _gather_rows = LearnerWorker._gather_rows
+    META_FILE = "critic.json"
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, model: str | dict[str, Any],
-              adapter_spec_dict: dict[str, Any], rl_spec_dict: dict[str, Any], lr: float, seed: int, *,
-              dtype: str = "auto", max_grad_norm: float = 1.0, micro_batch_size: int | None = None,
-              weight_decay: float = 0.0, threads: int | None = 1, base_dir: str | None = None) -> dict[str, Any]:
+    def setup(self, job: PostTrainingJob, *, rank: int, world_size: int, master_addr: str, master_port: int,
+              threads: int | None = 1, base_dir: str | None = None) -> dict[str, Any]:
         """Join (or start) the critic's process group, load and shard the value model, build AdamW.
-        `model`: the job's `spec.model` (wire form, loaded on this pod) or a local model folder.
 
         Returns {"rank", "backend", "sharding": "fsdp2", "trainable_params", "dtensor_params", "params", "lr"}.
         """
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
-
-        from posttrain.api.rl import RLSpec
-        from posttrain.api.spec import AdapterSpec, AdapterType
+        from posttrain.api.spec import AdapterType
         from posttrain.jobs.models import model_on_this_pod
 
-        if threads:
-            torch.set_num_threads(threads)
-        self.rank, self.world_size = rank, world_size
-        self.rl = RLSpec.model_validate(rl_spec_dict)
-        self.adapter = AdapterSpec.model_validate(adapter_spec_dict)
+        spec = job.spec
+        self.rl, self.adapter, training = spec.rl, spec.adapter, spec.training
+        if self.rl is None:
+            raise ValueError("spec.rl is missing: the critic needs the job's resolved RL settings")
         if self.adapter.type.is_virtual_tokens() or self.adapter.type is AdapterType.qlora:
             raise ValueError(f"adapter type {self.adapter.type.value}: the critic supports full fine-tuning and "
                              "lora, dora or rslora (no 4-bit base, no virtual tokens); use type lora for the critic")
-        self.max_grad_norm, self.micro_batch_size = max_grad_norm, micro_batch_size
-        self.device, backend = join_group(rank, world_size, master_addr, master_port)
-        self.mesh = init_device_mesh(self.device.type, (world_size,))
-        torch.manual_seed(seed)
-
-        model_path, model_spec = model_on_this_pod(model, dtype=dtype, base=base_dir)
-        model = load_value_model(model_path, model_spec, self.adapter).to(self.device)
-        for layer in decoder_layers(model.backbone):
-            fully_shard(layer, mesh=self.mesh)
-        fully_shard(model.head, mesh=self.mesh)  # its own unit: float32 beside a possibly bf16 root
-        fully_shard(model, mesh=self.mesh)
-        self.model = model.eval()  # no dropout: values and their gradients are deterministic
+        backend = self.join(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
+                            threads=threads, micro_batch_size=training.micro_batch_size, epochs=self.rl.ppo_epochs)
+        torch.manual_seed(training.seed)
+        model_path, model_spec = model_on_this_pod(spec.model, base=base_dir)
+        model = load_value_model(model_path, model_spec, self.adapter)
+        # the head is its own unit: float32 beside a possibly bf16 root; eval mode: deterministic values
+        self.model = self.shard_model(model, layers_of=model.backbone, extra_units=(model.head,)).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.lr = self.rl.critic_learning_rate or lr
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=weight_decay)
-        self.step = 0
-        return {"rank": rank, "backend": backend, "sharding": "fsdp2", "lr": self.lr,
-                "trainable_params": sum(p.numel() for p in params),
-                "dtensor_params": sum(isinstance(p, DTensor) for p in self.model.parameters()),
-                "params": sum(1 for _ in self.model.parameters())}
+        self.lr = self.rl.critic_learning_rate or training.learning_rate
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=training.weight_decay)
+        return {**self.describe(backend), "lr": self.lr}
 
     # ---- values ----------------------------------------------------------------------------------
 
@@ -182,40 +160,11 @@ class CriticWorker(ActorBase):
         shard, _ = self._shard(batch)
         if "old_values" not in shard:
             shard["old_values"] = self._values(shard)
-        micro = self._micro(shard)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        totals = dict.fromkeys(METRICS, 0.0)
-        for _ in range(self.rl.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(3, dtype=torch.float64)
-            for mb in micro:
-                loss, metrics = value_loss(self._forward(mb), mb["old_values"], mb["returns"],
-                                           mb["completion_mask"], value_clip=self.rl.value_clip)
-                (loss / len(micro)).backward()
-                sums += torch.stack([loss.detach(), metrics["value_clip_fraction"],
-                                     metrics["value_mean"]]).double().cpu()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
-            self.step += 1
-            sums = (sums / len(micro)).to(self.device)
-            dist.all_reduce(sums)  # sum over ranks, then the mean
-            epoch = (sums / self.world_size).cpu().tolist() + [float(grad_norm)]
-            for key, value in zip(METRICS, epoch):
-                totals[key] += value / self.rl.ppo_epochs
-        return totals
 
-    # ---- checkpoints -----------------------------------------------------------------------------
+        def loss_of(mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            loss, metrics = value_loss(self._forward(mb), mb["old_values"], mb["returns"], mb["completion_mask"],
+                                       value_clip=self.rl.value_clip)
+            return loss, torch.stack([loss.detach(), metrics["value_clip_fraction"], metrics["value_mean"]])
 
-    def save_checkpoint(self, path: str) -> None:
-        """Write this rank's model and optimizer shards into `path` (a DCP folder) plus `critic.json`."""
-        save_sharded(self, path, "critic.json")
-
-    def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Restore model and optimizer shards written by `save_checkpoint` (any world size); returns critic.json."""
-        return load_sharded(self, path, "critic.json")
-
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        means, grad_norm = self.fit(self._micro(shard), loss_of)
+        return dict(zip(METRICS, [*means, grad_norm]))

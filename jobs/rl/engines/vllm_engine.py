@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engines import Generation, RolloutEngine, Sampling
+from .base import Generation, RolloutEngine, Sampling
 
 if TYPE_CHECKING:
     import torch
@@ -92,13 +92,20 @@ class VLLMEngine(RolloutEngine):
     `max_model_len`, `tensor_parallel_size`, ...).
     """
 
+    name = "vllm"
+
     def __init__(self, model_path: str | Path, *, dtype: str | None = None, enforce_eager: bool = True,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 seed: int = 0, colocated: bool = False, **kwargs: Any) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
+        self.device = "cpu" if on_cpu else "cuda"
+        if colocated and not on_cpu:  # a learner shares this GPU: a smaller share, and sleep between steps
+            kwargs.setdefault("gpu_memory_utilization", 0.35)
+            kwargs.setdefault("enable_sleep_mode", True)
+        self.can_sleep = bool(kwargs.get("enable_sleep_mode")) and not on_cpu
         if dtype is None:
             dtype = "float32" if on_cpu else "auto"
         if on_cpu:
@@ -133,6 +140,17 @@ class VLLMEngine(RolloutEngine):
         tensors = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc("posttrain_load_weights", args=(tensors,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self) -> bool:
+        """Free the KV cache (level 1) while the learners use the GPU; vLLM on CPU keeps it (False)."""
+        if not self.can_sleep:
+            return False
+        self.llm.sleep(level=1)
+        return True
+
+    def wake(self) -> None:
+        if self.can_sleep:
+            self.llm.wake_up()
 
     def tied_ok(self) -> bool:
         return all(self.llm.collective_rpc("posttrain_tied_ok"))

@@ -26,8 +26,7 @@ import logging
 import shutil
 from pathlib import Path
 from typing import Any
-
-from posttrain.jobs import storage
+from posttrain.jobs.run import storage
 
 log = logging.getLogger(__name__)
 

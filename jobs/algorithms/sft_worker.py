@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on one Ray Train worker: TRL's SFTTrainer with our glue.
+"""Supervised fine-tuning on one Ray Train worker: TRL's SFTTrainer with our glue (`algorithms.sft` drives it).
 
 `train_loop(config)` runs on every worker of the `TorchTrainer`; Ray Train has
 already joined the workers into one torch.distributed group (gloo on CPU,
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
-from posttrain.jobs import models, storage
-from posttrain.jobs.checkpoints import PREFIX, Checkpoints
+from posttrain.jobs import models
+from posttrain.jobs.run import storage
+from posttrain.jobs.run.checkpoints import PREFIX, Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,3 @@ def _merge_into(adapter_dir: Path, dest: Path, base_source: str, spec: PostTrain
                                                 trust_remote_code=spec.model.trust_remote_code)
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(dest)
-
-
-def default_torch_threads(workers: int) -> int:
-    """Threads per worker so that workers x threads fills this machine's cores, not more."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -11,7 +11,9 @@ registries (a duplicate name is an error, an unknown one lists the choices):
 Calling convention, the same for every entry so the loop never branches on
 the name: positional tensors, then keyword options; each entry takes the
 options it needs and ignores the rest (`**_`). An option an entry needs and
-does not get (`values` for gae) raises.
+does not get (`values` for gae) raises. What an estimator needs from the loop
+is declared on it, not known by name: `needs_values` (a critic's values, gae)
+and `step_rewards` (one reward per reasoning step, grpo_process).
 
 Shapes: B = num_prompts * group_size completions, grouped contiguously (the
 G completions of prompt p are rows p*G .. p*G+G-1); T = response tokens;
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from .kl import MAX_LOG_RATIO
 from .masked import masked_count, masked_mean, masked_sum, masked_whiten
-from .registry import Registry
+from posttrain.jobs.registry import Registry
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
@@ -185,6 +187,9 @@ def gae_advantages(rewards: Tensor, mask: Tensor, *, values: Tensor | None = Non
     return advantages, returns
 
 
+gae_advantages.needs_values = True  # type: ignore[attr-defined]
+
+
 @ADVANTAGE_ESTIMATORS.register("grpo_process")
 @torch.no_grad()
 def grpo_process_advantages(rewards: Tensor, mask: Tensor, *, group_size: int, step_mask: Tensor | None = None,
@@ -224,6 +229,9 @@ def grpo_process_advantages(rewards: Tensor, mask: Tensor, *, group_size: int, s
     # suffix sum along the sequence: token t sums the steps that end at t or later
     advantages = torch.where(mask.bool(), normalised.flip(-1).cumsum(-1).flip(-1), 0.0)
     return advantages, advantages
+
+
+grpo_process_advantages.step_rewards = True  # type: ignore[attr-defined]
 
 
 def _clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .registry import Registry
+from posttrain.jobs.registry import Registry
 
 KlFn = Callable[[Tensor, Tensor], Tensor]
 KL_ESTIMATORS: Registry[KlFn] = Registry("kl estimator")

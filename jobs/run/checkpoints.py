@@ -20,8 +20,7 @@ import logging
 import random
 from dataclasses import dataclass
 from typing import Any
-
-from posttrain.jobs import storage
+from posttrain.jobs.run import storage
 
 log = logging.getLogger(__name__)
 

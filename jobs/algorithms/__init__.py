@@ -1,0 +1,22 @@
+"""The algorithm table: each `spec.algorithm` names one module whose `run(ctx) -> summary` does the work.
+
+    from posttrain.jobs.algorithms import ALGORITHMS
+    summary = ALGORITHMS.load("sft")(RunContext(job, opts))     # what the driver does, and all it does
+
+A new post-training method is one module here with `run(ctx: RunContext) -> dict` (see
+`posttrain.jobs.run.context` for what the context does for it) and one `ALGORITHMS.add` line below;
+`posttrain.api.spec.AVAILABLE_ALGORITHMS` lists the same names (a test pins the two equal), so
+`posttrain validate`, `posttrain run` and the operator accept and refuse the same ones. Entries are
+"module:function" strings, imported only when that algorithm runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.jobs.registry import Registry
+
+ALGORITHMS: Registry[Any] = Registry("algorithm")
+ALGORITHMS.add("sft", "posttrain.jobs.algorithms.sft:run")
+ALGORITHMS.add("grpo", "posttrain.jobs.algorithms.rl:run")
+ALGORITHMS.add("ppo", "posttrain.jobs.algorithms.rl:run")

@@ -1,0 +1,186 @@
+"""`algorithm: sft`: supervised fine-tuning (incl. chain-of-thought data) on Ray Train's TorchTrainer.
+
+    posttrain run examples/sft-lora.yaml --output out/
+
+The driver side of SFT: read and tokenize the data (bad input fails before anything is written),
+start `roles.trainer` as Ray Train workers running TRL's SFTTrainer (`sft_worker.train_loop`: DDP
+over gloo on CPU, FSDP on several GPUs), and turn the workers' events (logs, evaluations,
+checkpoints, the saved result) into the run's metrics, progress and summary through the context.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from posttrain.api import runtime
+from posttrain.jobs import data as data_mod
+from posttrain.jobs.run import storage
+from posttrain.jobs.run.context import RunContext
+
+# Values of a worker's log event that go into metrics.jsonl.
+LOGGED = ("loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "tokens_seen")
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    spec = ctx.spec
+    ctx.prepare()
+    tokenizer = ctx.tokenizer()
+    train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
+                                              max_len=spec.training.max_seq_length, base=ctx.base_dir)
+
+    def history(folder: storage.Location) -> list[dict[str, Any]]:  # HF's own log of the checkpoint's steps
+        return ctx.ckpts.read_json(folder, "trainer_state.json").get("log_history", [])
+
+    resume = ctx.begin(total_steps=spec.training.max_steps, history_of=history, summary={
+        "workers": spec.trainer_workers(),
+        "data": {"train_examples": stats.train_examples, "eval_examples": stats.eval_examples,
+                 "truncated": stats.truncated, "dropped": stats.dropped, "sets": stats.sets},
+    })
+    losses = [m["loss"] for m in ctx.history if m.get("loss") is not None]
+    relay = Relay(ctx, first_loss=losses[0] if losses else None)
+    cfg = {
+        "spec": spec.wire(),
+        "base_dir": str(ctx.base_dir),
+        "train": train_ds,
+        "eval": eval_ds,
+        "checkpoints": ctx.ckpts.root.address,
+        "output": ctx.folder.loc.address,
+        "resume_step": resume[1] if resume else None,
+        "torch_threads": (max(1, int(per_worker)) if (per_worker := cpus_per_worker(spec.roles.trainer))
+                          else default_torch_threads(spec.trainer_workers())),
+    }
+    error: BaseException | None = None
+    try:
+        with ctx.ray():
+            fit(spec, cfg, relay, poll_seconds=ctx.opts.poll_seconds)
+    except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
+        error = exc
+    final = ctx.metrics_lines()
+    runtime_s = relay.train_metrics.get("train_runtime")
+    tokens = ctx.state.tokens_seen
+    return ctx.finish(
+        error,
+        train_seconds=runtime_s,
+        train_tokens=tokens,
+        tokens_per_second=round(tokens / runtime_s, 2) if runtime_s and tokens else ctx.state.tokens_per_second,
+        first_loss=relay.first_loss,
+        last_loss=next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None),
+        eval_loss_before=ctx.run_info.get("eval_loss_before"),
+        eval_loss_after=ctx.state.eval_loss if eval_ds is not None and not error else None,
+    )
+
+
+class Relay:
+    """Applies the events SFT's rank 0 pushes (through the tracker actor) to the run context."""
+
+    def __init__(self, ctx: RunContext, first_loss: float | None) -> None:
+        self.ctx, self.first_loss = ctx, first_loss
+        self.train_metrics: dict[str, Any] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        ctx, kind = self.ctx, event["type"]
+        if kind == "begin":
+            ctx.state.total_steps, ctx.state.step = event["max_steps"], event["step"]
+            ctx.phase("training")
+        elif kind == "phase":
+            ctx.phase(event["phase"])
+        elif kind == "log":
+            step = event["step"]
+            # a training step's values; the Trainer's closing log (train_runtime, epoch, no loss) is not a step
+            values = {k: event[k] for k in LOGGED if k in event} if "loss" in event else {}
+            if "loss" in event and self.first_loss is None:
+                self.first_loss = event["loss"]
+            if "eval_loss" in event and step > 0:  # the evaluation before training goes to run.json instead
+                values["eval_loss"] = event["eval_loss"]
+            if values:
+                ctx.log(step, values, flush=False)  # evaluations of the same step join its line
+        elif kind == "eval_before":
+            ctx.state.eval_loss = event["eval_loss"]
+            ctx.record(eval_loss_before=event["eval_loss"])
+            ctx.event("eval_before", eval_loss=event["eval_loss"])
+        elif kind == "eval_after":
+            ctx.log(event["step"], {"eval_loss": event["eval_loss"]}, flush=False, announce=False)
+            ctx.event("eval_after", step=event["step"], eval_loss=event["eval_loss"])
+        elif kind == "checkpoint":
+            ctx.checkpoint_saved(event["step"], event["path"])
+        elif kind == "train_done":
+            self.train_metrics.update(event["metrics"])
+            ctx.state.step = event["step"]
+        elif kind == "saved":
+            ctx.saved(**{k: v for k, v in event.items() if k != "type"})
+
+
+def cpus_per_worker(role: Any) -> float | None:
+    """A replica's CPUs shared among its workers (one per GPU), or None when the spec sets none."""
+    return role.cpus / max(1, role.gpus) if role.cpus else None
+
+
+def default_torch_threads(workers: int) -> int:
+    """Threads per worker so that workers x threads fills this machine's cores, not more."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def scaling(spec: Any, role_name: str):
+    """Ray Train workers of a role: one per GPU of each replica (one per replica on CPU).
+
+    In a RayJob built by the operator (POSTTRAIN_PLACEMENT=roles) each worker also asks for
+    one unit of its role's custom resource, which only that role's worker group offers.
+    """
+    from ray.train import ScalingConfig
+
+    role = getattr(spec.roles, role_name)
+    resources: dict[str, float] = {"CPU": cpus_per_worker(role) or 1}
+    if role.gpus:
+        resources["GPU"] = 1
+    if os.environ.get(runtime.PLACEMENT_ENV) == runtime.PLACEMENT_ROLES:
+        resources[runtime.ray_resource(role_name)] = 1
+    return ScalingConfig(num_workers=role.replicas * max(1, role.gpus), use_gpu=role.gpus > 0,
+                         resources_per_worker=resources)
+
+
+def fit(spec: Any, cfg: dict[str, Any], relay: Relay, *, poll_seconds: float) -> None:
+    """Run the TorchTrainer on the Ray the context joined, relaying worker events while it trains."""
+    import ray
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from posttrain.jobs.algorithms.sft_worker import train_loop
+    from posttrain.jobs.run.progress import tracker_actor
+
+    tracker = tracker_actor().remote()
+    cfg["tracker"] = tracker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=scaling(spec, "trainer"),
+        run_config=RunConfig(
+            name=f"posttrain-{spec.algorithm.value}",
+            storage_path=str(storage.cache_root() / "ray-train"),  # Ray Train's own files, not ours
+            failure_config=FailureConfig(max_failures=0),  # restarts belong to the operator, with resume
+        ),
+    )
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name="posttrain-fit", daemon=True)
+    thread.start()
+    try:
+        while not done.wait(poll_seconds):
+            for event in ray.get(tracker.drain.remote()):
+                relay(event)
+        for event in ray.get(tracker.drain.remote()):
+            relay(event)
+    finally:
+        ray.kill(tracker)
+    if failure:
+        raise failure[0]

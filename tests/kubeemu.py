@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
 import shutil
 import tempfile
 import threading
@@ -59,6 +60,7 @@ import kopf
 import yaml
 
 from kubeemu_admission import JSON_PATCH, MERGE_PATCH, Kind
+from kubeemu_authz import ADMIN_TOKEN, user
 from kubeemu_operator import Operator, load_registry, operator_settings
 from kubeemu_server import Emulator
 
@@ -89,6 +91,11 @@ BUILTIN_KINDS = (
     Kind("coordination.k8s.io", "v1", "leases", "Lease"),
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
          namespaced=False, status_subresource=True, short_names=("crd", "crds")),
+    Kind("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
+    Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
 )
 
 T = TypeVar("T")
@@ -123,10 +130,15 @@ class Cluster:
     """
 
     def __init__(self, *, kinds: Iterable[Kind] | None = None, namespaces: Iterable[str] = ("default",),
-                 crds: Iterable[Path] | None = None) -> None:
+                 crds: Iterable[Path] | None = None, rbac: bool = False,
+                 tokens: Mapping[str, str | tuple[str, Iterable[str]]] | None = None,
+                 gc_delay: float | None = 0.05) -> None:
         self._kinds = list(kinds) if kinds is not None else default_kinds()
         self._namespaces = list(namespaces)
         self._crds = list(crds) if crds is not None else list(crd_paths()) if kinds is None else []
+        self._rbac, self._gc_delay = rbac, gc_delay
+        self._tokens = {token: user(who) if isinstance(who, str) else user(who[0], who[1])
+                        for token, who in (tokens or {}).items()}
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
@@ -143,15 +155,22 @@ class Cluster:
         self._thread.start()
         self.url = started.result(timeout=30)
         self._tmp = tempfile.mkdtemp(prefix="kubeemu-")
-        self.kubeconfig_path = Path(self._tmp) / "kubeconfig"
-        self.kubeconfig_path.write_text(yaml.safe_dump({
+        self.kubeconfig_path = self.kubeconfig_for(ADMIN_TOKEN)
+        return self
+
+    def kubeconfig_for(self, token: str, *, namespace: str = "default") -> Path:
+        """A kubeconfig file that calls this cluster with `token` (the default one: the admin's)."""
+        assert self._tmp, "the Cluster is not started"
+        path = Path(self._tmp) / ("kubeconfig" if token == ADMIN_TOKEN else
+                                  f"kubeconfig-{hashlib.sha256(f'{token}/{namespace}'.encode()).hexdigest()[:12]}")
+        path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kubeemu",
             "clusters": [{"name": "kubeemu", "cluster": {"server": self.url}}],
-            "users": [{"name": "kubeemu", "user": {"token": "kubeemu"}}],
+            "users": [{"name": "kubeemu", "user": {"token": token}}],
             "contexts": [{"name": "kubeemu", "context": {"cluster": "kubeemu", "user": "kubeemu",
-                                                         "namespace": "default"}}],
+                                                         "namespace": namespace}}],
         }))
-        return self
+        return path
 
     def __exit__(self, *exc: Any) -> None:
         if self._stop is not None:
@@ -160,6 +179,9 @@ class Cluster:
             self._thread.join(timeout=30)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+        errors = getattr(getattr(self, "emulator", None), "controller_errors", None)
+        if errors and exc[0] is None:
+            raise errors[0]  # a bug in the emulator's garbage collector or namespace controller
 
     def _run(self, started: concurrent.futures.Future[str]) -> None:
         asyncio.set_event_loop(self._loop)
@@ -176,6 +198,9 @@ class Cluster:
         # kmock.Server would also patch aiohttp's resolver process-wide; its plain test server is enough.
         async with Emulator() as emulator, aiohttp.test_utils.RawTestServer(emulator, host="127.0.0.1") as server:
             self.emulator = emulator
+            emulator.gc_delay = self._gc_delay
+            emulator.authority.tokens.update(self._tokens)
+            emulator.authority.rbac = self._rbac
             for kind in self._kinds:
                 emulator.add_kind(kind)
             store = emulator.store
@@ -201,20 +226,31 @@ class Cluster:
         group, _, version = api_version.rpartition("/")
         return self._call(self.emulator.store.kind, group, version, plural)
 
-    def connection_info(self) -> kopf.ConnectionInfo:
+    def connection_info(self, token: str = ADMIN_TOKEN) -> kopf.ConnectionInfo:
         """What a `@kopf.on.login` handler returns to reach this cluster (outranking any other login)."""
-        return kopf.ConnectionInfo(server=self.url, default_namespace="default", priority=1000)
+        return kopf.ConnectionInfo(server=self.url, default_namespace="default", priority=1000, token=token)
 
-    def api_client(self) -> Any:
+    def api_client(self, token: str = ADMIN_TOKEN) -> Any:
         """A `kubernetes.client.ApiClient` for this cluster (e.g. for the operator's `kube.Kube`)."""
         import kubernetes
 
-        return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig_path))
+        path = self.kubeconfig_path if token == ADMIN_TOKEN else self.kubeconfig_for(token)
+        return kubernetes.config.new_client_from_config(config_file=str(path))
 
     @property
     def requests(self) -> list[kmock.Request]:
         """The newest HTTP requests served (up to `Emulator.request_log_limit`), parsed by kmock."""
         return list(self.emulator)  # kmock iterates a handler as its request log
+
+    @property
+    def audit(self) -> list[dict[str, Any]]:
+        """The newest resource requests over HTTP: user, verb, group, resource, subresource,
+        namespace, name, code (and the error's message), oldest first."""
+        return self._call(lambda: [dict(e) for e in self.emulator.audit])
+
+    def run_controllers(self) -> bool:
+        """Run the garbage collector and namespace controller now (e.g. with `gc_delay=None`)."""
+        return self._call(self.emulator.run_controllers)
 
     def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any]:
         return self._call(self.emulator.store.get, self.kind(api_version, plural), namespace, name)
@@ -237,6 +273,13 @@ class Cluster:
         """Create `obj` (kind from its apiVersion/kind) in `namespace`, its own, or "default"."""
         kind = self._call(self.emulator.store.kind_of, obj.get("apiVersion", ""), obj.get("kind", ""))
         return self._call(self.emulator.store.create, kind, namespace, dict(obj))
+
+    def apply(self, obj: Mapping[str, Any], namespace: str | None = None, *, manager: str = "kubeemu") -> dict[str, Any]:
+        """Server-side apply `obj` as `manager` (creates it when absent), as `kubectl apply --server-side`."""
+        kind = self._call(self.emulator.store.kind_of, obj.get("apiVersion", ""), obj.get("kind", ""))
+        name = (obj.get("metadata") or {}).get("name", "")
+        namespace = namespace or (obj.get("metadata") or {}).get("namespace") or ("default" if kind.namespaced else None)
+        return self._call(self.emulator.store.apply, kind, namespace, name, dict(obj), manager=manager)[0]
 
     def create_namespace(self, name: str) -> dict[str, Any]:
         return self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})

@@ -1,10 +1,12 @@
 """Rules the emulated API server applies to every request: kinds, selectors, admission, patches.
 
 What kube-apiserver does to a body before it is stored, as plain functions: which resource a
-`Kind` is (and whether it has a status subresource, a CRD schema, `metadata.generation`); label
-and field selectors; pruning, defaulting and validating against a CRD's structural schema (one
-422 cause per field, named the way the server names it: `spec.data.train[0].source`); metadata
-and ConfigMap validation; RFC 7386 merge patches. `kubeemu_store` applies them.
+`Kind` is (and whether it has a status subresource, a CRD schema with CEL rules and printer
+columns, `metadata.generation`); label and field selectors; pruning (reporting the unknown
+fields that `fieldValidation=Strict` refuses), defaulting and validating against a CRD's
+structural schema (one 422 cause per field, named the way the server names it:
+`spec.data.train[0].source`); metadata and ConfigMap validation; RFC 7386 merge patches.
+`kubeemu_store` applies them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import jsonschema
 import kmock
 
+from kubeemu_cel import Node, compile_rules
 from posttrain.api.crd import to_jsonschema
 
 Body = dict[str, Any]
@@ -66,6 +69,7 @@ class Kind:
     singular: str = ""
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
+    printer_columns: tuple[Mapping[str, Any], ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def api_version(self) -> str:
@@ -86,16 +90,34 @@ class Kind:
             return None
         return jsonschema.Draft7Validator(to_jsonschema(dict(self.schema), strict=False))
 
+    @functools.cached_property
+    def rules(self) -> Node | None:
+        """The schema's CEL rules, compiled once per Kind (raises `kubeemu_cel.RuleCompileError`)."""
+        return compile_rules(self.schema, "spec.validation.openAPIV3Schema")
+
     @classmethod
     def from_crd(cls, crd: Mapping[str, Any], version: str | None = None) -> Kind:
-        """The resource a CustomResourceDefinition serves, at `version` (default: its storage version)."""
-        spec, names = crd["spec"], crd["spec"]["names"]
-        served = next(v for v in spec["versions"] if (v["name"] == version if version else v.get("storage")))
-        return cls(group=spec["group"], version=served["name"], plural=names["plural"], kind=names["kind"],
-                   namespaced=spec["scope"] == "Namespaced", custom=True,
-                   status_subresource="status" in (served.get("subresources") or {}),
-                   schema=served["schema"]["openAPIV3Schema"], singular=names.get("singular", ""),
-                   short_names=tuple(names.get("shortNames", ())), categories=tuple(names.get("categories", ())))
+        """The resource a CustomResourceDefinition serves, at `version` (default: its storage version).
+
+        Equal CRDs give the same Kind object (kept for the process), so a Cluster that stores the
+        CRDs it was started with, or a test that applies one CRD file again, compiles nothing anew.
+        """
+        if version is None:
+            version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+        return _kind_from_crd(json.dumps(crd["spec"], sort_keys=True), version)
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_from_crd(spec_json: str, version: str) -> Kind:
+    spec = json.loads(spec_json)
+    names = spec["names"]
+    served = next(v for v in spec["versions"] if v["name"] == version)
+    return Kind(group=spec["group"], version=served["name"], plural=names["plural"], kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced", custom=True,
+                status_subresource="status" in (served.get("subresources") or {}),
+                schema=(served.get("schema") or {}).get("openAPIV3Schema"), singular=names.get("singular", ""),
+                short_names=tuple(names.get("shortNames", ())), categories=tuple(names.get("categories", ())),
+                printer_columns=tuple(served.get("additionalPrinterColumns") or ()))
 
 
 # --- selectors -------------------------------------------------------------------------------------
@@ -157,16 +179,38 @@ def field_matcher(selector: str | None, kind: Kind) -> Callable[[Body], bool]:
 
 # --- admission: pruning, defaulting, validation ---------------------------------------------------
 
-def prune(value: Any, schema: Mapping[str, Any]) -> Any:
-    """Drop fields a structural schema does not declare (kept under preserve-unknown-fields)."""
+def prune(value: Any, schema: Mapping[str, Any], path: tuple[Any, ...] = (), unknown: list[str] | None = None) -> Any:
+    """Drop fields a structural schema does not declare (kept under preserve-unknown-fields).
+
+    Each dropped field's path (`spec.training.maxStep`) is added to `unknown` when given.
+    """
     if isinstance(value, dict):
         props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
         preserve = schema.get("x-kubernetes-preserve-unknown-fields") or extra is True
-        return {k: prune(v, props[k]) if k in props else prune(v, extra) if isinstance(extra, Mapping) else v
-                for k, v in value.items() if k in props or isinstance(extra, Mapping) or preserve}
+        out = {}
+        for k, v in value.items():
+            if k in props:
+                out[k] = prune(v, props[k], (*path, k), unknown)
+            elif isinstance(extra, Mapping):
+                out[k] = prune(v, extra, (*path, k), unknown)
+            elif preserve:
+                out[k] = v
+            elif unknown is not None:
+                unknown.append(field_path(path, k))
+        return out
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
-        return [prune(v, schema["items"]) for v in value]
+        return [prune(v, schema["items"], (*path, i), unknown) for i, v in enumerate(value)]
     return value
+
+
+OBJECT_META_FIELDS = frozenset(("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+                                "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+                                "annotations", "ownerReferences", "finalizers", "managedFields"))
+
+
+def unknown_metadata(meta: Mapping[str, Any]) -> list[str]:
+    """ObjectMeta fields that do not exist (`metadata.lables`), as strict decoding names them."""
+    return [f"metadata.{k}" for k in meta if k not in OBJECT_META_FIELDS]
 
 
 def apply_defaults(value: Any, schema: Mapping[str, Any]) -> None:

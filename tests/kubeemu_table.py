@@ -3,7 +3,7 @@
 A GET whose `Accept` asks for `application/json;as=Table;g=meta.k8s.io;v=v1` gets a
 `meta.k8s.io/v1 Table`: a `Name` column, then a CRD's `additionalPrinterColumns` (its JSONPaths
 evaluated per object; `date` columns shown as an age such as `5s` or `3m2s`, `integer`/`number`
-as numbers, missing values as null, which kubectl prints as `<none>`), or `Age` for a CRD
+as numbers, missing values as null cells, which kubectl prints blank), or `Age` for a CRD
 without columns; a few built-ins have their usual columns (Namespace: Status; ConfigMap: Data).
 Each row carries the object's metadata (`includeObject=Metadata`, the default), or the whole
 object (`Object`), or nothing (`None`)::

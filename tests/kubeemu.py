@@ -64,7 +64,7 @@ from kubeemu_authz import ADMIN_TOKEN, user
 from kubeemu_operator import Operator, load_registry, operator_settings
 from kubeemu_server import Emulator
 
-__all__ = ["Cluster", "Operator", "Kind", "ApiError", "default_kinds", "load_registry", "operator_settings",
+__all__ = ["Cluster", "Operator", "Kind", "ApiError", "ADMIN_TOKEN", "default_kinds", "load_registry", "operator_settings",
            "PTJ", "RAYJOB", "RAYCLUSTER", "CONFIGMAP", "EVENT", "MERGE_PATCH", "JSON_PATCH"]
 
 REPO = Path(__file__).resolve().parent.parent

@@ -173,9 +173,6 @@ class Store:
                                             "message": "Required value: name or generateName is required"}])
         if kind.namespaced:
             self._require_namespace(meta["namespace"], kind, meta["name"])
-        if self.find(kind, meta.get("namespace"), meta["name"]) is not None:
-            raise api_error(409, "AlreadyExists", f'{kind.qualified} "{meta["name"]}" already exists',
-                            name=meta["name"], group=kind.group, kind=kind.plural)
         for field in MANAGED_METADATA[2:]:
             meta.pop(field, None)
         if kind.status_subresource:
@@ -188,6 +185,9 @@ class Store:
             obj["status"] = {"phase": "Active"}
             obj["spec"] = {"finalizers": ["kubernetes"]}
         obj = self._admit(kind, obj, None, request)
+        if self.find(kind, meta.get("namespace"), meta["name"]) is not None:  # storage answers after admission
+            raise api_error(409, "AlreadyExists", f'{kind.qualified} "{meta["name"]}" already exists',
+                            name=meta["name"], group=kind.group, kind=kind.plural)
         self._commit(kind, "ADDED", obj)
         return clone(obj)
 

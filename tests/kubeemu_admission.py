@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jsonpatch
 import jsonschema
 import kmock
 
@@ -29,6 +30,7 @@ Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 # Written by the server only; a client's value is replaced by the stored one on every write.
 MANAGED_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
                     "deletionTimestamp", "deletionGracePeriodSeconds")
@@ -301,6 +303,36 @@ def configmap_causes(obj: Body) -> list[dict[str, str]]:
         causes.append({"reason": "FieldValueTooLong", "field": "",
                        "message": f"Too long: must have at most {_CONFIGMAP_MAX_BYTES} bytes"})
     return causes
+
+
+def invalid(kind: Kind, name: str, causes: list[dict[str, str]]) -> kmock.KubernetesError:
+    """The server's 422 `Invalid` with one cause per bad field."""
+    said = [f"{c['field']}: {c['message']}" if c["field"] else c["message"] for c in causes]
+    title = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
+    return api_error(422, "Invalid", f'{title} "{name}" is invalid: '
+                                     + (said[0] if len(said) == 1 else "[" + ", ".join(said) + "]"),
+                     name=name, group=kind.group, kind=kind.kind, causes=causes)
+
+
+def patched(kind: Kind, old: Body, patch: Any, patch_type: str | None) -> Any:
+    """`old` with a JSON patch or a merge patch applied (strategic merge: as a merge patch)."""
+    if patch_type == JSON_PATCH:
+        try:
+            return jsonpatch.apply_patch(old, patch)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+            raise invalid(kind, old["metadata"]["name"], [{"reason": "FieldValueInvalid", "field": "",
+                                                           "message": f"the patch failed: {e}"}]) from None
+        except (TypeError, AttributeError, KeyError) as e:
+            raise api_error(400, "BadRequest", f"invalid JSON patch: {e}") from None
+    if patch_type == MERGE_PATCH or (patch_type == STRATEGIC_PATCH and not kind.custom):
+        # Strategic merge is approximated by a merge patch: lists are replaced, not merged by key.
+        if not isinstance(patch, dict):
+            raise api_error(400, "BadRequest", "a merge patch must be a JSON object")
+        return merge_patch(clone(old), patch)
+    raise api_error(415, "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format ({patch_type}) - accepted media types "
+                    f"include: {JSON_PATCH}, {MERGE_PATCH}" + ("" if kind.custom else f", {STRATEGIC_PATCH}")
+                    + f", {APPLY_PATCH}")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -21,7 +21,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-APPLY_PATCH = "application/apply-patch+yaml"
+from kubeemu_admission import APPLY_PATCH
+
+__all__ = ["APPLY_PATCH", "apply", "fields_of", "merge"]
+
 # Identity and server-written metadata: never owned by an applier.
 _UNOWNED_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
                      "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink")

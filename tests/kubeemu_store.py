@@ -39,15 +39,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jsonpatch
 import kmock
 
 import kubeemu_apply
 import kubeemu_controllers
 import kubeemu_crds
-from kubeemu_admission import (JSON_PATCH, MANAGED_METADATA, MERGE_PATCH, STRATEGIC_PATCH, Body, Kind, api_error,
-                               apply_defaults, clone, configmap_causes, field_matcher, label_matcher, merge_patch,
-                               metadata_causes, now, prune, schema_causes, spec_part, unknown_metadata)
+from kubeemu_admission import (MANAGED_METADATA, Body, Kind, api_error, apply_defaults, clone, configmap_causes,
+                               field_matcher, invalid, label_matcher, metadata_causes, now, patched, prune, schema_causes,
+                               spec_part, unknown_metadata)
 from kubeemu_cel import rule_causes
 
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what the API server's generateName draws from
@@ -169,8 +168,8 @@ class Store:
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + "".join(random.choices(_GENERATE_ALPHABET, k=5))
         if not meta.get("name"):
-            raise self._invalid(kind, "", [{"reason": "FieldValueRequired", "field": "metadata.name",
-                                            "message": "Required value: name or generateName is required"}])
+            raise invalid(kind, "", [{"reason": "FieldValueRequired", "field": "metadata.name",
+                                      "message": "Required value: name or generateName is required"}])
         if kind.namespaced:
             self._require_namespace(meta["namespace"], kind, meta["name"])
         for field in MANAGED_METADATA[2:]:
@@ -204,10 +203,10 @@ class Store:
                 raise api_error(400, "BadRequest", f"the name of the object ({new['metadata']['name']}) "
                                                    f"does not match the name on the URL ({name})")
             if kind.custom and not new["metadata"].get("resourceVersion"):
-                raise self._invalid(kind, name, [{"reason": "FieldValueInvalid", "field": "metadata.resourceVersion",
-                                                  "message": "Invalid value: 0x0: must be specified for an update"}])
+                raise invalid(kind, name, [{"reason": "FieldValueInvalid", "field": "metadata.resourceVersion",
+                                            "message": "Invalid value: 0x0: must be specified for an update"}])
         else:
-            new = self._patched(kind, old, patch, patch_type)
+            new = patched(kind, old, patch, patch_type)
         return self._write(kind, old, new, subresource, request)
 
     def apply(self, kind: Kind, namespace: str | None, name: str, body: Any, *, manager: str,
@@ -297,29 +296,10 @@ class Store:
         obj.setdefault("metadata", {})
         return obj
 
-    def _patched(self, kind: Kind, old: Body, patch: Any, patch_type: str | None) -> Any:
-        if patch_type == JSON_PATCH:
-            try:
-                return jsonpatch.apply_patch(old, patch)
-            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
-                raise self._invalid(kind, old["metadata"]["name"], [{"reason": "FieldValueInvalid", "field": "",
-                                                                     "message": f"the patch failed: {e}"}]) from None
-            except (TypeError, AttributeError, KeyError) as e:
-                raise api_error(400, "BadRequest", f"invalid JSON patch: {e}") from None
-        if patch_type == MERGE_PATCH or (patch_type == STRATEGIC_PATCH and not kind.custom):
-            # Strategic merge is approximated by a merge patch: lists are replaced, not merged by key.
-            if not isinstance(patch, dict):
-                raise api_error(400, "BadRequest", "a merge patch must be a JSON object")
-            return merge_patch(clone(old), patch)
-        raise api_error(415, "UnsupportedMediaType",
-                        f"the body of the request was in an unknown format ({patch_type}) - accepted media types "
-                        f"include: {JSON_PATCH}, {MERGE_PATCH}" + ("" if kind.custom else f", {STRATEGIC_PATCH}")
-                        + f", {kubeemu_apply.APPLY_PATCH}")
-
     def _keep_managed(self, kind: Kind, old: Body, new: Any, subresource: str | None) -> Body:
         if not isinstance(new, dict) or not isinstance(new.get("metadata", {}), dict):
-            raise self._invalid(kind, old["metadata"]["name"], [{"reason": "FieldValueInvalid", "field": "metadata",
-                                                                 "message": "Invalid value: must be an object"}])
+            raise invalid(kind, old["metadata"]["name"], [{"reason": "FieldValueInvalid", "field": "metadata",
+                                                           "message": "Invalid value: must be an object"}])
         if subresource == "status":  # /status changes the status and nothing else
             result = clone(old)
             result.pop("status", None)
@@ -341,7 +321,7 @@ class Store:
                 new["status"] = old["status"]
         added = set(meta.get("finalizers") or ()) - set(old["metadata"].get("finalizers") or ())
         if old["metadata"].get("deletionTimestamp") and added:
-            raise self._invalid(kind, old["metadata"]["name"], [{
+            raise invalid(kind, old["metadata"]["name"], [{
                 "reason": "FieldValueForbidden", "field": "metadata.finalizers",
                 "message": f"Forbidden: no new finalizers can be added if the object is being deleted, "
                            f"found new finalizers {sorted(added)}"}])
@@ -376,17 +356,10 @@ class Store:
                 obj["status"] = kubeemu_crds.crd_status(obj, (old or {}).get("metadata", {}).get("creationTimestamp")
                                                         or now())
         if causes:
-            raise self._invalid(kind, obj["metadata"].get("name", ""), causes)
+            raise invalid(kind, obj["metadata"].get("name", ""), causes)
         if request.check is not None:
             request.check(kind, obj, old)
         return obj
-
-    def _invalid(self, kind: Kind, name: str, causes: list[dict[str, str]]) -> kmock.KubernetesError:
-        said = [f"{c['field']}: {c['message']}" if c["field"] else c["message"] for c in causes]
-        title = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
-        return api_error(422, "Invalid", f'{title} "{name}" is invalid: '
-                                         + (said[0] if len(said) == 1 else "[" + ", ".join(said) + "]"),
-                         name=name, group=kind.group, kind=kind.kind, causes=causes)
 
     def _require_namespace(self, namespace: str, kind: Kind, name: str) -> None:
         namespaces = self.namespaces_kind()

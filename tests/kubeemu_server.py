@@ -15,7 +15,8 @@ here by ones that go through `Store` (see that module for what kmock lacks), plu
 * watch streams that honour `resourceVersion` (replay from the log, or synthetic ADDED for the
   current state when absent or "0"), `labelSelector`/`fieldSelector` (an object that stops or
   starts matching arrives as DELETED/ADDED), `timeoutSeconds`, `sendInitialEvents` (ending with
-  a BOOKMARK), and that end when the cluster stops;
+  a BOOKMARK), objects as read now (defaulted by the current CRD), and that end when the
+  cluster stops or the kind's CRD changes (as the real server tears down that storage);
 * PUT (replace), 201 on create, server-side apply (`application/apply-patch+yaml`: 201 when it
   creates), `fieldValidation` (Strict refuses unknown fields; Warn answers `Warning` headers),
   DELETE's `propagationPolicy` (Background, Foreground, Orphan), protobuf bodies of kubectl's
@@ -262,6 +263,8 @@ class Emulator(kmock.KubernetesEmulator):
                     "apiVersion": kind.api_version, "kind": kind.kind, "metadata": {
                         "resourceVersion": str(cursor), "annotations": {"k8s.io/initial-events-end": "true"}}}}
         while not self._closing:
+            if self.store.kinds.get(kind.resource) is not kind:
+                return  # its CRD changed: the server replaces the storage and ends its watches; clients re-watch
             pending = self.store.changes_after(cursor)
             if pending:
                 cursor = pending[-1].rv

@@ -192,10 +192,14 @@ def test_a_replaced_crd_is_served_at_once_and_defaults_what_was_stored_before(k8
                 and not k8s.emulator.objects[key].deleted]
 
 
-def test_watch_events_carry_the_new_default(k8s, job_dict):
+def test_watch_events_carry_the_new_default_and_a_crd_change_ends_open_watches(k8s, job_dict):
     k8s.create(job_dict)
+    with urllib.request.urlopen(f"{k8s.url}{PTJS}?watch=true&timeoutSeconds=30", timeout=60) as stream:
+        assert json.loads(stream.readline())["type"] == "ADDED"
+        k8s.apply(newer_ptj_crd())
+        assert stream.readline() == b""  # ended by the server, long before its timeout: the client re-watches
     events = read_watch(k8s, f"{PTJS}?resourceVersion=0", 2, changes=lambda: (
-        k8s.apply(newer_ptj_crd()), k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"suspend": True}})))
+        k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"suspend": True}})))
     assert [e[:2] for e in events] == [("ADDED", "tiny-sft"), ("MODIFIED", "tiny-sft")]
     with urllib.request.urlopen(
             f"{k8s.url}{PTJS}?watch=true&timeoutSeconds=1&resourceVersion={events[0][2]}") as stream:
@@ -271,3 +275,26 @@ def test_a_deleted_namespace_terminates_its_contents_then_disappears(paused, job
     assert paused.find("v1", "namespaces", None, "ml") is None
     assert http(paused, "DELETE", "/api/v1/namespaces/default")[1]["message"] == \
         'namespaces "default" is forbidden: this namespace may not be deleted'
+
+
+def test_the_operator_keeps_serving_jobs_across_a_crd_upgrade():
+    """Jobs stored under the old CRD, a newer CRD applied while the operator runs: it re-watches and reads on."""
+    from test_operator import job, operator, phase_is, rayjobs
+
+    with kubeemu.Cluster() as k8s, operator(k8s):
+        k8s.create(job())
+        k8s.wait_for(lambda: rayjobs(k8s), timeout=30, what="RayJob r0")
+        k8s.wait_for(phase_is(k8s, "Provisioning"), timeout=30)
+        newer = copy.deepcopy(dict(kubeemu.load_crd(kubeemu.PTJ_CRD)))
+        spec = newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        spec["properties"]["activeDeadlineSeconds"]["default"] = 86400  # a default the older CRD lacked
+        def watches() -> int:
+            return sum(e["verb"] == "watch" and e["resource"] == "posttrainingjobs" for e in k8s.audit)
+
+        before = watches()
+        k8s.apply(newer)
+        assert k8s.get(*kubeemu.PTJ, "default", "tune")["spec"]["activeDeadlineSeconds"] == 86400
+        k8s.wait_for(lambda: watches() > before, timeout=30, what="kopf watching PostTrainingJobs again")
+        k8s.set_rayjob_status("default", "tune-r0", deployment="Running", job="RUNNING")
+        k8s.wait_for(phase_is(k8s, "Running"), timeout=30, what="the operator, after its watch was ended")
+        assert len(rayjobs(k8s)) == 1

@@ -18,23 +18,59 @@ and change the same state directly, e.g. to play KubeRay moving a RayJob along::
                 k8s.set_rayjob_status("default", rayjob["metadata"]["name"], deployment="Running", job="RUNNING")
                 k8s.wait_for(lambda: k8s.get(*kubeemu.PTJ, "default", "tiny-sft")["status"]["phase"] == "Running")
 
-Run its own tests: `.venv/bin/python -m pytest tests/test_kubeemu.py -q`.
+Run its own tests: `.venv/bin/python -m pytest tests/test_kubeemu.py tests/test_kubeemu_fidelity.py
+tests/test_kubeemu_rbac.py tests/test_kubectl.py -q` (no cluster, no Ray; about a minute).
 
-Layers: `kmock` (PyPI) serves HTTP, parses Kubernetes URLs, serves discovery and renders errors as
-`Status`; `kubeemu_server` routes object requests and watch streams to `kubeemu_store`, which keeps
-uid/resourceVersion/generation, the status subresource, finalizers, garbage collection and 409s;
-`kubeemu_admission` prunes, defaults and validates against the real CRDs (422). Served kinds:
-`posttrain.dev/v1alpha1 posttrainingjobs` (charts/posttrain/crds), `ray.io/v1 rayjobs` and
-`rayclusters` (KubeRay v1.7.0's CRDs from `<repo>/../shared/kuberay-crds/`), core v1 namespaces,
-configmaps, events; `events.k8s.io/v1` events; `coordination.k8s.io/v1` leases;
-`apiextensions.k8s.io/v1` customresourcedefinitions (holding the CRDs above). Objects go in
-existing namespaces only (404 otherwise): `Cluster(namespaces=...)` makes them, "default" first.
+The real kubectl works against it: `kubectl --kubeconfig <k8s.kubeconfig_path> apply -f job.yaml`
+(validation on), `apply --server-side`, `--dry-run=server`, `get ptj` (the CRD's printer columns),
+`get -w`, `get -o yaml`, `describe` (with Events), `explain ptj.spec.training`, `patch`, `delete`,
+`create namespace`.
 
-Not emulated: authentication (any token is accepted), server-side apply, strategic merge on
-lists (a merge patch stands in), `format` checks and CEL rules in schemas, foreground deletion
-(treated as background), deletecollection, pagination (`limit` is ignored), 410 Gone (the watch
-log is never compacted), bookmarks after the initial one. The garbage collector runs at once,
-where a real one runs eventually.
+What is emulated, module by module:
+
+* `kubeemu_server` (HTTP, on kmock): routing, watch streams, discovery as the real server lists
+  it (subresources with no short names), `/version` (1.32), `/openapi/v3` (`kubeemu_openapi`),
+  `Table` responses for `kubectl get` (`kubeemu_table`), protobuf bodies of kubectl's typed
+  clients (`kubeemu_wire`), `fieldValidation` (Strict: 400 per unknown field; Warn: `Warning`
+  headers), an audit log (`Cluster.audit`);
+* `kubeemu_authz`: bearer tokens (`Cluster(tokens={"t": "system:serviceaccount:ns:sa"})`; the
+  Cluster's kubeconfig holds an admin in `system:masters`), RBAC over the Role / ClusterRole /
+  RoleBinding / ClusterRoleBinding objects stored here when `Cluster(rbac=True)`, with the real
+  403 messages, and the OwnerReferencesPermissionEnforcement admission plugin (setting
+  `blockOwnerDeletion` needs `update` on the owner's `finalizers`). Direct `Cluster` calls are the
+  test acting as cluster admin: never authorised;
+* `kubeemu_store`: uid, resourceVersion, generation, generateName, the status subresource,
+  finalizers, 409s, 404s, server-side apply (`kubeemu_apply`: create, merge, managedFields),
+  reads defaulted by the CRD served *now* (a newer CRD's defaults show on older objects, on
+  get/list/watch, as on a real server reading etcd); a CRD written here (`Cluster.apply`,
+  `kubectl apply`) replaces the served kind (`kubeemu_crds`: schema, defaults, CEL rules, printer
+  columns) and ends its open watches; Terminating namespaces refuse new objects (403);
+* `kubeemu_admission` and `kubeemu_cel`: pruning, defaulting, structural-schema validation and
+  every `x-kubernetes-validations` rule (cel-python; transition rules, ratcheting, per item and
+  map value, message / messageExpression / fieldPath / reason), all 422 `Invalid` with the
+  server's causes; metadata and ConfigMap checks;
+* `kubeemu_controllers`: the garbage collector (background, foreground, orphan) and the
+  namespace controller, run on the emulator's loop `Cluster(gc_delay=0.05)` seconds after a change
+  that needs them, never inside the request (`gc_delay=None`: only on `Cluster.run_controllers()`).
+
+Served kinds: `posttrain.dev/v1alpha1 posttrainingjobs` (charts/posttrain/crds), `ray.io/v1 rayjobs`
+and `rayclusters` (KubeRay v1.7.0's CRDs from `<repo>/../shared/kuberay-crds/`), core v1 namespaces,
+configmaps, events, serviceaccounts; `events.k8s.io/v1` events; `coordination.k8s.io/v1` leases;
+`rbac.authorization.k8s.io/v1` roles, rolebindings, clusterroles, clusterrolebindings;
+`apiextensions.k8s.io/v1` customresourcedefinitions (holding the CRDs above; more can be created).
+Objects go in existing namespaces only (404 otherwise): `Cluster(namespaces=...)` makes them.
+
+Not emulated (plainly): server-side apply conflicts between managers (`force` changes nothing) and
+field ownership of ordinary updates; merging list items by key (strategic merge and
+`x-kubernetes-list-type: map` lists are replaced whole); admission webhooks and every admission
+plugin but NamespaceLifecycle and OwnerReferencesPermissionEnforcement; field-level authorisation,
+ClusterRole aggregation, impersonation, RBAC escalation checks, client certificates (non-resource
+URLs such as discovery and /openapi are open to every caller); `/openapi/v2` (kubectl 1.32 uses v3;
+its client-side apply then sends a JSON merge patch, as for any custom resource); Kubernetes' CEL
+libraries (`isURL`, `quantity`, ...), CEL cost limits and `optionalOldSelf`; `format` checks;
+conversion between CRD versions (one version per CRD is served); deletecollection, pagination
+(`limit` is ignored), 410 Gone (the watch log is never compacted), bookmarks after the initial
+one; pods, Services and the rest of the built-in kinds.
 
 kopf settings an operator needs against this server (and a real one) are in `operator_settings`;
 `Operator` applies them before the module's own `@kopf.on.startup` handlers run.

@@ -11,7 +11,7 @@ here by ones that go through `Store` (see that module for what kmock lacks), plu
   get/patch/update and no short names, so `kubectl get ptj` is not ambiguous); `/version` 1.32;
 * `/openapi/v3` (`kubeemu_openapi`): kubectl's explain, field validation and patch types;
 * list responses with `kind: XxxList`, `apiVersion`, `metadata.resourceVersion`, selectors;
-  `Table` responses (`kubeemu_table`) when the client asks for them (`kubectl get`);
+  `Table` responses (`kubeemu_table`) when the client asks for them (`kubectl get`, also `-w`);
 * watch streams that honour `resourceVersion` (replay from the log, or synthetic ADDED for the
   current state when absent or "0"), `labelSelector`/`fieldSelector` (an object that stops or
   starts matching arrives as DELETED/ADDED), `timeoutSeconds`, `sendInitialEvents` (ending with
@@ -19,8 +19,8 @@ here by ones that go through `Store` (see that module for what kmock lacks), plu
   cluster stops or the kind's CRD changes (as the real server tears down that storage);
 * PUT (replace), 201 on create, server-side apply (`application/apply-patch+yaml`: 201 when it
   creates), `fieldValidation` (Strict refuses unknown fields; Warn answers `Warning` headers),
-  DELETE's `propagationPolicy` (Background, Foreground, Orphan), protobuf bodies of kubectl's
-  typed clients (`kubeemu_wire`);
+  DELETE's `propagationPolicy` (Background, Foreground, Orphan), `dryRun=All` (everything but
+  the write), protobuf bodies of kubectl's typed clients (`kubeemu_wire`);
 * `/api/v1/namespaces[/<name>[/status]]`, which kmock 0.8 parses as a namespace prefix with
   no resource (or fails on): such paths are renamed before kmock parses them, and the parsed
   resource is set back to `v1/namespaces`.
@@ -224,7 +224,7 @@ class Emulator(kmock.KubernetesEmulator):
         return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List",
                 "metadata": {"resourceVersion": self.store.resource_version}, "items": items}
 
-    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+    async def _serve_watch(self, request: kmock.Request) -> Any:
         # Errors raised here (before the stream starts) come back as a plain Status response.
         kind = self._kind(request)
         labels_match = label_matcher(request.params.get("labelSelector"))
@@ -239,16 +239,23 @@ class Emulator(kmock.KubernetesEmulator):
                     and (request.name is None or obj["metadata"]["name"] == request.name)
                     and labels_match(obj["metadata"].get("labels") or {}) and fields_match(obj))
 
+        as_table = kubeemu_table.wants_table(_header(request, "accept"))  # `kubectl get -w`
+
+        def shown(obj: dict[str, Any]) -> dict[str, Any]:
+            return self._table(request, kind, [obj]) if as_table else obj
+
         def as_event(change: Change) -> dict[str, Any] | None:
             now, before = matches(change.obj), matches(change.old)
             if change.type == "MODIFIED" and now != before:  # moved into or out of the selection
-                return {"type": "ADDED" if now else "DELETED", "object": self.store.served(kind, change.obj)}
-            return {"type": change.type, "object": self.store.served(kind, change.obj)} if now else None
+                return {"type": "ADDED" if now else "DELETED", "object": shown(self.store.served(kind, change.obj))}
+            return {"type": change.type, "object": shown(self.store.served(kind, change.obj))} if now else None
 
-        return self._stream(kind, since, timeout, matches, as_event, request.params.get("sendInitialEvents") == "true")
+        stream = self._stream(kind, since, timeout, matches, as_event, shown,
+                              request.params.get("sendInitialEvents") == "true")
+        return kmock.Response(headers={"Content-Type": "application/json"}, payload=stream)  # client-go checks it
 
     async def _stream(self, kind: Kind, since: str, timeout: float | None, matches: Any, as_event: Any,
-                      initial_bookmark: bool) -> AsyncIterator[Any]:
+                      shown: Any, initial_bookmark: bool) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         yield b""  # send the headers now: a watch with nothing to say is still a watch
@@ -257,7 +264,7 @@ class Emulator(kmock.KubernetesEmulator):
             cursor = int(self.store.resource_version)
             for obj in self.store.list(kind):
                 if matches(obj):
-                    yield {"type": "ADDED", "object": obj}
+                    yield {"type": "ADDED", "object": shown(obj)}
             if initial_bookmark:
                 yield {"type": "BOOKMARK", "object": {
                     "apiVersion": kind.api_version, "kind": kind.kind, "metadata": {
@@ -301,8 +308,8 @@ class Emulator(kmock.KubernetesEmulator):
             except kmock.KubernetesError:
                 return None
 
-        return Request(validation=request.params.get("fieldValidation"), check=lambda kind, new, old:
-                       self.authority.owner_references(caller, kind, new, old, owner_kind))
+        return Request(validation=request.params.get("fieldValidation"), dry_run=request.params.get("dryRun") == "All",
+                       check=lambda kind, new, old: self.authority.owner_references(caller, kind, new, old, owner_kind))
 
     @staticmethod
     def _body(request: kmock.Request) -> Any:
@@ -351,6 +358,8 @@ class Emulator(kmock.KubernetesEmulator):
             raise api_error(422, "Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported '
                                             f'value: "{propagation}": supported values: "Foreground", "Background", '
                                             f'"Orphan", "nil"')
+        if request.params.get("dryRun") == "All" or "All" in (options.get("dryRun") or ()):  # kubectl: in the body
+            return self.store.get(self._kind(request), request.namespace, request.name or "")
         return self.store.delete(self._kind(request), request.namespace, request.name or "", propagation=propagation)
 
 

@@ -60,6 +60,7 @@ class Request:
     validation: str | None = None  # fieldValidation: Strict, Warn (also when None) or Ignore
     warnings: list[str] = dataclasses.field(default_factory=list)  # sent back as Warning headers
     check: Callable[[Kind, Body, Body | None], None] | None = None  # validating admission for the caller
+    dry_run: bool = False  # dryRun=All: everything but the write
 
 
 
@@ -187,6 +188,8 @@ class Store:
         if self.find(kind, meta.get("namespace"), meta["name"]) is not None:  # storage answers after admission
             raise api_error(409, "AlreadyExists", f'{kind.qualified} "{meta["name"]}" already exists',
                             name=meta["name"], group=kind.group, kind=kind.plural)
+        if request is not None and request.dry_run:
+            return clone(obj)
         self._commit(kind, "ADDED", obj)
         return clone(obj)
 
@@ -277,6 +280,8 @@ class Store:
             return old  # a no-op write: same resourceVersion, no event
         if kind.custom and spec_part(new) != spec_part(old):
             new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+        if request is not None and request.dry_run:
+            return clone(new)
         self._commit(kind, "MODIFIED", new, old)
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers") and kind.kind != "Namespace":
             self.remove(kind, new)

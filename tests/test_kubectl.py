@@ -133,6 +133,31 @@ def test_get_shows_the_crds_printer_columns(k8s, kubectl):
     assert shown["status"]["progress"] == {"step": 42, "reward": 0.61} and shown["spec"]["algorithm"] == "sft"
 
 
+def test_get_watch_prints_a_row_per_change(k8s, kubectl, tmp_path):
+    k8s.create(example())
+    cmd = [_kubectl_binary(), "--kubeconfig", str(k8s.kubeconfig_path), "--cache-dir", str(tmp_path / "cache"),
+           "get", "ptj", "--watch", "--request-timeout=20s"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watching:
+        try:
+            assert watching.stdout.readline().split()[:4] == ["NAME", "ALGORITHM", "MODEL", "PHASE"]
+            assert watching.stdout.readline().split()[0] == JOB
+            k8s.patch_status(*kubeemu.PTJ, "default", JOB, {"phase": "Running"})
+            assert watching.stdout.readline().split()[:4] == [JOB, "sft", "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                              "Running"]
+        finally:
+            watching.terminate()
+
+
+def test_server_side_dry_run_writes_nothing(k8s, kubectl):
+    assert kubectl("apply", "--dry-run=server", "-f", str(EXAMPLE)).stdout == \
+        f"posttrainingjob.posttrain.dev/{JOB} created (server dry run)\n"
+    assert k8s.find(*kubeemu.PTJ, "default", JOB) is None
+    kubectl("apply", "-f", str(EXAMPLE))
+    kubectl("delete", "ptj", JOB, "--dry-run=server")
+    kubectl("patch", "ptj", JOB, "--dry-run=server", "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+    assert k8s.get(*kubeemu.PTJ, "default", JOB)["spec"]["suspend"] is False
+
+
 def test_describe_shows_the_job_and_its_events(k8s, kubectl):
     job = k8s.create(example())
     k8s.create({"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{JOB}-"}, "type": "Normal",

@@ -161,8 +161,16 @@ class Cluster:
     """The emulated API server on its own thread and event loop; a context manager.
 
     `url`, `kubeconfig_path` and `connection_info()` point clients at it; `get`, `list`, `create`,
-    `patch`, `patch_status`, `delete`, `events` change and read the same state synchronously from
-    the test (watchers see those changes); errors raise `kubeemu.ApiError` with `.status`.
+    `apply`, `patch`, `patch_status`, `delete`, `events` change and read the same state
+    synchronously from the test, as cluster admin (watchers see those changes); errors raise
+    `kubeemu.ApiError` with `.status`.
+
+    `tokens` maps bearer tokens to users (`"system:serviceaccount:<ns>:<name>"`, or `(name, groups)`);
+    `kubeconfig_for(token)`, `api_client(token)`, `connection_info(token)` and
+    `Operator(..., token=...)` call as that user. `rbac=True` authorises every HTTP request against
+    the RBAC objects stored in the cluster. `gc_delay` is the seconds from a change to the garbage
+    collector's and namespace controller's pass (None: only `run_controllers()`). `audit` lists the
+    HTTP requests served, with user and status code.
     """
 
     def __init__(self, *, kinds: Iterable[Kind] | None = None, namespaces: Iterable[str] = ("default",),
@@ -197,7 +205,8 @@ class Cluster:
     def kubeconfig_for(self, token: str, *, namespace: str = "default") -> Path:
         """A kubeconfig file that calls this cluster with `token` (the default one: the admin's)."""
         assert self._tmp, "the Cluster is not started"
-        path = Path(self._tmp) / ("kubeconfig" if token == ADMIN_TOKEN else
+        plain = token == ADMIN_TOKEN and namespace == "default"
+        path = Path(self._tmp) / ("kubeconfig" if plain else
                                   f"kubeconfig-{hashlib.sha256(f'{token}/{namespace}'.encode()).hexdigest()[:12]}")
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "kubeemu",

@@ -130,7 +130,7 @@ def to_cel(value: Any, schema: Mapping[str, Any] | None) -> Any:
         return celtypes.DoubleType(value)
     if isinstance(value, str):
         return celtypes.StringType(value)
-    return value  # None
+    return None  # null, as celpy binds it
 
 
 def rule_causes(tree: Node | None, new: Any, old: Any = None) -> list[dict[str, str]]:

@@ -69,9 +69,9 @@ def group_version_path(kind: Kind) -> str:
 def schema_name(kind: Kind, *, suffix: str = "") -> str:
     if kind.custom:
         return ".".join([*reversed(kind.group.split(".")), kind.version, kind.kind + suffix])
-    group = (kind.group.removesuffix(".k8s.io") or "core") if kind.group != "apiextensions.k8s.io" else "apiextensions"
+    # io.k8s.api.core.v1.ConfigMap, io.k8s.api.rbac.v1.Role, io.k8s.apiextensions-apiserver.pkg.apis...
     prefix = "io.k8s.apiextensions-apiserver.pkg.apis" if kind.group == "apiextensions.k8s.io" else "io.k8s.api"
-    return f"{prefix}.{group.replace('.', '')}.{kind.version}.{kind.kind}{suffix}"
+    return f"{prefix}.{kind.group.split('.')[0] or 'core'}.{kind.version}.{kind.kind}{suffix}"
 
 
 def index(kinds: Iterable[Kind]) -> dict[str, Any]:

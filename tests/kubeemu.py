@@ -168,7 +168,8 @@ class Cluster:
     `tokens` maps bearer tokens to users (`"system:serviceaccount:<ns>:<name>"`, or `(name, groups)`);
     `kubeconfig_for(token)`, `api_client(token)`, `connection_info(token)` and
     `Operator(..., token=...)` call as that user. `rbac=True` authorises every HTTP request against
-    the RBAC objects stored in the cluster. `gc_delay` is the seconds from a change to the garbage
+    the RBAC objects stored in the cluster, and with it OwnerReferencesPermissionEnforcement (as on
+    OpenShift; `owner_reference_enforcement=False` for a plain kube-apiserver). `gc_delay` is the seconds from a change to the garbage
     collector's and namespace controller's pass (None: only `run_controllers()`). `audit` lists the
     HTTP requests served, with user and status code.
     """
@@ -176,11 +177,11 @@ class Cluster:
     def __init__(self, *, kinds: Iterable[Kind] | None = None, namespaces: Iterable[str] = ("default",),
                  crds: Iterable[Path] | None = None, rbac: bool = False,
                  tokens: Mapping[str, str | tuple[str, Iterable[str]]] | None = None,
-                 gc_delay: float | None = 0.05) -> None:
+                 gc_delay: float | None = 0.05, owner_reference_enforcement: bool = True) -> None:
         self._kinds = list(kinds) if kinds is not None else default_kinds()
         self._namespaces = list(namespaces)
         self._crds = list(crds) if crds is not None else list(crd_paths()) if kinds is None else []
-        self._rbac, self._gc_delay = rbac, gc_delay
+        self._rbac, self._gc_delay, self._owner_refs = rbac, gc_delay, owner_reference_enforcement
         self._tokens = {token: user(who) if isinstance(who, str) else user(who[0], who[1])
                         for token, who in (tokens or {}).items()}
         self._loop = asyncio.new_event_loop()
@@ -246,6 +247,7 @@ class Cluster:
             emulator.gc_delay = self._gc_delay
             emulator.authority.tokens.update(self._tokens)
             emulator.authority.rbac = self._rbac
+            emulator.authority.owner_reference_enforcement = self._owner_refs
             for kind in self._kinds:
                 emulator.add_kind(kind)
             store = emulator.store

@@ -17,7 +17,8 @@ everywhere. A denial is the server's 403:
 in API group "ray.io" in the namespace "ml"`.
 
 `Authority.owner_references` is the OwnerReferencesPermissionEnforcement admission plugin (on by
-default in OpenShift): changing an object's ownerReferences needs `delete` on the object (except
+default in OpenShift, off in plain kube-apiserver; here on with RBAC unless
+`Cluster(owner_reference_enforcement=False)`): changing an object's ownerReferences needs `delete` on the object (except
 on create), and setting `blockOwnerDeletion: true` needs `update` on the owner's `finalizers`
 subresource.
 
@@ -97,6 +98,7 @@ class Authority:
 
     def __init__(self, store: Any, *, tokens: Mapping[str, User], rbac: bool) -> None:
         self.store, self.rbac = store, rbac
+        self.owner_reference_enforcement = True  # the admission plugin, when RBAC is on (as in OpenShift)
         self.tokens = {ADMIN_TOKEN: ADMIN, **tokens}
         self._index: tuple[tuple[int, ...], _Index] | None = None
 
@@ -136,7 +138,7 @@ class Authority:
                          owner_kind: Callable[[str, str], Kind | None]) -> None:
         """OwnerReferencesPermissionEnforcement on a create (`old` None) or update by `a.user`."""
         refs, old_refs = _refs(new), _refs(old or {})
-        if refs == old_refs or not self.rbac:
+        if refs == old_refs or not (self.rbac and self.owner_reference_enforcement):
             return
         name = new["metadata"].get("name", "")
         if old is not None and not self.allowed(dataclasses.replace(a, verb="delete", subresource="")):

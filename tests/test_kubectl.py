@@ -69,6 +69,9 @@ def test_create_namespace(k8s, kubectl):
     ns = k8s.get("v1", "namespaces", None, "team")
     assert ns["status"]["phase"] == "Active" and ns["spec"]["finalizers"] == ["kubernetes"]
     assert kubectl("get", "namespaces", "-o", "name").stdout.split() == ["namespace/default", "namespace/team"]
+    k8s.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}}, "team")
+    assert kubectl("delete", "namespace", "team").stdout == 'namespace "team" deleted\n'  # waits until it is gone
+    assert k8s.find("v1", "namespaces", None, "team") is None and k8s.find("v1", "configmaps", "team", "cm") is None
 
 
 def test_apply_client_side_with_validation_on(k8s, kubectl, tmp_path):
@@ -121,7 +124,9 @@ def test_apply_server_side_creates_then_merges_with_managed_fields(k8s, kubectl,
 def test_get_shows_the_crds_printer_columns(k8s, kubectl):
     k8s.create(example())
     k8s.patch_status(*kubeemu.PTJ, "default", JOB, {"phase": "Running", "progress": {"step": 42, "reward": 0.61}})
-    header, row = kubectl("get", "ptj").stdout.splitlines()
+    listed = kubectl("get", "ptj")
+    assert listed.stderr == ""  # `ptj` names one resource: discovery lists posttrainingjobs/status without names
+    header, row = listed.stdout.splitlines()
     assert header.split() == ["NAME", "ALGORITHM", "MODEL", "PHASE", "STEP", "REWARD", "AGE"]
     assert row.split()[:6] == [JOB, "sft", "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "Running", "42", "0.61"]
     assert row.split()[6].endswith("s")  # an age: "0s", "1s"

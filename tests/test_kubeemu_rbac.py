@@ -127,6 +127,20 @@ def test_block_owner_deletion_needs_update_on_the_owners_finalizers(k8s, job_dic
     k8s.create(configmap("direct"), "ml")  # the test itself is the cluster admin: no checks
 
 
+def test_without_the_admission_plugin_rbac_alone_decides(job_dict):
+    with kubeemu.Cluster(rbac=True, tokens=TOKENS, namespaces=("default", "ml"),
+                         owner_reference_enforcement=False) as k8s:  # a plain kube-apiserver's default
+        job = k8s.create(job_dict, "ml")
+        k8s.create(rbac("Role", "runner", "ml", rules=[{"apiGroups": [""], "resources": ["configmaps"],
+                                                        "verbs": ["create"]}]))
+        k8s.create(binding("RoleBinding", "runner", "Role", SA_SUBJECT, "ml"))
+        owned = configmap("owned")
+        owned["metadata"]["ownerReferences"] = [{"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
+                                                 "name": "tiny-sft", "uid": job["metadata"]["uid"],
+                                                 "blockOwnerDeletion": True}]
+        assert call(k8s, "runner-token", "POST", "/api/v1/namespaces/ml/configmaps", owned)[0] == 201
+
+
 # --- the real operator -------------------------------------------------------------------------------
 
 @contextlib.contextmanager

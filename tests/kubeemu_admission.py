@@ -1,10 +1,12 @@
 """Rules the emulated API server applies to every request: kinds, selectors, admission, patches.
 
 What kube-apiserver does to a body before it is stored, as plain functions: which resource a
-`Kind` is (and whether it has a status subresource, a CRD schema, `metadata.generation`); label
-and field selectors; pruning, defaulting and validating against a CRD's structural schema (one
-422 cause per field, named the way the server names it: `spec.data.train[0].source`); metadata
-and ConfigMap validation; RFC 7386 merge patches. `kubeemu_store` applies them.
+`Kind` is (and whether it has a status subresource, a CRD schema with CEL rules and printer
+columns, `metadata.generation`); label and field selectors; pruning (reporting the unknown
+fields that `fieldValidation=Strict` refuses), defaulting and validating against a CRD's
+structural schema (one 422 cause per field, named the way the server names it:
+`spec.data.train[0].source`); metadata and ConfigMap validation; RFC 7386 merge patches.
+`kubeemu_store` applies them.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import jsonpatch
 import jsonschema
 import kmock
 
+from kubeemu_cel import Node, compile_rules
 from posttrain.api.crd import to_jsonschema
 
 Body = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 # Written by the server only; a client's value is replaced by the stored one on every write.
 MANAGED_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
                     "deletionTimestamp", "deletionGracePeriodSeconds")
@@ -66,6 +71,7 @@ class Kind:
     singular: str = ""
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
+    printer_columns: tuple[Mapping[str, Any], ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @property
     def api_version(self) -> str:
@@ -86,16 +92,34 @@ class Kind:
             return None
         return jsonschema.Draft7Validator(to_jsonschema(dict(self.schema), strict=False))
 
+    @functools.cached_property
+    def rules(self) -> Node | None:
+        """The schema's CEL rules, compiled once per Kind (raises `kubeemu_cel.RuleCompileError`)."""
+        return compile_rules(self.schema, "spec.validation.openAPIV3Schema")
+
     @classmethod
     def from_crd(cls, crd: Mapping[str, Any], version: str | None = None) -> Kind:
-        """The resource a CustomResourceDefinition serves, at `version` (default: its storage version)."""
-        spec, names = crd["spec"], crd["spec"]["names"]
-        served = next(v for v in spec["versions"] if (v["name"] == version if version else v.get("storage")))
-        return cls(group=spec["group"], version=served["name"], plural=names["plural"], kind=names["kind"],
-                   namespaced=spec["scope"] == "Namespaced", custom=True,
-                   status_subresource="status" in (served.get("subresources") or {}),
-                   schema=served["schema"]["openAPIV3Schema"], singular=names.get("singular", ""),
-                   short_names=tuple(names.get("shortNames", ())), categories=tuple(names.get("categories", ())))
+        """The resource a CustomResourceDefinition serves, at `version` (default: its storage version).
+
+        Equal CRDs give the same Kind object (kept for the process), so a Cluster that stores the
+        CRDs it was started with, or a test that applies one CRD file again, compiles nothing anew.
+        """
+        if version is None:
+            version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+        return _kind_from_crd(json.dumps(crd["spec"], sort_keys=True), version)
+
+
+@functools.lru_cache(maxsize=64)
+def _kind_from_crd(spec_json: str, version: str) -> Kind:
+    spec = json.loads(spec_json)
+    names = spec["names"]
+    served = next(v for v in spec["versions"] if v["name"] == version)
+    return Kind(group=spec["group"], version=served["name"], plural=names["plural"], kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced", custom=True,
+                status_subresource="status" in (served.get("subresources") or {}),
+                schema=(served.get("schema") or {}).get("openAPIV3Schema"), singular=names.get("singular", ""),
+                short_names=tuple(names.get("shortNames", ())), categories=tuple(names.get("categories", ())),
+                printer_columns=tuple(served.get("additionalPrinterColumns") or ()))
 
 
 # --- selectors -------------------------------------------------------------------------------------
@@ -157,16 +181,38 @@ def field_matcher(selector: str | None, kind: Kind) -> Callable[[Body], bool]:
 
 # --- admission: pruning, defaulting, validation ---------------------------------------------------
 
-def prune(value: Any, schema: Mapping[str, Any]) -> Any:
-    """Drop fields a structural schema does not declare (kept under preserve-unknown-fields)."""
+def prune(value: Any, schema: Mapping[str, Any], path: tuple[Any, ...] = (), unknown: list[str] | None = None) -> Any:
+    """Drop fields a structural schema does not declare (kept under preserve-unknown-fields).
+
+    Each dropped field's path (`spec.training.maxStep`) is added to `unknown` when given.
+    """
     if isinstance(value, dict):
         props, extra = schema.get("properties") or {}, schema.get("additionalProperties")
         preserve = schema.get("x-kubernetes-preserve-unknown-fields") or extra is True
-        return {k: prune(v, props[k]) if k in props else prune(v, extra) if isinstance(extra, Mapping) else v
-                for k, v in value.items() if k in props or isinstance(extra, Mapping) or preserve}
+        out = {}
+        for k, v in value.items():
+            if k in props:
+                out[k] = prune(v, props[k], (*path, k), unknown)
+            elif isinstance(extra, Mapping):
+                out[k] = prune(v, extra, (*path, k), unknown)
+            elif preserve:
+                out[k] = v
+            elif unknown is not None:
+                unknown.append(field_path(path, k))
+        return out
     if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
-        return [prune(v, schema["items"]) for v in value]
+        return [prune(v, schema["items"], (*path, i), unknown) for i, v in enumerate(value)]
     return value
+
+
+OBJECT_META_FIELDS = frozenset(("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+                                "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels",
+                                "annotations", "ownerReferences", "finalizers", "managedFields"))
+
+
+def unknown_metadata(meta: Mapping[str, Any]) -> list[str]:
+    """ObjectMeta fields that do not exist (`metadata.lables`), as strict decoding names them."""
+    return [f"metadata.{k}" for k in meta if k not in OBJECT_META_FIELDS]
 
 
 def apply_defaults(value: Any, schema: Mapping[str, Any]) -> None:
@@ -257,6 +303,36 @@ def configmap_causes(obj: Body) -> list[dict[str, str]]:
         causes.append({"reason": "FieldValueTooLong", "field": "",
                        "message": f"Too long: must have at most {_CONFIGMAP_MAX_BYTES} bytes"})
     return causes
+
+
+def invalid(kind: Kind, name: str, causes: list[dict[str, str]]) -> kmock.KubernetesError:
+    """The server's 422 `Invalid` with one cause per bad field."""
+    said = [f"{c['field']}: {c['message']}" if c["field"] else c["message"] for c in causes]
+    title = f"{kind.kind}.{kind.group}" if kind.group else kind.kind
+    return api_error(422, "Invalid", f'{title} "{name}" is invalid: '
+                                     + (said[0] if len(said) == 1 else "[" + ", ".join(said) + "]"),
+                     name=name, group=kind.group, kind=kind.kind, causes=causes)
+
+
+def patched(kind: Kind, old: Body, patch: Any, patch_type: str | None) -> Any:
+    """`old` with a JSON patch or a merge patch applied (strategic merge: as a merge patch)."""
+    if patch_type == JSON_PATCH:
+        try:
+            return jsonpatch.apply_patch(old, patch)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+            raise invalid(kind, old["metadata"]["name"], [{"reason": "FieldValueInvalid", "field": "",
+                                                           "message": f"the patch failed: {e}"}]) from None
+        except (TypeError, AttributeError, KeyError) as e:
+            raise api_error(400, "BadRequest", f"invalid JSON patch: {e}") from None
+    if patch_type == MERGE_PATCH or (patch_type == STRATEGIC_PATCH and not kind.custom):
+        # Strategic merge is approximated by a merge patch: lists are replaced, not merged by key.
+        if not isinstance(patch, dict):
+            raise api_error(400, "BadRequest", "a merge patch must be a JSON object")
+        return merge_patch(clone(old), patch)
+    raise api_error(415, "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format ({patch_type}) - accepted media types "
+                    f"include: {JSON_PATCH}, {MERGE_PATCH}" + ("" if kind.custom else f", {STRATEGIC_PATCH}")
+                    + f", {APPLY_PATCH}")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

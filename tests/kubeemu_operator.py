@@ -95,7 +95,9 @@ class Operator:
 
     `handlers` is a kopf.OperatorRegistry, or a module that registers handlers (dotted name or
     .py path; see `load_registry`). A login handler for `cluster` is added to the registry; it
-    outranks any login the module has. `namespaces=None` serves the whole cluster. `settings`
+    outranks any login the module has; `token` is the bearer token it calls with (default: the
+    cluster admin's; with `Cluster(rbac=True)` give a ServiceAccount's to test the chart's RBAC).
+    `namespaces=None` serves the whole cluster. `settings`
     runs after `operator_settings` and before the module's startup handlers. Leaving the `with`
     block sets kopf's stop flag, joins the thread, and re-raises the operator's exception if any.
     """
@@ -103,8 +105,9 @@ class Operator:
     def __init__(self, cluster: Cluster, handlers: str | os.PathLike[str] | kopf.OperatorRegistry, *,
                  namespaces: Iterable[str] | None = None,
                  settings: Callable[[kopf.OperatorSettings], None] | None = None,
-                 memo: Mapping[str, Any] | None = None, ready_timeout: float = 20.0, stop_timeout: float = 20.0) -> None:
-        self.cluster, self.handlers = cluster, handlers
+                 memo: Mapping[str, Any] | None = None, ready_timeout: float = 20.0, stop_timeout: float = 20.0,
+                 token: str | None = None) -> None:
+        self.cluster, self.handlers, self.token = cluster, handlers, token
         self.namespaces = list(namespaces) if namespaces is not None else None
         self._configure, self._memo = settings, dict(memo or {})
         self._ready_timeout, self._stop_timeout = ready_timeout, stop_timeout
@@ -138,7 +141,7 @@ class Operator:
             raise self._error
 
     def _run(self, registry: kopf.OperatorRegistry) -> None:
-        _target.set(self.cluster.connection_info())
+        _target.set(self.cluster.connection_info() if self.token is None else self.cluster.connection_info(self.token))
         settings = kopf.OperatorSettings()
         operator_settings(settings)
         if self._configure is not None:

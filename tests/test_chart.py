@@ -58,6 +58,7 @@ DRIVER_METRICS = _exported(DriverMetrics(RunState(job="j", algorithm="grpo")).re
 NAMESPACED_RULES = [
     {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs"], "verbs": ["get", "list", "watch", "patch", "update"]},
     {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},

@@ -64,14 +64,19 @@ def test_discovery_lists_every_served_kind_with_scope_and_subresources(k8s):
     _, core = http(k8s, "GET", "/api/v1")
     assert core["groupVersion"] == "v1"
     assert {r["name"]: r["namespaced"] for r in core["resources"]} == {
-        "namespaces": False, "configmaps": True, "events": True, "namespaces/status": False}
+        "namespaces": False, "configmaps": True, "events": True, "namespaces/status": False, "serviceaccounts": True}
     _, groups = http(k8s, "GET", "/apis")
     assert {g["preferredVersion"]["groupVersion"] for g in groups["groups"]} == {
-        "posttrain.dev/v1alpha1", "ray.io/v1", "events.k8s.io/v1", "coordination.k8s.io/v1", "apiextensions.k8s.io/v1"}
+        "posttrain.dev/v1alpha1", "ray.io/v1", "events.k8s.io/v1", "coordination.k8s.io/v1", "apiextensions.k8s.io/v1",
+        "rbac.authorization.k8s.io/v1"}
     _, ptj = http(k8s, "GET", "/apis/posttrain.dev/v1alpha1")
     assert {(r["name"], r["kind"], r["namespaced"]) for r in ptj["resources"]} == {
         ("posttrainingjobs", "PostTrainingJob", True), ("posttrainingjobs/status", "PostTrainingJob", True)}
-    assert {"list", "watch", "patch", "create", "delete"} <= set(ptj["resources"][0]["verbs"])
+    main, status = ptj["resources"]
+    assert {"list", "watch", "patch", "create", "delete"} <= set(main["verbs"]) and main["shortNames"] == ["ptj"]
+    # A subresource as the real server lists it: no names a short name or category could resolve to.
+    assert status == {"name": "posttrainingjobs/status", "singularName": "", "namespaced": True,
+                      "kind": "PostTrainingJob", "verbs": ["get", "patch", "update"]}
     crds = k8s.list("apiextensions.k8s.io/v1", "customresourcedefinitions")
     assert {c["metadata"]["name"] for c in crds} == {
         "posttrainingjobs.posttrain.dev", "rayjobs.ray.io", "rayclusters.ray.io"}
@@ -95,7 +100,7 @@ def test_create_sets_uid_resource_version_generation_and_timestamp(k8s, job):
 def test_generation_follows_spec_only_and_no_op_writes_change_nothing(k8s, job):
     created = k8s.create(job)
     rv = int(created["metadata"]["resourceVersion"])
-    after_spec = k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"training": {"maxSteps": 8}}})
+    after_spec = k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"maxRestarts": 8}})
     assert after_spec["metadata"]["generation"] == 2
     assert int(after_spec["metadata"]["resourceVersion"]) > rv
     after_labels = k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"metadata": {"labels": {"team": "a"}}})
@@ -268,13 +273,14 @@ def test_deleting_an_owner_deletes_its_dependents(k8s, job):
     shared["metadata"]["ownerReferences"] += owned_by(other, configmap("x"))["metadata"]["ownerReferences"]
     k8s.create(shared)
     k8s.delete(*kubeemu.PTJ, "default", "tiny-sft")
-    assert k8s.find(*kubeemu.CONFIGMAP, "default", "cm") is None
-    assert k8s.find(*kubeemu.RAYJOB, "default", "rj") is None
+    k8s.wait_for(lambda: k8s.find(*kubeemu.CONFIGMAP, "default", "cm") is None, what="the garbage collector")
+    k8s.wait_for(lambda: k8s.find(*kubeemu.RAYJOB, "default", "rj") is None, what="the garbage collector")
     assert k8s.find(*kubeemu.CONFIGMAP, "default", "shared") is not None  # another owner still exists
 
     owner = k8s.create(job)
     k8s.create(owned_by(owner, configmap("kept")))
     k8s.delete(*kubeemu.PTJ, "default", "tiny-sft", propagation="Orphan")
+    k8s.wait_for(lambda: k8s.find(*kubeemu.PTJ, "default", "tiny-sft") is None, what="the orphan finalizer done")
     assert "ownerReferences" not in k8s.get(*kubeemu.CONFIGMAP, "default", "kept")["metadata"]
 
 
@@ -291,7 +297,7 @@ def test_finalizers_hold_deletion_until_removed(k8s, job):
     k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", [{"op": "remove", "path": "/metadata/finalizers"}],
               patch_type=kubeemu.JSON_PATCH)
     assert k8s.find(*kubeemu.PTJ, "default", "tiny-sft") is None
-    assert k8s.find(*kubeemu.CONFIGMAP, "default", "cm") is None
+    k8s.wait_for(lambda: k8s.find(*kubeemu.CONFIGMAP, "default", "cm") is None, what="the garbage collector")
 
 
 def test_events_are_accepted_with_generated_names(k8s, job):
@@ -345,6 +351,7 @@ def test_namespaces_leases_and_replace_with_resource_version(k8s):
         leases.replace_namespaced_lease("leader", "team", second)
     assert stale.value.status == 409
     k8s.delete("v1", "namespaces", None, "team")
+    k8s.wait_for(lambda: k8s.find("v1", "namespaces", None, "team") is None, what="the namespace controller")
     assert k8s.find("coordination.k8s.io/v1", "leases", "team", "leader") is None  # a namespace takes its contents
 
 
@@ -425,15 +432,15 @@ def test_real_kopf_operator_round_trip(k8s, job, tmp_path, monkeypatch, given, n
 
         k8s.set_rayjob_status("default", "tiny-sft-r0", deployment="Running", job="RUNNING")
         k8s.wait_for(lambda: phase() == "Running", what="RayJob Running -> job Running")
-        k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"training": {"maxSteps": 8}}})
+        k8s.patch(*kubeemu.PTJ, "default", "tiny-sft", {"spec": {"maxRestarts": 8}})
         k8s.wait_for(lambda: k8s.get(*kubeemu.PTJ, "default", "tiny-sft")["status"].get("observedGeneration") == 2)
         k8s.set_rayjob_status("default", "tiny-sft-r0", deployment="Complete", job="SUCCEEDED")
         k8s.wait_for(lambda: phase() == "Succeeded", what="RayJob Complete -> job Succeeded")
 
         k8s.delete(*kubeemu.PTJ, "default", "tiny-sft")  # held by kopf's finalizer until its handler ran
         k8s.wait_for(lambda: k8s.find(*kubeemu.PTJ, "default", "tiny-sft") is None, what="finalizer released")
-    assert k8s.find(*kubeemu.RAYJOB, "default", "tiny-sft-r0") is None
-    assert k8s.find(*kubeemu.CONFIGMAP, "default", "tiny-sft-config") is None
+    k8s.wait_for(lambda: k8s.find(*kubeemu.RAYJOB, "default", "tiny-sft-r0") is None, what="the garbage collector")
+    k8s.wait_for(lambda: k8s.find(*kubeemu.CONFIGMAP, "default", "tiny-sft-config") is None, what="the collector")
     status_writes = [r for r in k8s.requests if r.method == "PATCH" and r.subresource == "status"]
     assert status_writes, "status went through the /status subresource"
 
@@ -450,4 +457,4 @@ def test_a_dependent_created_after_its_owner_is_gone_is_collected(k8s, job):
     owner = k8s.create(job)
     k8s.delete(*kubeemu.PTJ, "default", owner["metadata"]["name"])
     k8s.create(owned_by(owner, configmap("late")))
-    assert k8s.find(*kubeemu.CONFIGMAP, "default", "late") is None
+    k8s.wait_for(lambda: k8s.find(*kubeemu.CONFIGMAP, "default", "late") is None, what="the garbage collector")

@@ -224,10 +224,22 @@ def test_suspend_and_resume(k8s):
         assert len(rayjobs(k8s)) == 1, "suspending is not a failure: no new run"
 
 
+def without_cel_rules(value):
+    """A copy of a CRD (part) without its `x-kubernetes-validations`, as a CRD older than those rules."""
+    if isinstance(value, dict):
+        return {k: without_cel_rules(v) for k, v in value.items() if k != "x-kubernetes-validations"}
+    return [without_cel_rules(v) for v in value] if isinstance(value, list) else value
+
+
 def test_an_immutable_change_is_refused_and_the_job_keeps_its_spec(k8s):
     with operator(k8s):
         k8s.create(job())
         k8s.wait_for(lambda: rayjobs(k8s))
+        with pytest.raises(kubeemu.ApiError) as refused:  # the CRD's CEL rule, as the API server applies it
+            k8s.patch(*kubeemu.PTJ, NS, "tune", {"spec": {"training": {"maxSteps": 5}}})
+        assert refused.value.status == 422 and "spec.training cannot change after creation" in str(refused.value)
+        # A cluster whose CRD predates the rules takes the change: the operator keeps the started spec.
+        k8s.apply(without_cel_rules(kubeemu.load_crd(kubeemu.PTJ_CRD)))
         k8s.patch(*kubeemu.PTJ, NS, "tune", {"spec": {"training": {"maxSteps": 5}}})
         cond = k8s.wait_for(lambda: next((c for c in ptj(k8s)["status"]["conditions"]
                                           if c["type"] == "SpecAccepted"), None))

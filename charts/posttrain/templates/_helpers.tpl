@@ -97,6 +97,10 @@ each per-namespace Role (a list of namespaces).
 - apiGroups: ["posttrain.dev"]
   resources: ["posttrainingjobs/status"]
   verbs: ["get", "patch", "update"]
+# Children's ownerReferences set blockOwnerDeletion; OwnerReferencesPermissionEnforcement (on in OpenShift) requires this.
+- apiGroups: ["posttrain.dev"]
+  resources: ["posttrainingjobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "delete", "patch", "update"]

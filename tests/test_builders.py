@@ -79,7 +79,11 @@ CASES = {
     "sft-suspended-kueue": dict(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a"}),
     "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES, rewards=REWARDS),
     "ppo-defaults": dict(algorithm="ppo", rewards=REWARDS),
-    "no-output-uri": dict(output={}, checkpoint={}),
+    "env-and-identity": dict(
+        env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+             {"name": "WANDB_PROJECT", "value": "tuning"}],
+        envFrom=[{"secretRef": {"name": "s3-credentials"}}], serviceAccountName="trainer-wi",
+        data={"train": [{"source": "pvc://data/train.jsonl"}]}),
 }
 
 
@@ -170,7 +174,7 @@ def test_core_objects_validate_strictly(case, version):
 def test_strict_core_validation_can_fail():
     import kubernetes_validate
 
-    pod = core_objects("sft-cpu")[1]
+    pod = next(o for o in core_objects("sft-cpu") if o["kind"] == "Pod")
     pod["spec"]["containers"][0]["resourcez"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pod, "1.33.0", strict=True)
@@ -187,6 +191,7 @@ def test_rayjob_shape_for_a_gpu_job():
     assert (spec["submissionMode"], spec["backoffLimit"], spec["shutdownAfterJobFinishes"]) == ("HTTPMode", 0, True)
     assert spec["preRunningDeadlineSeconds"] == 1800 and spec["ttlSecondsAfterFinished"] == 600
     assert spec["entrypoint"] == "python -m posttrain.jobs --spec /etc/posttrain/job.json --metrics-port 8490"
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_pod = head["template"]["spec"]
@@ -203,10 +208,13 @@ def test_rayjob_shape_for_a_gpu_job():
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training-high"
     assert pod["tolerations"] == GPU_ROLES["trainer"]["tolerations"]
     assert pod["affinity"] == GPU_ROLES["trainer"]["affinity"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "157286Mi"}} in pod["volumes"]
     claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
     assert claims == ["ckpt", "data", "models"]
     assert {"name": "pvc-ckpt", "mountPath": "/mnt/pvc/ckpt"} in container["volumeMounts"]
+    # Inputs-only claims are mounted read-only; output and checkpoint claims read-write.
+    assert {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}} in pod["volumes"]
 
 
 def test_rl_jobs_get_one_worker_group_per_role():

@@ -133,7 +133,7 @@ def test_immutable_field_changes_are_reported_and_not_applied():
     edited = copy.deepcopy(started)
     edited["training"]["learningRate"] = 1.0
     edited["maxRestarts"] = 7
-    assert reconcile.immutable_changes(edited, started) == ["training"]
+    assert reconcile.immutable_changes(edited, started) == ["training.learningRate"]
     older = {k: v for k, v in started.items() if k != "placement"}  # stored by an operator without that field
     assert reconcile.immutable_changes(started, older) == []
     effective = reconcile.effective_spec(edited, started)

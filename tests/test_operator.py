@@ -75,9 +75,9 @@ CLAIMS = ("models", "data", "ckpt")
 
 def make_registry(k8s, driver_port: int, **config):
     registry = kopf.OperatorRegistry()
-    settings = {"progress_interval": 0.3, "progress_timeout": 1.0, "retry_base": 0.2, "retry_max": 1.0, **config}
-    config = handlers.OperatorConfig(build=builders.BuildSettings(image="ghcr.io/posttrain/runtime:test"),
-                                     driver_port=driver_port, **settings)
+    settings = {"build": builders.BuildSettings(image="ghcr.io/posttrain/runtime:test"), "progress_interval": 0.3,
+                "progress_timeout": 1.0, "retry_base": 0.2, "retry_max": 1.0, **config}
+    config = handlers.OperatorConfig(driver_port=driver_port, **settings)
     controller = handlers.Controller(config, kube_api=kube.Kube(k8s.api_client()), metrics=metrics.OperatorMetrics())
     handlers.register(registry, controller)
     return registry, controller

@@ -3,7 +3,7 @@
     posttrain-operator run [--namespaces a,b] [--runtime-image IMG] [--metrics-port 8080] [--leader-election]
     posttrain-operator render job.yaml [--runtime-image IMG] [--run N]   # the children it would create, as YAML
     posttrain-operator crd                                              # the PostTrainingJob CRD
-    posttrain-operator remove-finalizers [--namespace NS] [--dry-run]    # clean up after versions <= 0.1
+    posttrain-operator remove-finalizers [--namespace NS] [--dry-run]    # clean up after earlier versions
 
 Every `run` flag also reads an environment variable (the Helm chart sets those):
 POSTTRAIN_WATCH_NAMESPACES, POSTTRAIN_RUNTIME_IMAGE, POSTTRAIN_METRICS_PORT,
@@ -11,7 +11,7 @@ POSTTRAIN_LEADER_ELECTION, POSTTRAIN_LEADER_ELECTION_NAMESPACE, POSTTRAIN_POD_NA
 POSTTRAIN_LEASE_SECONDS, POSTTRAIN_LOG_LEVEL, POSTTRAIN_PROGRESS_INTERVAL,
 POSTTRAIN_JOB_NETWORK_POLICY (JSON, the chart's `jobNetworkPolicy`), POSTTRAIN_JOB_TMP_SIZE_LIMIT.
 
-`remove-finalizers` takes the `posttrain.dev/finalizer` that operator versions up to 0.1 put on
+`remove-finalizers` takes the `posttrain.dev/finalizer` that earlier operator versions put on
 every PostTrainingJob off all of them (this version adds none and removes it as it goes). Run it
 when the operator is gone and a namespace or the CRD hangs in deletion.
 """

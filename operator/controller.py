@@ -147,8 +147,13 @@ class Controller:
             return "retry"
         if body is not None and any(f in vocab.LEGACY_FINALIZERS for f in body["metadata"].get("finalizers") or []):
             # Older versions put kopf's finalizer on every job; it blocks namespace and CRD deletion.
-            await self.kube.remove_finalizers(body, vocab.LEGACY_FINALIZERS)
-            body = await self.kube.get_job(namespace, name)
+            try:
+                await self.kube.remove_finalizers(body, vocab.LEGACY_FINALIZERS)
+                body = await self.kube.get_job(namespace, name)
+            except kube.KubeError as exc:
+                log.warning("cannot take the old finalizer off %s/%s: %s", namespace, name, exc)
+                self._retry_later(key)
+                return "retry"
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
             return "success"
@@ -159,7 +164,12 @@ class Controller:
         except (kube.KubeError, Held) as exc:
             held = exc if isinstance(exc, Held) else classify(exc)
             fallback = (reconcile.terminal if held.permanent else reconcile.blocked)(body, held.reason, held.message, now)
-            await self._write(body, fallback)
+            try:
+                await self._write(body, fallback)
+            except kube.KubeError as write_error:  # e.g. no right to write the status: keep retrying
+                log.warning("cannot write the status of %s/%s (%s) after: %s", namespace, name, write_error, held)
+                self._retry_later(key)
+                return "retry"
             if held.permanent:
                 self._active.pop(key, None)
                 return "error"
@@ -203,9 +213,11 @@ class Controller:
         if requested is None:
             if finished:
                 return _Decision(None, reconcile.Plan(status=dict(prev)))
-            if not started or verdict.spec is None:
+            if not started:
                 return _Decision(None, reconcile.invalid(body, invalid_text, now))
             # Never mark a job that has started as invalid: it keeps running the spec it started with.
+            if verdict.spec is None:
+                raise Held(vocab.REASON_INVALID_SPEC, f"{invalid_text}; fix the spec (its runs keep going)")
             obs.spec_problem = (vocab.REASON_INVALID_SPEC, f"{invalid_text}; the job keeps the spec it started with")
             job, requested_wire = self._stored_job(body, verdict.spec, obs), None
         else:
@@ -214,8 +226,8 @@ class Controller:
             if verdict.spec is not None:
                 effective = reconcile.effective_spec(requested_wire, verdict.spec)
                 job = self._stored_job(body, effective, obs) or requested
-        if job is None:
-            return _Decision(None, reconcile.terminal(body, vocab.REASON_STORED_SPEC_INVALID, obs.no_new_runs[1], now))
+        if job is None:  # neither the spec as edited nor the one it started with can be read
+            raise Held(vocab.REASON_STORED_SPEC_INVALID, f"{invalid_text}; and {obs.no_new_runs[1]}")
         obs.requested_spec = requested_wire
 
         if not started and not finished:
@@ -267,8 +279,9 @@ class Controller:
         meta, plan, job = body["metadata"], decision.plan, decision.job
         namespace, name, key = meta["namespace"], meta["name"], (meta["namespace"], meta["name"])
         policy = self.config.build.network_policy
+        live = plan.status.get("phase") not in ("Succeeded", "Failed")
         if job is not None and policy is not None and (plan.create_run is not None or (
-                decision.configmap is not None and key not in self._protected)):
+                live and decision.configmap is not None and key not in self._protected)):
             # Before any pod exists; for a job started by a version without policies, on its first pass.
             await self.kube.create_or_get_networkpolicy(build_networkpolicy(
                 name, namespace, owner_uid=meta["uid"], settings=policy))

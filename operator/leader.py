@@ -93,8 +93,6 @@ class LeaseLock:
 
     def release(self) -> None:
         """Give the Lease up on a clean stop, so a standby takes over at once instead of after expiry."""
-        from kubernetes import client
-
         try:
             lease = self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self.request_timeout)
             if lease.spec.holder_identity == self.identity:

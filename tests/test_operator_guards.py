@@ -276,3 +276,22 @@ def test_remove_finalizers_command_unblocks_deletion_without_an_operator(k8s):
     assert done.returncode == 0 and "2 PostTrainingJob(s) cleaned" in done.stdout, done.stderr
     assert k8s.find(*kubeemu.PTJ, NS, "a") is None, "the pending deletion completes"
     assert not ptj(k8s, "b")["metadata"].get("finalizers")
+
+
+def test_a_stored_spec_that_no_longer_parses_is_reported_and_never_restarted(k8s):
+    created = k8s.create(job(maxRestarts=3))
+    uid = created["metadata"]["uid"]
+    broken = parse_job(job()).spec.wire()
+    broken["training"]["maxSteps"] = 0  # a value this version refuses
+    k8s.create(spec_configmap([vocab.owner_reference("tune", uid)], spec=broken))
+    k8s.create(builders.build_rayjob(parse_job(job()), run=0, owner_uid=uid, settings=SETTINGS))
+    k8s.set_rayjob_status(NS, "tune-r0", deployment="Running", job="RUNNING")
+    with operator(k8s):
+        accepted = k8s.wait_for(lambda: condition(k8s, "SpecAccepted"))
+        assert accepted["reason"] == "StoredSpecInvalid" and "spec.training.maxSteps" in accepted["message"]
+        assert ptj(k8s)["status"]["phase"] == "Running", "the run it started keeps going"
+        assert k8s.wait_for(lambda: k8s.events(NS, involved=created, reason="StoredSpecInvalid"))
+        k8s.set_rayjob_status(NS, "tune-r0", deployment="Failed", job="FAILED", reason="AppFailed")
+        k8s.wait_for(phase_is(k8s, "Failed"))
+        assert condition(k8s, "Failed")["reason"] == "StoredSpecInvalid"
+        assert len(rayjobs(k8s)) == 1

@@ -20,7 +20,7 @@ def body_of(job, status=None, generation=1):
 def rayjob(run, deployment="", job_status="", suspend=False, applied=None, **extra):
     applied = str(suspend).lower() if applied is None else applied
     return {"metadata": {"name": f"tune-r{run}", "labels": {vocab.LABEL_RUN: str(run)},
-                         "annotations": {f"{vocab.ANNOTATION_PREFIX}/suspend": applied}},
+                         "annotations": {vocab.ANNOTATION_SUSPEND: applied}},
             "spec": {"suspend": suspend},
             "status": {"jobDeploymentStatus": deployment, "jobStatus": job_status, **extra}}
 

@@ -244,11 +244,16 @@ def test_an_invalid_edit_never_fails_a_started_job(k8s):
 # --- finalizers --------------------------------------------------------------------------------------
 
 def test_the_operator_adds_no_finalizer(k8s):
-    with operator(k8s):
+    with operator(k8s) as controller:
         k8s.create(job())
         k8s.wait_for(lambda: rayjobs(k8s))
         k8s.wait_for(phase_is(k8s, "Provisioning"))
+        passes = controller.metrics.reconciles.labels(result="success")._value.get()
+        # Several poll periods later (kopf adds a timer's finalizer on its own schedule): still none.
+        k8s.wait_for(lambda: controller.metrics.reconciles.labels(result="success")._value.get() >= passes + 5)
         assert not ptj(k8s)["metadata"].get("finalizers")
+        k8s.delete(*kubeemu.PTJ, NS, "tune")
+        k8s.wait_for(lambda: k8s.find(*kubeemu.PTJ, NS, "tune") is None, what="deleted at once")
 
 
 def test_finalizers_older_versions_left_are_removed_by_the_operator(k8s):

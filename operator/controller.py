@@ -23,12 +23,14 @@ from typing import Any
 from posttrain.api.cluster import cluster_errors, pvc_claims
 from posttrain.api.load import InvalidJob, known_fields, parse_job
 from posttrain.api.spec import PostTrainingJob
+from posttrain.api.status import Phase
 from posttrain.operator import builders, kube, observe, reconcile, vocab
 from posttrain.operator.adopt import Held, classify, configmap_verdict
 from posttrain.operator.metrics import OperatorMetrics
 from posttrain.operator.network import build_networkpolicy
 
 log = logging.getLogger("posttrain.operator")
+TERMINAL = (Phase.succeeded.value, Phase.failed.value)
 
 
 @dataclass
@@ -111,7 +113,8 @@ class Controller:
     async def poll_once(self) -> None:
         """Read every running job's /progress, then run one pass over every active job (the pass
         also checks the clocks: progress deadline, pods that cannot start)."""
-        jobs = list(self._active.items())
+        # A job waiting out a backoff is left to its retry timer.
+        jobs = [(key, run) for key, run in self._active.items() if key not in self._retries]
 
         async def fetch(key: tuple[str, str], run: str, url: str | None) -> None:
             raw = await kube.fetch_progress(url, self.config.progress_timeout) if url else None
@@ -190,7 +193,7 @@ class Controller:
     async def _decide(self, body: dict[str, Any], now: str) -> _Decision:
         meta, prev = body["metadata"], body.get("status") or {}
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        finished = prev.get("phase") in ("Succeeded", "Failed") and bool(prev.get("completionTime"))
+        finished = prev.get("phase") in TERMINAL and bool(prev.get("completionTime"))
         # Read tolerantly: fields a newer CRD defaults are reported, not failed on.
         doc, unknown = known_fields(_job_document(body))
         requested, invalid_text = None, ""
@@ -279,7 +282,7 @@ class Controller:
         meta, plan, job = body["metadata"], decision.plan, decision.job
         namespace, name, key = meta["namespace"], meta["name"], (meta["namespace"], meta["name"])
         policy = self.config.build.network_policy
-        live = plan.status.get("phase") not in ("Succeeded", "Failed")
+        live = plan.status.get("phase") not in TERMINAL
         if job is not None and policy is not None and (plan.create_run is not None or (
                 live and decision.configmap is not None and key not in self._protected)):
             # Before any pod exists; for a job started by a version without policies, on its first pass.
@@ -297,7 +300,7 @@ class Controller:
             await self.kube.stop_rayjob(namespace, *plan.stop_run)
         await self._write(body, plan)
         current = plan.status.get("rayJob")
-        if plan.status.get("phase") in ("Succeeded", "Failed"):
+        if plan.status.get("phase") in TERMINAL:
             self._active.pop(key, None)
         else:
             rayjob = next((r for r in decision.rayjobs if r["metadata"]["name"] == current), None)
@@ -325,7 +328,7 @@ class Controller:
                 await self.kube.post_event(body, type=kind, reason=reason, message=message)
             if plan.status.get("restarts", 0) > old.get("restarts", 0):
                 self.metrics.restarts.inc(plan.status["restarts"] - old.get("restarts", 0))
-            if (plan.status.get("phase") == "Failed" and old.get("phase") != "Failed"
+            if (plan.status.get("phase") == Phase.failed.value and old.get("phase") != Phase.failed.value
                     and any(c.get("reason") == vocab.REASON_RESTARTS_EXHAUSTED for c in plan.status["conditions"])):
                 self.metrics.exhausted.inc()
         self.metrics.observe_job(namespace, name, plan.status)

@@ -1,4 +1,4 @@
-"""The base of every API object: camelCase on the wire, unknown fields rejected."""
+"""The base of every API object: camelCase on the wire, unknown fields rejected, floats finite."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic.alias_generators import to_camel
 
 
 class ApiModel(BaseModel):
-    """Base for every API object: camelCase on the wire, unknown fields rejected."""
+    """Base for every API object: camelCase on the wire, unknown fields rejected, floats finite."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -17,6 +17,8 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_enum_values=False,
         validate_default=True,
+        # `.nan` / `.inf` in YAML would reach the trainer as a learning rate or a clip range.
+        allow_inf_nan=False,
     )
 
     def wire(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api.base import ApiModel
+from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -267,7 +268,8 @@ class RolesSpec(ApiModel):
 class CheckpointSpec(ApiModel):
     uri: str | None = Field(
         None,
-        description="Where checkpoints go (path, `pvc://`, `s3://`). Default: `checkpoints/` inside the output.",
+        description="Where checkpoints go (path, `pvc://`, `s3://`). Default: `checkpoints/` inside the output. "
+        "On a cluster it must be shared storage: `pvc://` (ReadWriteMany) or object storage.",
     )
     every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every this many steps; unset saves none until the end.")
     keep: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
@@ -275,7 +277,10 @@ class CheckpointSpec(ApiModel):
 
 class OutputSpec(ApiModel):
     uri: str | None = Field(
-        None, description="Where the trained model or adapter, metrics and summary go (path, `pvc://`, `s3://`)."
+        None,
+        description="Where the trained model or adapter, metrics and summary go (path, `pvc://`, `s3://`). "
+        "Required on a cluster, where it must be shared storage: `pvc://` (a ReadWriteMany claim) or object "
+        "storage (`s3://`, `gs://`, `gcs://`, `az://`, `abfs://`).",
     )
     merge_adapter: bool = Field(
         False, description="Merge a LoRA/DoRA adapter into the base weights and write a standalone model."
@@ -285,7 +290,7 @@ class OutputSpec(ApiModel):
 # Fields that may change while a job exists; every other spec field is fixed at creation
 # (the CRD rejects changes with a CEL rule, and the operator refuses them too).
 MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds", "ttlSecondsAfterFinished",
-                            "activeDeadlineSeconds"})
+                            "activeDeadlineSeconds", "progressDeadlineSeconds"})
 
 
 class PostTrainingJobSpec(ApiModel):
@@ -323,6 +328,29 @@ class PostTrainingJobSpec(ApiModel):
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Fail a run that is still going after this many seconds (unset: no limit)."
     )
+    progress_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Replace a Running run whose step has not advanced for this many seconds with the next run, "
+        "which resumes from the last checkpoint (counts as a restart; unset: no limit).",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=128,
+        description="Environment variables of every job container. Credentials (names like HF_TOKEN, "
+        "AWS_SECRET_ACCESS_KEY, *_PASSWORD, *_KEY) must use valueFrom.secretKeyRef, never a plain value.",
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list, max_length=32,
+        description="Secrets or ConfigMaps whose keys all become environment variables of every job container.",
+    )
+    service_account_name: str | None = Field(
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="ServiceAccount of the job's pods, for cloud workload identity (IRSA, GKE Workload "
+        "Identity). The pods still get no Kubernetes API token (automountServiceAccountToken: false).",
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PostTrainingJobSpec:
@@ -356,6 +384,10 @@ class PostTrainingJobSpec(ApiModel):
                 if sized:
                     raise ValueError(f"@roles.rollout.{sized[0]}: with placement colocated an engine runs beside each "
                                      "learner on the learner's pods; size roles.learner (roles.rollout takes only engine)")
+        names = [e.name for e in self.env]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"@env[{i}].name: {name} is set twice; keep one entry")
         for role in ("trainer", "learner", "reward"):
             if (getattr(self.roles, role) or RoleSpec()).engine is not None:
                 raise ValueError(f"@roles.{role}.engine: only roles.rollout has an inference engine")

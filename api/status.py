@@ -52,3 +52,7 @@ class PostTrainingJobStatus(ApiModel):
     restarts: int = Field(0, description="RayJobs replaced after a failure.")
     last_checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
     progress: Progress | None = Field(None, description="Progress read from the job's driver.")
+    last_progress_time: str | None = Field(
+        None, description="When the step last advanced in the current Running run (spec.progressDeadlineSeconds).")
+    spec_hash: str | None = Field(
+        None, description="Hash of the spec the job started with, as written to its spec ConfigMap.")

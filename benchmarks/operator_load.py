@@ -66,11 +66,15 @@ def main() -> int:
     args = parser.parse_args()
     import kubeemu
     import kubeemu_server
+    import opcluster
 
     # The emulator's own request log makes each request cost O(log size) (kmock's matching);
     # keep it tiny so the figures measure the operator, not the emulator.
     kubeemu_server.Emulator.request_log_limit = 4
-    with kubeemu.Cluster() as k8s:
+    # With the pods, claims and NetworkPolicies the operator reads and creates; the claims the jobs name.
+    with opcluster.cluster() as k8s:
+        for claim in ("models", "data", "out"):
+            opcluster.claim(k8s, claim)
         port = free_port()
         env = {**os.environ, "KUBECONFIG": str(k8s.kubeconfig_path), "POSTTRAIN_LOG_LEVEL": "warning"}
         proc = subprocess.Popen([sys.executable, "-m", "posttrain.operator", "run", "--metrics-port", str(port),

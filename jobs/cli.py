@@ -1,6 +1,6 @@
 """The `posttrain` command line.
 
-    posttrain validate job.yaml [more.yaml ...]
+    posttrain validate [--cluster] job.yaml [more.yaml ...]
     posttrain run job.yaml [--output DIR] [--set training.maxSteps=5] [--metrics-port 8080] [--overwrite]
 
 `validate` needs only the API package; `run` imports the training stack
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from posttrain.api.cluster import cluster_errors
 from posttrain.api.load import InvalidJob, load_job, parse_job, read_documents
 
 
@@ -32,6 +33,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for i, doc in enumerate(docs):
                 where = name if len(docs) == 1 else f"{name}[{i}]"
                 job = parse_job(doc, source=where, require_available=True)
+                if args.cluster and (errors := cluster_errors(job)):
+                    raise InvalidJob(errors, where)
                 print(f"{where}: ok ({job.spec.algorithm.value}, {job.metadata.name})")
         except InvalidJob as exc:
             _print_errors(exc)
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check PostTrainingJob files; lists every error with its field")
     v.add_argument("files", nargs="+")
+    v.add_argument("--cluster", action="store_true",
+                   help="also check what a cluster needs: shared output and checkpoint storage, no relative paths")
     v.set_defaults(func=cmd_validate)
     r = sub.add_parser("run", help="run a PostTrainingJob on an embedded Ray")
     r.add_argument("file")

@@ -3,17 +3,24 @@
     posttrain-operator run [--namespaces a,b] [--runtime-image IMG] [--metrics-port 8080] [--leader-election]
     posttrain-operator render job.yaml [--runtime-image IMG] [--run N]   # the children it would create, as YAML
     posttrain-operator crd                                              # the PostTrainingJob CRD
+    posttrain-operator remove-finalizers [--namespace NS] [--dry-run]    # clean up after earlier versions
 
 Every `run` flag also reads an environment variable (the Helm chart sets those):
 POSTTRAIN_WATCH_NAMESPACES, POSTTRAIN_RUNTIME_IMAGE, POSTTRAIN_METRICS_PORT,
 POSTTRAIN_LEADER_ELECTION, POSTTRAIN_LEADER_ELECTION_NAMESPACE, POSTTRAIN_POD_NAME,
-POSTTRAIN_LEASE_SECONDS, POSTTRAIN_LOG_LEVEL, POSTTRAIN_PROGRESS_INTERVAL.
+POSTTRAIN_LEASE_SECONDS, POSTTRAIN_LOG_LEVEL, POSTTRAIN_PROGRESS_INTERVAL,
+POSTTRAIN_JOB_NETWORK_POLICY (JSON, the chart's `jobNetworkPolicy`), POSTTRAIN_JOB_TMP_SIZE_LIMIT.
+
+`remove-finalizers` takes the `posttrain.dev/finalizer` that earlier operator versions put on
+every PostTrainingJob off all of them (this version adds none and removes it as it goes). Run it
+when the operator is gone and a namespace or the CRD hangs in deletion.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -44,7 +51,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 2
     if job.metadata.namespace is None:
         job.metadata.namespace = args.namespace
-    settings = builders.BuildSettings(image=args.runtime_image)
+    settings = build_settings(args)
     children = builders.build_children(job, run=args.run, owner_uid=args.owner_uid, settings=settings)
     sys.stdout.write(yaml.dump_all(children, Dumper=_ReadableDumper, sort_keys=False, width=120))
     return 0
@@ -129,12 +136,49 @@ async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
     target.set()
 
 
+def build_settings(args: argparse.Namespace) -> Any:
+    from posttrain.operator import builders
+    from posttrain.operator.network import NetworkPolicySettings
+
+    text = (args.job_network_policy or "").strip()
+    try:
+        policy = NetworkPolicySettings.from_json(json.loads(text)) if text else NetworkPolicySettings()
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"--job-network-policy / POSTTRAIN_JOB_NETWORK_POLICY: not a JSON object ({exc})") from None
+    return builders.BuildSettings(image=args.runtime_image, tmp_size_limit=args.job_tmp_size_limit,
+                                  network_policy=policy)
+
+
+async def _remove_finalizers(args: argparse.Namespace) -> int:
+    from kubernetes import config as kconfig
+
+    from posttrain.operator import kube, vocab
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        kconfig.load_kube_config()
+    api = kube.Kube()
+    cleaned = 0
+    for body in await api.list_jobs(args.namespace):
+        meta = body["metadata"]
+        legacy = [f for f in meta.get("finalizers") or [] if f in vocab.LEGACY_FINALIZERS]
+        if not legacy:
+            continue
+        print(f"{meta['namespace']}/{meta['name']}: {'would remove' if args.dry_run else 'removing'} {', '.join(legacy)}")
+        if not args.dry_run:
+            await api.remove_finalizers(body, vocab.LEGACY_FINALIZERS)
+        cleaned += 1
+    print(f"{cleaned} PostTrainingJob(s) {'to clean' if args.dry_run else 'cleaned'}")
+    return 0
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
-    from posttrain.operator import builders, handlers
+    from posttrain.operator import handlers
 
     namespaces = [n.strip() for n in (args.namespaces or "").split(",") if n.strip()]
     return handlers.OperatorConfig(
-        build=builders.BuildSettings(image=args.runtime_image),
+        build=build_settings(args),
         namespaces=namespaces,
         metrics_port=args.metrics_port,
         progress_interval=args.progress_interval,
@@ -164,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api-workers", type=int, default=int(os.environ.get("POSTTRAIN_API_WORKERS", "32")),
                    help="threads for Kubernetes API calls")
     r.add_argument("--log-level", default=os.environ.get("POSTTRAIN_LOG_LEVEL", "info"))
+    _job_pod_flags(r)
     d = sub.add_parser("render", help="print the children the operator would create for a job file")
     d.add_argument("file")
     d.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
@@ -172,7 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--run", type=int, default=0, help="restart index of the RayJob to render")
     d.add_argument("--owner-uid", default="00000000-0000-0000-0000-000000000000",
                    help="uid for the ownerReferences (the API server assigns the real one)")
+    _job_pod_flags(d)
+    f = sub.add_parser("remove-finalizers", help="take the finalizer older versions added off every PostTrainingJob")
+    f.add_argument("--namespace", "-n", default=None, help="one namespace (default: all)")
+    f.add_argument("--dry-run", action="store_true", help="list what would change, change nothing")
     return parser
+
+
+def _job_pod_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job-network-policy", default=os.environ.get("POSTTRAIN_JOB_NETWORK_POLICY", ""),
+                   help='JSON like the chart\'s jobNetworkPolicy value; {"enabled": false} creates none')
+    p.add_argument("--job-tmp-size-limit", default=os.environ.get("POSTTRAIN_JOB_TMP_SIZE_LIMIT", "64Gi"),
+                   help="sizeLimit of the /tmp emptyDir of every job pod (Ray logs, spill, model cache)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "render":
         return cmd_render(args)
+    if args.command == "remove-finalizers":
+        logging.basicConfig(level=logging.WARNING)
+        return asyncio.run(_remove_finalizers(args))
     return cmd_run(args)
 
 

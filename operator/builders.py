@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.api import runtime
+from posttrain.api.cluster import pvc_claims
 from posttrain.api.spec import GROUP, KIND, RL_ROLES, VERSION, PostTrainingJob, PostTrainingJobSpec, RoleSpec
 from posttrain.operator import vocab
+from posttrain.operator.network import NetworkPolicySettings, build_networkpolicy
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,33 @@ class BuildSettings:
     head_memory: str = "8Gi"
     image_pull_policy: str = "IfNotPresent"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # /tmp of every job pod: Ray's logs and spill files, and the cache of hub and object-storage
+    # downloads (HF_HOME, POSTTRAIN_CACHE). Exceeding it evicts the pod.
+    tmp_size_limit: str = "64Gi"
+    # None: no NetworkPolicy per job (the chart's jobNetworkPolicy.enabled=false).
+    network_policy: NetworkPolicySettings | None = field(default_factory=NetworkPolicySettings)
+
+
+# /dev/shm holds Ray's object store, which takes 30% of a node's memory by default; it is memory,
+# so it counts against the container's limit. A role that sets no memory gets SHM_DEFAULT.
+SHM_SHARE = 0.3
+SHM_DEFAULT = "2Gi"
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def shm_size(memory: str | None) -> str:
+    """The /dev/shm size limit for a pod with `memory` (a Kubernetes quantity).
+
+    >>> shm_size("8Gi"), shm_size("512Gi"), shm_size(None)
+    ('2457Mi', '157286Mi', '2Gi')
+    """
+    match = _QUANTITY.match(memory or "")
+    if not match:
+        return SHM_DEFAULT
+    size = float(match[1]) * _UNITS[match[2]] * SHM_SHARE
+    return f"{max(64, int(size // 2**20))}Mi"
 
 
 def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
@@ -44,18 +74,6 @@ def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
         skip = {"rollout"} if spec.placement == "colocated" else set()
         return {name: getattr(spec.roles, name) or RoleSpec() for name in RL_ROLES if name not in skip}
     return {"trainer": spec.roles.trainer}
-
-
-def pvc_claims(spec: PostTrainingJobSpec) -> list[str]:
-    """PersistentVolumeClaims named by `pvc://claim/...` anywhere in the spec, sorted."""
-    uris = [spec.model.source, spec.model.tokenizer, spec.checkpoint.uri, spec.output.uri]
-    uris += [s.source for s in spec.data.train] + ([spec.data.eval.source] if spec.data.eval else [])
-    return sorted({u[len("pvc://") :].split("/", 1)[0] for u in uris if u and u.startswith("pvc://")})
-
-
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
 
 
 def common_labels(job: str, component: str) -> dict[str, str]:
@@ -72,11 +90,17 @@ def spec_document(job: PostTrainingJob) -> dict[str, Any]:
     }
 
 
+def content_hash(spec_wire: dict[str, Any]) -> str:
+    """The hash of a spec in wire form, as stored in the ConfigMap's spec-hash annotation."""
+    return hashlib.sha256(json.dumps(spec_wire, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def spec_hash(job: PostTrainingJob) -> str:
-    return hashlib.sha256(json.dumps(job.spec.wire(), sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(job.spec.wire())
 
 
 def build_configmap(job: PostTrainingJob, *, owner_uid: str) -> dict[str, Any]:
+    """`<job>-spec`: the resolved job the driver reads, immutable (a run must not change under it)."""
     name = job.metadata.name
     return {
         "apiVersion": "v1",
@@ -85,11 +109,17 @@ def build_configmap(job: PostTrainingJob, *, owner_uid: str) -> dict[str, Any]:
             "name": vocab.configmap_name(name),
             "namespace": job.metadata.namespace,
             "labels": common_labels(name, "spec"),
-            "annotations": {f"{GROUP}/spec-hash": spec_hash(job)},
-            "ownerReferences": [owner_reference(name, owner_uid)],
+            "annotations": {vocab.ANNOTATION_SPEC_HASH: spec_hash(job)},
+            "ownerReferences": [vocab.owner_reference(name, owner_uid)],
         },
+        "immutable": True,
         "data": {vocab.SPEC_FILE: json.dumps(spec_document(job), indent=2, sort_keys=True) + "\n"},
     }
+
+
+def configmap_bytes(configmap: dict[str, Any]) -> int:
+    """What the API server counts against its 1 MiB ConfigMap limit."""
+    return sum(len(k) + len(v.encode()) for k, v in (configmap.get("data") or {}).items())
 
 
 def _resources(role: RoleSpec) -> dict[str, Any]:
@@ -103,21 +133,31 @@ def _resources(role: RoleSpec) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def _volumes(job: PostTrainingJob, *, with_spec: bool) -> tuple[list[dict], list[dict]]:
-    """(volumes, mounts): /dev/shm in memory, the PVCs the spec names, and the spec itself on the head."""
-    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "tmp", "emptyDir": {}}]
+def _volumes(job: PostTrainingJob, *, memory: str | None, settings: BuildSettings,
+             with_spec: bool) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts): /dev/shm in memory and /tmp, both bounded; the PVCs the spec names
+    (read-only when the job only reads them); and the spec itself on the head."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(memory)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
+    ]
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
-    for claim in pvc_claims(job.spec):
+    for claim, usage in pvc_claims(job.spec).items():
         vol = f"pvc-{claim}"[:63].rstrip("-")
-        volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
-        mounts.append({"name": vol, "mountPath": f"{vocab.PVC_ROOT}/{claim}"})
+        source: dict[str, Any] = {"claimName": claim}
+        mount: dict[str, Any] = {"name": vol, "mountPath": f"{vocab.PVC_ROOT}/{claim}"}
+        if usage == "read":
+            source["readOnly"] = mount["readOnly"] = True
+        volumes.append({"name": vol, "persistentVolumeClaim": source})
+        mounts.append(mount)
     if with_spec:
         volumes.append({"name": "job-spec", "configMap": {"name": vocab.configmap_name(job.metadata.name)}})
         mounts.append({"name": "job-spec", "mountPath": vocab.SPEC_MOUNT, "readOnly": True})
     return volumes, mounts
 
 
-def _env(settings: BuildSettings, run: int) -> list[dict[str, str]]:
+def _env(job: PostTrainingJob, settings: BuildSettings, run: int) -> list[dict[str, Any]]:
+    """The operator's variables, then the job's own (spec.env; reserved names are refused by the API)."""
     env = {
         runtime.PLACEMENT_ENV: runtime.PLACEMENT_ROLES,  # the driver asks Ray for each role's custom resource
         "POSTTRAIN_RUN": str(run),
@@ -126,19 +166,33 @@ def _env(settings: BuildSettings, run: int) -> list[dict[str, str]]:
         "HF_HOME": "/tmp/hf",
         **settings.extra_env,
     }
-    return [{"name": k, "value": v} for k, v in sorted(env.items())]
+    return [{"name": k, "value": v} for k, v in sorted(env.items())] + [e.wire() for e in job.spec.env]
 
 
-def _pod_template(job: PostTrainingJob, *, component: str, role: str | None, container: dict[str, Any],
+# The `restricted` Pod Security Standard: non-root as the runtime image's user, no privilege
+# escalation, no capabilities, the runtime's default seccomp profile.
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": vocab.RUNTIME_UID, "runAsGroup": vocab.RUNTIME_UID,
+                        "fsGroup": vocab.RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod_template(job: PostTrainingJob, *, run: int, component: str, role: str | None, container: dict[str, Any],
                   volumes: list[dict], placement: RoleSpec | None) -> dict[str, Any]:
-    labels = common_labels(job.metadata.name, component)
+    # The run label lets the operator find one run's pods (and tell them from a previous run's).
+    labels = {**common_labels(job.metadata.name, component), vocab.LABEL_RUN: str(run)}
     if role:
         labels[vocab.LABEL_ROLE] = role
     pod: dict[str, Any] = {
-        "automountServiceAccountToken": False,  # job pods run user reward code: no Kubernetes API rights
+        # Job pods run user reward code: no Kubernetes API token, even with a workload-identity
+        # service account (cloud identity comes from the account's annotations, not this token).
+        "automountServiceAccountToken": False,
+        "securityContext": json.loads(json.dumps(POD_SECURITY_CONTEXT)),
         "containers": [container],
         "volumes": volumes,
     }
+    if job.spec.service_account_name:
+        pod["serviceAccountName"] = job.spec.service_account_name
     if placement is not None:
         if placement.node_selector:
             pod["nodeSelector"] = dict(placement.node_selector)
@@ -156,32 +210,37 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
     """The RayJob of run `run` (0 first, n after the n-th restart)."""
     spec, name = job.spec, job.metadata.name
     image = spec.image or settings.image
-    env = _env(settings, run)
+    env = _env(job, settings, run)
+    env_from = [e.wire() for e in spec.env_from]
     suspend = spec.suspend if suspend is None else suspend
 
     def container(name: str, resources: dict[str, Any], mounts: list[dict], **extra: Any) -> dict[str, Any]:
-        return {"name": name, "image": image, "imagePullPolicy": settings.image_pull_policy,
-                "env": [dict(e) for e in env], **extra, "resources": resources, "volumeMounts": mounts}
+        out = {"name": name, "image": image, "imagePullPolicy": settings.image_pull_policy,
+               "env": json.loads(json.dumps(env)), **extra, "resources": resources, "volumeMounts": mounts,
+               "securityContext": json.loads(json.dumps(CONTAINER_SECURITY_CONTEXT))}
+        if env_from:
+            out["envFrom"] = json.loads(json.dumps(env_from))
+        return out
 
-    head_volumes, head_mounts = _volumes(job, with_spec=True)
+    head_volumes, head_mounts = _volumes(job, memory=settings.head_memory, settings=settings, with_spec=True)
     head_amounts = {"cpu": settings.head_cpu, "memory": settings.head_memory}
     head_container = container("ray-head", {"requests": dict(head_amounts), "limits": dict(head_amounts)}, head_mounts,
                                ports=[
                                    {"name": "gcs", "containerPort": 6379},
-                                   {"name": "dashboard", "containerPort": 8265},
+                                   {"name": "dashboard", "containerPort": vocab.RAY_DASHBOARD_PORT},
                                    {"name": "client", "containerPort": 10001},
                                    {"name": vocab.DRIVER_METRICS_PORT_NAME, "containerPort": vocab.DRIVER_METRICS_PORT},
                                ])
     head = {
         # num-cpus 0: the head runs the driver and small coordinating actors, never training work.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": _pod_template(job, component="head", role=None, container=head_container,
+        "template": _pod_template(job, run=run, component="head", role=None, container=head_container,
                                   volumes=head_volumes, placement=None),
     }
 
     groups = []
     for role, rs in roles_of(spec).items():
-        volumes, mounts = _volumes(job, with_spec=False)
+        volumes, mounts = _volumes(job, memory=rs.memory, settings=settings, with_spec=False)
         worker_container = container("ray-worker", _resources(rs), mounts)
         groups.append({
             "groupName": role,
@@ -191,14 +250,13 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
             # KubeRay passes this to `ray start --resources`: one unit per GPU (one for a CPU pod),
             # and the driver asks for one unit per actor, so each role's actors land on its own pods.
             "rayStartParams": {"resources": json.dumps(json.dumps({runtime.ray_resource(role): max(1, rs.gpus)}))},
-            "template": _pod_template(job, component="worker", role=role, container=worker_container,
+            "template": _pod_template(job, run=run, component="worker", role=role, container=worker_container,
                                       volumes=volumes, placement=rs),
         })
 
+    # No --output: spec.output.uri is required on a cluster (api/cluster.py) and names shared storage.
     entrypoint = (f"python -m posttrain.jobs --spec {vocab.SPEC_MOUNT}/{vocab.SPEC_FILE} "
                   f"--metrics-port {vocab.DRIVER_METRICS_PORT}")
-    if spec.output.uri is None:
-        entrypoint += f" --output {vocab.DEFAULT_OUTPUT_ROOT}/{name}"
     labels = {**common_labels(name, "rayjob"), vocab.LABEL_RUN: str(run)}
     if vocab.KUEUE_QUEUE_LABEL in job.metadata.labels:
         labels[vocab.KUEUE_QUEUE_LABEL] = job.metadata.labels[vocab.KUEUE_QUEUE_LABEL]
@@ -213,7 +271,15 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
         "preRunningDeadlineSeconds": spec.pre_running_deadline_seconds,
         "suspend": suspend,
-        "rayClusterSpec": {"rayVersion": settings.ray_version, "headGroupSpec": head, "workerGroupSpecs": groups},
+        "rayClusterSpec": {
+            "rayVersion": settings.ray_version,
+            # Ray token auth (Ray >= 2.52, KubeRay >= 1.5.1): KubeRay generates a Secret per cluster,
+            # sets RAY_AUTH_MODE/RAY_AUTH_TOKEN in every Ray container, and its HTTPMode submission
+            # sends the token; nothing else can submit to or drive the head.
+            "authOptions": {"mode": "token"},
+            "headGroupSpec": head,
+            "workerGroupSpecs": groups,
+        },
     }
     if spec.active_deadline_seconds:
         rayjob_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
@@ -224,14 +290,19 @@ def build_rayjob(job: PostTrainingJob, *, run: int, owner_uid: str, settings: Bu
             "name": vocab.rayjob_name(name, run),
             "namespace": job.metadata.namespace,
             "labels": labels,
-            "annotations": {f"{GROUP}/spec-hash": spec_hash(job), f"{GROUP}/suspend": str(suspend).lower()},
-            "ownerReferences": [owner_reference(name, owner_uid)],
+            "annotations": {vocab.ANNOTATION_SPEC_HASH: spec_hash(job), vocab.ANNOTATION_SUSPEND: str(suspend).lower()},
+            "ownerReferences": [vocab.owner_reference(name, owner_uid)],
         },
         "spec": rayjob_spec,
     }
 
 
 def build_children(job: PostTrainingJob, *, run: int, owner_uid: str, settings: BuildSettings) -> list[dict[str, Any]]:
-    """Every child of one run, in creation order (the RayJob mounts the ConfigMap)."""
-    return [build_configmap(job, owner_uid=owner_uid),
-            build_rayjob(job, run=run, owner_uid=owner_uid, settings=settings)]
+    """Every child of one run, in creation order: the NetworkPolicy first (no pod runs unprotected),
+    the ConfigMap (the RayJob mounts it), the RayJob."""
+    children = [build_configmap(job, owner_uid=owner_uid),
+                build_rayjob(job, run=run, owner_uid=owner_uid, settings=settings)]
+    if settings.network_policy is not None:
+        children.insert(0, build_networkpolicy(job.metadata.name, job.metadata.namespace, owner_uid=owner_uid,
+                                               settings=settings.network_policy))
+    return children

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from posttrain.api import runtime
-from posttrain.api.spec import GROUP
+from posttrain.api.spec import GROUP, KIND, VERSION
 
 # Labels on every child object and pod.
 LABEL_JOB = f"{GROUP}/job"  # e.g. posttrain.dev/job: grpo-arith
@@ -19,35 +19,69 @@ LABEL_RUN = f"{GROUP}/run"  # e.g. posttrain.dev/run: "1" (restart index of the 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"  # posttrain-operator
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # passed from the PostTrainingJob to its RayJobs
 
-# kopf's own bookkeeping, under our group rather than kopf.zalando.org.
-FINALIZER = f"{GROUP}/finalizer"
+# Annotations on the children.
 ANNOTATION_PREFIX = GROUP
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"  # on the ConfigMap and RayJobs, e.g. "3f9a0c1b2d4e5f60"
+ANNOTATION_SUSPEND = f"{GROUP}/suspend"  # on a RayJob: what the operator last asked for, "true" | "false"
+# On a RayJob the operator stopped (suspended) itself, why: e.g. "ProgressDeadlineExceeded", and the detail.
+ANNOTATION_STOP_REASON = f"{GROUP}/stop-reason"
+ANNOTATION_STOP_MESSAGE = f"{GROUP}/stop-message"
+
+# kopf's finalizer under our group. This version adds no finalizer; older ones did (through a kopf
+# timer), and `posttrain-operator remove-finalizers` and every reconcile take it off again.
+FINALIZER = f"{GROUP}/finalizer"
+LEGACY_FINALIZERS = (FINALIZER, "kopf.zalando.org/KopfFinalizerMarker")
 
 # Where the driver serves /metrics and /progress inside the head pod (shared with the runtime).
 DRIVER_METRICS_PORT = runtime.DRIVER_METRICS_PORT
 DRIVER_METRICS_PORT_NAME = runtime.DRIVER_METRICS_PORT_NAME
+RAY_DASHBOARD_PORT = 8265  # KubeRay's HTTPMode submits the entrypoint here
 SPEC_MOUNT = "/etc/posttrain"  # the ConfigMap with the resolved job
 SPEC_FILE = "job.json"
-PVC_ROOT = "/mnt/pvc"  # pvc://claim/path is mounted at /mnt/pvc/claim
-DEFAULT_OUTPUT_ROOT = "/tmp/posttrain-output"  # used when spec.output.uri is unset (not persistent)
+PVC_ROOT = runtime.PVC_ROOT  # pvc://claim/path is mounted at /mnt/pvc/claim
+CONFIGMAP_MAX_BYTES = 1024 * 1024  # the API server refuses larger ConfigMaps
+RUNTIME_UID = 1000  # the runtime image's user (images/runtime/Dockerfile: USER 1000:1000)
 
 # KubeRay refuses RayJob names longer than this (its RayCluster and Service names derive from it).
 MAX_RAYJOB_NAME = 47
 
-# Condition types and reasons.
+# Condition types.
 COND_READY = "Ready"
 COND_PROGRESSING = "Progressing"
 COND_FAILED = "Failed"
-COND_SPEC_ACCEPTED = "SpecAccepted"
+COND_SPEC_ACCEPTED = "SpecAccepted"  # False while the spec (or its stored copy) cannot be used as it is
+COND_BLOCKED = "Blocked"  # True while something outside the job holds it up (a missing claim, an API error)
+COND_UNKNOWN_FIELDS = "UnknownFields"  # True when the stored object has fields this operator does not know
+
+# Reasons. Terminal failures:
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_RESTARTS_EXHAUSTED = "RestartsExhausted"
+REASON_INVALID_INPUT = "InvalidInput"  # the driver exited with code 2: bad input, nothing written
+REASON_PODS_CANNOT_START = "PodsCannotStart"  # a missing claim or Secret, Pod Security, a PriorityClass
+REASON_RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"  # KubeRay's ValidationFailed
+REASON_RAYJOB_REJECTED = "RayJobRejected"  # the API server refused the RayJob (422/400)
+REASON_SPEC_TOO_LARGE = "SpecTooLarge"  # the resolved spec does not fit a ConfigMap
+REASON_STORED_SPEC_INVALID = "StoredSpecInvalid"  # the spec ConfigMap no longer parses
+REASON_SPEC_TAMPERED = "SpecConfigMapTampered"  # the spec ConfigMap's content is not what was written
+REASON_VOLUME_NOT_SHARED = "VolumeNotShared"  # a claim lacks ReadWriteMany (ReadOnlyMany for inputs)
+# Phases and progress:
 REASON_RESTARTING = "Restarting"
+REASON_PROGRESS_DEADLINE = "ProgressDeadlineExceeded"  # no new step for spec.progressDeadlineSeconds
 REASON_SUSPENDED = "Suspended"
 REASON_SUCCEEDED = "Succeeded"
 REASON_RUNNING = "Running"
 REASON_PROVISIONING = "Provisioning"
 REASON_PENDING = "Pending"
+REASON_QUEUED = "Queued"
 REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
+REASON_UNKNOWN_FIELDS = "UnknownFieldsIgnored"
+# Blocked (transient, retried with backoff):
+REASON_WAITING_FOR_VOLUME = "WaitingForVolume"  # a claim the spec names does not exist yet
+REASON_STALE_CONFIGMAP = "WaitingForGarbageCollection"  # <job>-spec of a deleted namesake job
+REASON_CONFIGMAP_CONFLICT = "SpecConfigMapConflict"  # <job>-spec exists and belongs to something else
+REASON_KUBERAY_MISSING = "KubeRayMissing"  # the API server does not serve ray.io/v1 RayJobs (404)
+REASON_FORBIDDEN = "Forbidden"  # the operator's RBAC does not allow a call (403)
+REASON_API_ERROR = "ApiError"  # any other error answer, or no answer
 
 
 def _fit(base: str, suffix: str, limit: int) -> str:
@@ -73,6 +107,16 @@ def rayjob_name(job: str, run: int) -> str:
 
 def configmap_name(job: str) -> str:
     return _fit(job, "-spec", 253)
+
+
+def networkpolicy_name(job: str) -> str:
+    return _fit(job, "-ray", 253)
+
+
+def owner_reference(job: str, uid: str) -> dict[str, object]:
+    """What every child carries: garbage collection deletes it with the job (no finalizer needed)."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": job, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
 
 
 def run_index(rayjob_name_: str) -> int | None:

@@ -132,6 +132,11 @@ BUILTIN_KINDS = (
     Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
     Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+    # What the operator reads besides its own kinds (claims' access modes, job pods' states), and what it creates.
+    Kind("", "v1", "pods", "Pod", status_subresource=True, short_names=("po",)),
+    Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", status_subresource=True, short_names=("pvc",)),
+    Kind("", "v1", "secrets", "Secret"),
+    Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", short_names=("netpol",)),
 )
 
 T = TypeVar("T")

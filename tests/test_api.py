@@ -297,10 +297,23 @@ def test_apply_overrides_paths_and_values():
     assert spec["image"] == ""
 
 
-def test_apply_overrides_nested_list_indexes_pad_the_list():
-    out = apply_overrides({}, ["x[2]=1", "y[1][0]=a"])
-    assert out["spec"]["x"] == [None, None, 1]
-    assert out["spec"]["y"] == [[], ["a"]]
+def test_apply_overrides_nested_list_indexes_append_at_the_end():
+    out = apply_overrides({}, ["x[0]=1", "x[1]=2", "x[0]=3", "y[0][0]=a", "y[0][1]=b"])
+    assert out["spec"]["x"] == [3, 2]
+    assert out["spec"]["y"] == [["a", "b"]]
+
+
+@pytest.mark.timeout(10)
+def test_apply_overrides_refuses_an_index_beyond_the_end_without_allocating_it():
+    doc = copy.deepcopy(BASE_JOB)
+    with pytest.raises(InvalidJob) as info:
+        apply_overrides(doc, ["data.train[100000000].source=x.jsonl"])
+    [err] = info.value.errors
+    assert err.path == "data.train[100000000].source"
+    assert "beyond the end: the list has 1 item(s)" in err.message and "append with [1]" in err.message
+    assert len(doc["spec"]["data"]["train"]) == 1, "nothing was appended"
+    with pytest.raises(InvalidJob, match=r"the list is empty; append with \[0\]"):
+        apply_overrides({}, ["rewards[3].function=m:f"])
 
 
 @pytest.mark.parametrize(("item", "path", "word"), [

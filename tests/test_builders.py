@@ -79,7 +79,11 @@ CASES = {
     "sft-suspended-kueue": dict(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a"}),
     "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES, rewards=REWARDS),
     "ppo-defaults": dict(algorithm="ppo", rewards=REWARDS),
-    "no-output-uri": dict(output={}, checkpoint={}),
+    "env-and-identity": dict(
+        env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+             {"name": "WANDB_PROJECT", "value": "tuning"}],
+        envFrom=[{"secretRef": {"name": "s3-credentials"}}], serviceAccountName="trainer-wi",
+        data={"train": [{"source": "pvc://data/train.jsonl"}]}),
 }
 
 
@@ -170,7 +174,7 @@ def test_core_objects_validate_strictly(case, version):
 def test_strict_core_validation_can_fail():
     import kubernetes_validate
 
-    pod = core_objects("sft-cpu")[1]
+    pod = next(o for o in core_objects("sft-cpu") if o["kind"] == "Pod")
     pod["spec"]["containers"][0]["resourcez"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pod, "1.33.0", strict=True)
@@ -187,6 +191,7 @@ def test_rayjob_shape_for_a_gpu_job():
     assert (spec["submissionMode"], spec["backoffLimit"], spec["shutdownAfterJobFinishes"]) == ("HTTPMode", 0, True)
     assert spec["preRunningDeadlineSeconds"] == 1800 and spec["ttlSecondsAfterFinished"] == 600
     assert spec["entrypoint"] == "python -m posttrain.jobs --spec /etc/posttrain/job.json --metrics-port 8490"
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_pod = head["template"]["spec"]
@@ -203,10 +208,13 @@ def test_rayjob_shape_for_a_gpu_job():
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training-high"
     assert pod["tolerations"] == GPU_ROLES["trainer"]["tolerations"]
     assert pod["affinity"] == GPU_ROLES["trainer"]["affinity"]
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "157286Mi"}} in pod["volumes"]
     claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v)
     assert claims == ["ckpt", "data", "models"]
     assert {"name": "pvc-ckpt", "mountPath": "/mnt/pvc/ckpt"} in container["volumeMounts"]
+    # Inputs-only claims are mounted read-only; output and checkpoint claims read-write.
+    assert {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}} in pod["volumes"]
 
 
 def test_rl_jobs_get_one_worker_group_per_role():
@@ -254,3 +262,112 @@ def test_configmap_holds_the_resolved_spec():
     assert doc["spec"]["training"]["learningRate"] == 2e-4  # defaults filled in
     assert parse_job(doc).spec == job.spec
     assert cm["metadata"]["name"] == "tune-spec"
+
+
+# --- what a multi-tenant cluster needs of every job pod ---------------------------------------------
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """The Pod Security Standard `restricted` (kubernetes.io/docs/concepts/security/pod-security-standards),
+    the checks that apply to these pods: volume types, privilege escalation, non-root, capabilities, seccomp."""
+    spec, found = pod["spec"], []
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+    for vol in spec.get("volumes", []):
+        if not set(vol) - {"name"} <= allowed_volumes:
+            found.append(f"volume {vol['name']} type")
+    pod_ctx = spec.get("securityContext") or {}
+    if (pod_ctx.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        found.append("pod seccompProfile")
+    if pod_ctx.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        ctx = c.get("securityContext") or {}
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']} allowPrivilegeEscalation")
+        if not (ctx.get("runAsNonRoot") or pod_ctx.get("runAsNonRoot")):
+            found.append(f"{c['name']} runAsNonRoot")
+        if ctx.get("privileged") or ctx.get("runAsUser") == 0:
+            found.append(f"{c['name']} privileged/root")
+        caps = ctx.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{c['name']} capabilities")
+    return found
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_job_pod_passes_the_restricted_pod_security_standard(case):
+    pods = [o for o in core_objects(case) if o["kind"] == "Pod"]
+    assert pods and all(restricted_violations(p) == [] for p in pods), [restricted_violations(p) for p in pods]
+    for pod in pods:
+        assert pod["spec"]["securityContext"]["runAsUser"] == vocab.RUNTIME_UID == 1000
+        assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_the_restricted_check_can_fail():
+    pod = next(o for o in core_objects("sft-cpu") if o["kind"] == "Pod")
+    pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    pod["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert restricted_violations(pod) == ["volume host type", "ray-head allowPrivilegeEscalation"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_emptydir_is_bounded(case):
+    for pod in (o for o in core_objects(case) if o["kind"] == "Pod"):
+        dirs = {v["name"]: v["emptyDir"] for v in pod["spec"]["volumes"] if "emptyDir" in v}
+        assert set(dirs) == {"dshm", "tmp"} and all(d.get("sizeLimit") for d in dirs.values()), dirs
+        assert dirs["tmp"]["sizeLimit"] == SETTINGS.tmp_size_limit == "64Gi"
+
+
+def test_shm_is_sized_from_the_roles_memory():
+    rj = builders.build_rayjob(make_job(roles={"trainer": {"memory": "16Gi"}}), run=0, owner_uid=UID, settings=SETTINGS)
+    head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    worker = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"]
+    assert head[0]["emptyDir"]["sizeLimit"] == builders.shm_size(SETTINGS.head_memory) == "2457Mi"
+    assert worker[0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "4915Mi"}  # 30% of 16Gi
+    none = builders.build_rayjob(make_job(), run=0, owner_uid=UID, settings=SETTINGS)
+    assert none["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"][0]["emptyDir"] == \
+        {"medium": "Memory", "sizeLimit": builders.SHM_DEFAULT}
+
+
+def test_credentials_and_identity_reach_every_container_and_never_the_configmap_as_values():
+    job = make_job(**CASES["env-and-identity"])
+    rj = builders.build_rayjob(job, run=0, owner_uid=UID, settings=SETTINGS)
+    cluster = rj["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for t in templates:
+        pod, (c,) = t["spec"], t["spec"]["containers"]
+        assert pod["serviceAccountName"] == "trainer-wi" and pod["automountServiceAccountToken"] is False
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in c["env"]
+        assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert [e["name"] for e in c["env"]][:5] == sorted(e["name"] for e in c["env"][:5]), "operator's own first"
+    data = builders.build_configmap(job, owner_uid=UID)["data"][vocab.SPEC_FILE]
+    assert '"secretKeyRef"' in data and "valueFrom" in data
+
+
+def test_no_output_flag_and_token_auth():
+    rj = builders.build_rayjob(make_job(), run=0, owner_uid=UID, settings=SETTINGS)
+    assert "--output" not in rj["spec"]["entrypoint"]
+    assert rj["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert rj["spec"]["rayClusterSpec"]["rayVersion"] >= "2.52"  # KubeRay refuses token auth below Ray 2.52
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_networkpolicy_validates_and_admits_only_the_configured_peers(version):
+    import kubernetes_validate
+
+    from posttrain.operator.network import NetworkPolicySettings, build_networkpolicy
+
+    settings = NetworkPolicySettings.from_json({
+        "enabled": True, "operator": {"namespace": "ops", "podLabels": {"app": "op"}},
+        "prometheus": {"namespaceSelector": {}, "podSelector": {}},  # no Prometheus rule at all
+        "kuberay": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray"}}},
+        "extraIngress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 8265}]}]})
+    policy = build_networkpolicy("tune", "ml", owner_uid=UID, settings=settings)
+    kubernetes_validate.validate(policy, version, strict=True)
+    ingress = policy["spec"]["ingress"]
+    assert ingress[1] == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+                                    "podSelector": {"matchLabels": {"app": "op"}}}],
+                          "ports": [{"protocol": "TCP", "port": 8490}]}
+    assert ingress[2]["ports"] == [{"protocol": "TCP", "port": 8265}] and len(ingress) == 4
+    assert not any(peer == {} for rule in ingress for peer in rule.get("from", [])), "{} would admit every pod"
+    assert NetworkPolicySettings.from_json({"enabled": False}) is None

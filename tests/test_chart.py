@@ -55,13 +55,16 @@ def _exported(registry: Any) -> set[str]:
 # What the operator and the driver really export; the alerts and the dashboard may use nothing else.
 OPERATOR_METRICS = _exported(OperatorMetrics().registry)
 DRIVER_METRICS = _exported(DriverMetrics(RunState(job="j", algorithm="grpo")).registry)
-NAMESPACED_RULES = [
-    {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs"], "verbs": ["get", "list", "watch", "patch", "update"]},
-    {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/status"], "verbs": ["get", "patch", "update"]},
+NAMESPACED_RULES = [  # exactly the calls of operator/kube.py and kopf's watches
+    {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/status"], "verbs": ["patch"]},
     {"apiGroups": ["posttrain.dev"], "resources": ["posttrainingjobs/finalizers"], "verbs": ["update"]},
-    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"]},
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 CRD_READ = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]}
 NAMESPACE_READ = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
@@ -254,13 +257,35 @@ def test_deployment_runs_hardened_with_probes_and_the_operator_contract():
     assert env == {
         "POSTTRAIN_WATCH_NAMESPACES": "", "POSTTRAIN_RUNTIME_IMAGE": "ghcr.io/posttrain/runtime:0.1.0",
         "POSTTRAIN_METRICS_PORT": "8080", "POSTTRAIN_PROGRESS_INTERVAL": "10", "POSTTRAIN_LOG_LEVEL": "info",
-        "POSTTRAIN_LEADER_ELECTION": "true",
+        "POSTTRAIN_LEADER_ELECTION": "true", "POSTTRAIN_JOB_TMP_SIZE_LIMIT": "64Gi",
+        "POSTTRAIN_JOB_NETWORK_POLICY": env["POSTTRAIN_JOB_NETWORK_POLICY"],
         "POSTTRAIN_LEADER_ELECTION_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}},
         "POSTTRAIN_POD_NAME": {"fieldRef": {"fieldPath": "metadata.name"}},
     }
     assert c["image"] == "ghcr.io/posttrain/operator:0.1.0"
     # No surge pod: it would wait for the Lease that the pod it replaces holds.
     assert one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_job_network_policy_admits_this_operators_pods_and_can_be_turned_off():
+    from posttrain.operator.network import NetworkPolicySettings, build_networkpolicy
+
+    docs = render()
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    settings = NetworkPolicySettings.from_json(json.loads(env["POSTTRAIN_JOB_NETWORK_POLICY"]))
+    policy = build_networkpolicy("tune", "ml", owner_uid="u", settings=settings)
+    operator_rule = policy["spec"]["ingress"][1]
+    [peer] = operator_rule["from"]
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert peer["podSelector"]["matchLabels"].items() <= pod_labels.items(), "selects the operator's pods"
+    assert operator_rule["ports"] == [{"protocol": "TCP", "port": vocab.DRIVER_METRICS_PORT}]
+    kuberay = policy["spec"]["ingress"][3]
+    assert kuberay["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    off = {e["name"]: e.get("value") for e in container(render(sets=("jobs.networkPolicy.enabled=false",)))["env"]}
+    assert NetworkPolicySettings.from_json(json.loads(off["POSTTRAIN_JOB_NETWORK_POLICY"])) is None
+    sized = {e["name"]: e.get("value") for e in container(render(sets=("jobs.tmpSizeLimit=200Gi",)))["env"]}
+    assert sized["POSTTRAIN_JOB_TMP_SIZE_LIMIT"] == "200Gi"
 
 
 def test_deployment_namespaced_and_ha_settings():

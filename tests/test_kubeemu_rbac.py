@@ -18,6 +18,8 @@ import kopf
 import pytest
 
 import kubeemu
+import opcluster
+from support import jobs
 from posttrain.api.load import parse_job
 from posttrain.operator import builders, handlers, kube, metrics
 from test_chart import RELEASE, NAMESPACE, render
@@ -159,19 +161,22 @@ def operator_as(k8s: kubeemu.Cluster, token: str, *, namespaces: list[str] | Non
 OPERATOR_SA = f"system:serviceaccount:{NAMESPACE}:{RELEASE}"  # the chart's ServiceAccount
 
 
-def test_an_operator_role_without_the_finalizers_rule_cannot_create_owned_children(job_dict):
+def test_an_operator_role_without_the_finalizers_rule_cannot_create_owned_children():
+    job_dict = jobs.cluster_document()
     rules = [r for r in render("default") if r["kind"] == "ClusterRole" and r["metadata"]["name"] == RELEASE][0]["rules"]
     lacking = [r for r in rules if "posttrainingjobs/finalizers" not in r["resources"]]
     with kubeemu.Cluster(rbac=True, tokens={"op": OPERATOR_SA}, namespaces=("default", NAMESPACE)) as k8s:
         k8s.create(rbac("ClusterRole", "op", rules=lacking))
         k8s.create(binding("ClusterRoleBinding", "op", "ClusterRole",
                            [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]))
+        for claim in jobs.CLAIMS:
+            opcluster.claim(k8s, claim)
         with operator_as(k8s, "op"):
             job = k8s.create(job_dict)
             refused = k8s.wait_for(lambda: [e for e in k8s.audit if e["verb"] == "create" and e["code"] == 403],
                                    timeout=30, what="the operator's refused create")
-        # The spec ConfigMap is the first child with blockOwnerDeletion; no RayJob is ever made.
-        assert refused[0]["resource"] == "configmaps" and refused[0]["user"] == OPERATOR_SA
+        # The first owned child (the job's NetworkPolicy, then its spec ConfigMap) is refused; no RayJob is made.
+        assert refused[0]["resource"] in ("networkpolicies", "configmaps") and refused[0]["user"] == OPERATOR_SA
         assert "cannot set blockOwnerDeletion" in refused[0]["message"]
         assert k8s.list(*kubeemu.RAYJOB, "default") == []
         # The RayJob the operator would create next is refused the same way.
@@ -185,8 +190,9 @@ def test_an_operator_role_without_the_finalizers_rule_cannot_create_owned_childr
 
 
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
-def test_the_operator_works_with_exactly_the_charts_rbac(scenario, job_dict):
+def test_the_operator_works_with_exactly_the_charts_rbac(scenario):
     """`helm template` the chart, load its RBAC, run the operator as the chart's ServiceAccount."""
+    job_dict = jobs.cluster_document()
     docs = render(scenario)
     watched = [d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"
                and d["metadata"]["name"] == RELEASE] or None  # "namespaced": a Role per watched namespace
@@ -197,6 +203,8 @@ def test_the_operator_works_with_exactly_the_charts_rbac(scenario, job_dict):
         for doc in docs:
             if doc["apiVersion"].startswith("rbac.") or doc["kind"] == "ServiceAccount":
                 k8s.create(doc, doc["metadata"].get("namespace"))
+        for claim in jobs.CLAIMS:
+            opcluster.claim(k8s, claim, namespace=namespace)
         with operator_as(k8s, "op", namespaces=watched):
             k8s.create(job_dict, namespace)
             rayjob = k8s.wait_for(lambda: k8s.list(*kubeemu.RAYJOB, namespace), timeout=30, what="the RayJob")[0]

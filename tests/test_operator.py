@@ -17,21 +17,25 @@ import kopf
 import pytest
 
 import kubeemu
+import opcluster
 from posttrain.operator import builders, handlers, kube, metrics, vocab
 
 NS = "default"
 
 
 class FakeDriver:
-    """Serves GET /progress like a job's driver, with a body the test controls."""
+    """Serves GET /progress like a job's driver, with a body the test controls (`raw` wins over `body`)."""
 
     def __init__(self) -> None:
         self.body = {"step": 0, "totalSteps": 100, "loss": None, "phase": "initializing"}
+        self.raw: bytes | None = None
+        self.hits = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
-                data = json.dumps(outer.body).encode()
+                outer.hits += 1
+                data = outer.raw if outer.raw is not None else json.dumps(outer.body).encode()
                 self.send_response(200 if self.path == "/progress" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -58,24 +62,30 @@ def driver():
 
 @pytest.fixture
 def k8s():
-    with kubeemu.Cluster() as cluster:
+    with opcluster.cluster() as cluster:
         # CI's 2 cores may be busy with other tests' Ray workers: be patient, assertions stay exact.
         cluster.wait_for = functools.partial(cluster.wait_for, timeout=45)
+        for name in CLAIMS:  # the claims job() names, shared by every pod (ReadWriteMany)
+            opcluster.claim(cluster, name)
         yield cluster
 
 
-def make_registry(k8s, driver_port: int):
+CLAIMS = ("models", "data", "ckpt")
+
+
+def make_registry(k8s, driver_port: int, **config):
     registry = kopf.OperatorRegistry()
-    config = handlers.OperatorConfig(build=builders.BuildSettings(image="ghcr.io/posttrain/runtime:test"),
-                                     driver_port=driver_port, progress_interval=0.3, progress_timeout=1.0)
+    settings = {"build": builders.BuildSettings(image="ghcr.io/posttrain/runtime:test"), "progress_interval": 0.3,
+                "progress_timeout": 1.0, "retry_base": 0.2, "retry_max": 1.0, **config}
+    config = handlers.OperatorConfig(driver_port=driver_port, **settings)
     controller = handlers.Controller(config, kube_api=kube.Kube(k8s.api_client()), metrics=metrics.OperatorMetrics())
     handlers.register(registry, controller)
     return registry, controller
 
 
 @contextlib.contextmanager
-def operator(k8s, driver_port: int = 1):
-    registry, controller = make_registry(k8s, driver_port)
+def operator(k8s, driver_port: int = 1, **config):
+    registry, controller = make_registry(k8s, driver_port, **config)
     with kubeemu.Operator(k8s, registry):
         yield controller
 

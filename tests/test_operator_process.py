@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 import kubeemu
+import opcluster
 from posttrain.operator import vocab
 
 
@@ -65,7 +66,9 @@ def job(name: str) -> dict:
 
 @pytest.mark.timeout(120)
 def test_two_replicas_one_leader_probes_and_failover():
-    with kubeemu.Cluster() as k8s:
+    with opcluster.cluster() as k8s:
+        for claim in ("m", "d", "out"):
+            opcluster.claim(k8s, claim)
         a, b = Replica(k8s, "replica-a"), Replica(k8s, "replica-b")
         try:
             k8s.wait_for(lambda: get(a.port, "/healthz")[0] == 200 and get(b.port, "/healthz")[0] == 200,

@@ -48,3 +48,16 @@ def rl_job(model_path: str, *, algorithm: str = "grpo", adapter: dict | None = N
     doc["spec"]["rl"] = {**doc["spec"]["rl"], **(rl or {})}
     doc["spec"]["training"] = {**doc["spec"]["training"], **(training or {})}
     return parse_job(doc)
+
+
+CLAIMS = ("data", "models")  # the ReadWriteMany claims `cluster_document` names
+
+
+def cluster_document(name: str = "tiny-sft", **spec: Any) -> dict[str, Any]:
+    """An SFT job a cluster accepts: a hub model, data and output on shared claims (see CLAIMS)."""
+    doc = document("sft", name=name, **spec)
+    doc["spec"].setdefault("model", {})
+    doc["spec"]["model"] = spec.get("model", {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"})
+    doc["spec"]["data"] = spec.get("data", {"train": [{"source": "pvc://data/train.jsonl"}]})
+    doc["spec"]["output"] = spec.get("output", {"uri": f"pvc://models/{name}"})
+    return doc

@@ -88,28 +88,56 @@ PodMonitor and PrometheusRule render only then, and only when their values enabl
 
 {{/*
 Rules of the operator on namespaced resources: the same in the ClusterRole (watch-all) and in
-each per-namespace Role (a list of namespaces).
+each per-namespace Role (a list of namespaces). Exactly the calls it makes (operator/kube.py and
+kopf's watches), nothing more:
+- posttrainingjobs: watch them; patch to take off the finalizer older versions added.
+- posttrainingjobs/status: the one status write. posttrainingjobs/finalizers: children carry
+  ownerReferences with blockOwnerDeletion, which OwnerReferencesPermissionEnforcement allows
+  only to whoever may update the owner's finalizers.
+- rayjobs: create-or-get, list, watch, patch (suspend, stop).
+- configmaps: create-or-get the spec ConfigMap. networkpolicies: create-or-get one per job.
+- persistentvolumeclaims: read the claims a job names (ReadWriteMany check).
+- pods, events: list a starting run's pods and its RayCluster's Events (pods that cannot start);
+  events: create (the job's Events).
 */}}
 {{- define "posttrain.namespacedRules" -}}
 - apiGroups: ["posttrain.dev"]
   resources: ["posttrainingjobs"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["posttrain.dev"]
   resources: ["posttrainingjobs/status"]
-  verbs: ["get", "patch", "update"]
-# Children's ownerReferences set blockOwnerDeletion; OwnerReferencesPermissionEnforcement (on in OpenShift) requires this.
+  verbs: ["patch"]
 - apiGroups: ["posttrain.dev"]
   resources: ["posttrainingjobs/finalizers"]
   verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch", "update"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["get", "create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "list"]
+{{- end -}}
+
+{{/*
+The operator's setting for every job's NetworkPolicy (POSTTRAIN_JOB_NETWORK_POLICY), as JSON: the
+chart's jobs.networkPolicy plus who the operator is (this release's namespace and pod labels).
+*/}}
+{{- define "posttrain.jobNetworkPolicy" -}}
+{{- $np := .Values.jobs.networkPolicy -}}
+{{- $operator := dict "namespace" .Release.Namespace "podLabels" (include "posttrain.selectorLabels" . | fromYaml) -}}
+{{- dict "enabled" $np.enabled "operator" $operator "prometheus" $np.prometheus "kuberay" $np.kuberay "extraIngress" $np.extraIngress | toJson -}}
 {{- end -}}
 
 {{/*

@@ -1,0 +1,334 @@
+"""The controller: one level-based pass per job, `Controller.reconcile(namespace, name)`.
+
+A pass, under a per-job lock: read the job and its children -> decide which spec to run (the
+one it started with, see `reconcile.effective_spec`) -> `reconcile.plan` (pure) -> create what is
+missing (NetworkPolicy, spec ConfigMap, RayJob), suspend or stop runs -> write the status if it
+changed -> emit Events for transitions. Everything that goes wrong reaches the status: an invalid
+spec or a refused child is a terminal `Failed` with a reason; an API error, a missing claim or a
+namesake's leftover ConfigMap is a `Blocked` condition and a retry with exponential backoff.
+
+The driver's /progress is polled on a timer only (`poll_once`); a pass uses the last answer kept
+in memory, so a status write, which triggers a pass of its own, never triggers a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.api.cluster import cluster_errors, pvc_claims
+from posttrain.api.load import InvalidJob, known_fields, parse_job
+from posttrain.api.spec import PostTrainingJob
+from posttrain.api.status import Phase
+from posttrain.operator import builders, kube, observe, reconcile, vocab
+from posttrain.operator.adopt import Held, classify, configmap_verdict
+from posttrain.operator.metrics import OperatorMetrics
+from posttrain.operator.network import build_networkpolicy
+
+log = logging.getLogger("posttrain.operator")
+TERMINAL = (Phase.succeeded.value, Phase.failed.value)
+
+
+@dataclass
+class OperatorConfig:
+    build: builders.BuildSettings
+    namespaces: list[str] = field(default_factory=list)  # empty: every namespace
+    metrics_port: int = 8080
+    driver_port: int = vocab.DRIVER_METRICS_PORT
+    progress_interval: float = 10.0  # seconds between polls of running jobs (and timed checks)
+    progress_timeout: float = 3.0
+    retry_base: float = 5.0  # first backoff after a transient error; doubles up to retry_max
+    retry_max: float = 300.0
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _job_document(body: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"), "labels": meta.get("labels") or {}},
+        "spec": spec if spec is not None else body.get("spec"),
+    }
+
+
+def _status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """An RFC 7386 merge patch from `old` to `new`: keys that disappear, at any depth, are set to null
+    (a nested dict such as `progress` would otherwise keep a field the new status dropped)."""
+    old = old or {}
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        both = isinstance(value, dict) and isinstance(old.get(key), dict)
+        patch[key] = _status_patch(old[key], value) if both else value
+    return patch
+
+
+def _errors(exc: InvalidJob) -> str:
+    return "; ".join(str(e) for e in exc.errors)
+
+
+@dataclass
+class _Decision:
+    job: PostTrainingJob | None
+    plan: reconcile.Plan
+    configmap: dict[str, Any] | None = None  # the adopted spec ConfigMap, when there is one
+    rayjobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, config: OperatorConfig, *, kube_api: kube.Kube, metrics: OperatorMetrics) -> None:
+        self.config = config
+        self.kube = kube_api
+        self.metrics = metrics
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._active: dict[tuple[str, str], tuple[str, str | None]] = {}  # job -> (current run, progress URL)
+        self._progress: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {}  # job -> (run, answer)
+        self._retries: dict[tuple[str, str], tuple[int, asyncio.TimerHandle]] = {}
+        self._protected: set[tuple[str, str]] = set()  # jobs whose NetworkPolicy this process ensured
+
+    # --- entry points ------------------------------------------------------------------------------
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        started = time.perf_counter()
+        result = "success"
+        try:
+            async with lock:
+                result = await self._reconcile(namespace, name)
+        except Exception:
+            result = "error"
+            log.exception("reconcile of %s/%s failed", namespace, name)
+        finally:
+            self.metrics.reconciles.labels(result=result).inc()
+            self.metrics.duration.observe(time.perf_counter() - started)
+
+    async def poll_once(self) -> None:
+        """Read every running job's /progress, then run one pass over every active job (the pass
+        also checks the clocks: progress deadline, pods that cannot start)."""
+        # A job waiting out a backoff is left to its retry timer.
+        jobs = [(key, run) for key, run in self._active.items() if key not in self._retries]
+
+        async def fetch(key: tuple[str, str], run: str, url: str | None) -> None:
+            raw = await kube.fetch_progress(url, self.config.progress_timeout) if url else None
+            self._progress[key] = (run, observe.sanitize_progress(raw))
+
+        await asyncio.gather(*(fetch(key, run, url) for key, (run, url) in jobs))
+        await asyncio.gather(*(self.reconcile(*key) for key, _ in jobs))
+
+    async def poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.progress_interval)
+            await self.poll_once()
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self._locks.pop(key, None)
+        self._active.pop(key, None)
+        self._progress.pop(key, None)
+        self._protected.discard(key)
+        if key in self._retries:
+            self._retries.pop(key)[1].cancel()
+        self.metrics.forget_job(namespace, name)
+
+    # --- one pass ----------------------------------------------------------------------------------
+
+    async def _reconcile(self, namespace: str, name: str) -> str:
+        key = (namespace, name)
+        try:
+            body = await self.kube.get_job(namespace, name)
+        except kube.KubeError as exc:
+            log.warning("cannot read %s/%s: %s", namespace, name, exc)
+            self._retry_later(key)
+            return "retry"
+        if body is not None and any(f in vocab.LEGACY_FINALIZERS for f in body["metadata"].get("finalizers") or []):
+            # Older versions put kopf's finalizer on every job; it blocks namespace and CRD deletion.
+            try:
+                await self.kube.remove_finalizers(body, vocab.LEGACY_FINALIZERS)
+                body = await self.kube.get_job(namespace, name)
+            except kube.KubeError as exc:
+                log.warning("cannot take the old finalizer off %s/%s: %s", namespace, name, exc)
+                self._retry_later(key)
+                return "retry"
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return "success"
+        now = now_rfc3339()
+        try:
+            decision = await self._decide(body, now)
+            await self._apply(body, decision)
+        except (kube.KubeError, Held) as exc:
+            held = exc if isinstance(exc, Held) else classify(exc)
+            fallback = (reconcile.terminal if held.permanent else reconcile.blocked)(body, held.reason, held.message, now)
+            try:
+                await self._write(body, fallback)
+            except kube.KubeError as write_error:  # e.g. no right to write the status: keep retrying
+                log.warning("cannot write the status of %s/%s (%s) after: %s", namespace, name, write_error, held)
+                self._retry_later(key)
+                return "retry"
+            if held.permanent:
+                self._active.pop(key, None)
+                return "error"
+            self._retry_later(key)
+            return "retry"
+        if key in self._retries:
+            self._retries.pop(key)[1].cancel()
+        return "success"
+
+    def _retry_later(self, key: tuple[str, str]) -> None:
+        attempts = self._retries[key][0] + 1 if key in self._retries else 1
+        if key in self._retries:
+            self._retries[key][1].cancel()
+        delay = min(self.config.retry_max, self.config.retry_base * 2 ** (attempts - 1))
+        handle = asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self.reconcile(*key)))
+        self._retries[key] = (attempts, handle)
+
+    async def _decide(self, body: dict[str, Any], now: str) -> _Decision:
+        meta, prev = body["metadata"], body.get("status") or {}
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        finished = prev.get("phase") in TERMINAL and bool(prev.get("completionTime"))
+        # Read tolerantly: fields a newer CRD defaults are reported, not failed on.
+        doc, unknown = known_fields(_job_document(body))
+        requested, invalid_text = None, ""
+        try:
+            requested = parse_job(doc, source=f"{namespace}/{name}", require_available=True)
+        except InvalidJob as exc:
+            invalid_text = _errors(exc)
+
+        configmap = await self.kube.get_configmap(namespace, vocab.configmap_name(name))
+        rayjobs = await self.kube.list_rayjobs(namespace, name, uid)
+        verdict = configmap_verdict(configmap, uid=uid, recorded=prev.get("specHash"), job=name)
+        if verdict.held is not None and not (finished or rayjobs):
+            raise verdict.held  # a namesake's leftover or someone else's ConfigMap: wait, adopt nothing
+        started = verdict.spec is not None or bool(rayjobs)
+        obs = reconcile.Observed(rayjobs=rayjobs, spec_in_configmap=verdict.spec, progress=None, now=now,
+                                 unknown_fields=unknown, spec_hash=verdict.hash)
+        if verdict.tampered:
+            obs.refuse = (vocab.REASON_SPEC_TAMPERED, verdict.tampered)
+
+        if requested is None:
+            if finished:
+                return _Decision(None, reconcile.Plan(status=dict(prev)))
+            if not started:
+                return _Decision(None, reconcile.invalid(body, invalid_text, now))
+            # Never mark a job that has started as invalid: it keeps running the spec it started with.
+            if verdict.spec is None:
+                raise Held(vocab.REASON_INVALID_SPEC, f"{invalid_text}; fix the spec (its runs keep going)")
+            obs.spec_problem = (vocab.REASON_INVALID_SPEC, f"{invalid_text}; the job keeps the spec it started with")
+            job, requested_wire = self._stored_job(body, verdict.spec, obs), None
+        else:
+            requested_wire = requested.spec.wire()
+            job = requested
+            if verdict.spec is not None:
+                effective = reconcile.effective_spec(requested_wire, verdict.spec)
+                job = self._stored_job(body, effective, obs) or requested
+        if job is None:  # neither the spec as edited nor the one it started with can be read
+            raise Held(vocab.REASON_STORED_SPEC_INVALID, f"{invalid_text}; and {obs.no_new_runs[1]}")
+        obs.requested_spec = requested_wire
+
+        if not started and not finished:
+            if errors := cluster_errors(job):
+                return _Decision(None, reconcile.invalid(body, "; ".join(map(str, errors)), now))
+            size = builders.configmap_bytes(builders.build_configmap(job, owner_uid=uid))
+            if size > vocab.CONFIGMAP_MAX_BYTES:
+                return _Decision(None, reconcile.terminal(
+                    body, vocab.REASON_SPEC_TOO_LARGE,
+                    f"the resolved spec takes {size} bytes and a ConfigMap holds at most {vocab.CONFIGMAP_MAX_BYTES}; "
+                    "move large inline values (reward kwargs, templates) into files on shared storage", now))
+            obs.spec_hash = builders.spec_hash(job)
+
+        current = max(rayjobs, key=reconcile.run_of) if rayjobs else None
+        key = (namespace, name)
+        if current is not None:
+            run_name = current["metadata"]["name"]
+            cached = self._progress.get(key)
+            obs.progress = cached[1] if cached and cached[0] == run_name else None
+            outcome = observe.outcome(current)
+            if not finished and outcome in ("starting", "running") and not (obs.progress or {}).get("step"):
+                obs.pods_cannot_start = await self._pods_cannot_start(current, namespace, name)
+        plan = reconcile.plan(job, body, obs)
+        if plan.needs_volumes() and pvc_claims(job.spec):
+            obs.volumes = {claim: await self.kube.get_pvc(namespace, claim) for claim in pvc_claims(job.spec)}
+            plan = reconcile.plan(job, body, obs)
+        return _Decision(job, plan, configmap if verdict.spec is not None else None, rayjobs)
+
+    def _stored_job(self, body: dict[str, Any], spec: dict[str, Any], obs: reconcile.Observed) -> PostTrainingJob | None:
+        """The job as it started (its stored spec, read tolerantly); None, with the reason in
+        `obs.no_new_runs`, when that spec no longer parses."""
+        doc, _ = known_fields(_job_document(body, spec))
+        try:
+            return parse_job(doc)
+        except InvalidJob as exc:
+            text = (f"the spec stored in {vocab.configmap_name(body['metadata']['name'])} no longer parses "
+                    f"({_errors(exc)}); create the job again")
+            obs.spec_problem = obs.no_new_runs = (vocab.REASON_STORED_SPEC_INVALID, text)
+            return None
+
+    async def _pods_cannot_start(self, rayjob: dict[str, Any], namespace: str, job: str) -> str | None:
+        selector = f"{vocab.LABEL_JOB}={job},{vocab.LABEL_RUN}={reconcile.run_of(rayjob)}"
+        pods = await self.kube.list_pods(namespace, selector)
+        cluster = (rayjob.get("status") or {}).get("rayClusterName")
+        events = await self.kube.list_events(namespace, kind="RayCluster", name=cluster) if cluster else []
+        return observe.pods_cannot_start(pods, events)
+
+    async def _apply(self, body: dict[str, Any], decision: _Decision) -> None:
+        meta, plan, job = body["metadata"], decision.plan, decision.job
+        namespace, name, key = meta["namespace"], meta["name"], (meta["namespace"], meta["name"])
+        policy = self.config.build.network_policy
+        live = plan.status.get("phase") not in TERMINAL
+        if job is not None and policy is not None and (plan.create_run is not None or (
+                live and decision.configmap is not None and key not in self._protected)):
+            # Before any pod exists; for a job started by a version without policies, on its first pass.
+            await self.kube.create_or_get_networkpolicy(build_networkpolicy(
+                name, namespace, owner_uid=meta["uid"], settings=policy))
+            self._protected.add(key)
+        if plan.create_run is not None and job is not None:
+            if decision.configmap is None:
+                await self._create_configmap(job, meta["uid"])
+            manifest = builders.build_rayjob(job, run=plan.create_run, owner_uid=meta["uid"], settings=self.config.build)
+            await self.kube.create_or_get_rayjob(manifest)
+        if plan.set_suspend is not None:
+            await self.kube.set_rayjob_suspend(namespace, *plan.set_suspend)
+        if plan.stop_run is not None:
+            await self.kube.stop_rayjob(namespace, *plan.stop_run)
+        await self._write(body, plan)
+        current = plan.status.get("rayJob")
+        if plan.status.get("phase") in TERMINAL:
+            self._active.pop(key, None)
+        else:
+            rayjob = next((r for r in decision.rayjobs if r["metadata"]["name"] == current), None)
+            running = rayjob is not None and observe.outcome(rayjob) == "running"
+            self._active[key] = (current or "", kube.progress_url(rayjob, self.config.driver_port) if running else None)
+
+    async def _create_configmap(self, job: PostTrainingJob, uid: str) -> None:
+        body = builders.build_configmap(job, owner_uid=uid)
+        if await self.kube.create_configmap(body) is None:  # 409: someone's, or a namesake's: look closer
+            found = await self.kube.get_configmap(job.metadata.namespace or "", body["metadata"]["name"])
+            verdict = configmap_verdict(found, uid=uid, recorded=None, job=job.metadata.name)
+            if verdict.held is not None:
+                raise verdict.held
+            if verdict.tampered:
+                raise Held(vocab.REASON_SPEC_TAMPERED, verdict.tampered, permanent=True)
+
+    async def _write(self, body: dict[str, Any], plan: reconcile.Plan) -> None:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        old = body.get("status") or {}
+        if reconcile.status_changed(old, plan.status):
+            # The status is written here and nowhere else, and only when it changed.
+            await self.kube.patch_status(namespace, name, _status_patch(old, plan.status))
+            for kind, reason, message in plan.events:
+                await self.kube.post_event(body, type=kind, reason=reason, message=message)
+            if plan.status.get("restarts", 0) > old.get("restarts", 0):
+                self.metrics.restarts.inc(plan.status["restarts"] - old.get("restarts", 0))
+            if (plan.status.get("phase") == Phase.failed.value and old.get("phase") != Phase.failed.value
+                    and any(c.get("reason") == vocab.REASON_RESTARTS_EXHAUSTED for c in plan.status["conditions"])):
+                self.metrics.exhausted.inc()
+        self.metrics.observe_job(namespace, name, plan.status)

@@ -132,7 +132,8 @@ class Pod:
         self.env: dict[str, str] = plan["env"]
         self.proc: subprocess.Popen | None = None
         self.pid_ns = ""
-        self.killed = False
+        self.killed = self.reaped = False
+        self._ns_fd: int | None = None
 
     def start(self) -> None:
         (self.folder / "scratch").mkdir(parents=True)
@@ -155,6 +156,8 @@ class Pod:
             except OSError:
                 break
             if ns != host_ns:
+                # Holding the namespace open keeps its inode number ours until kill() has seen it empty.
+                self._ns_fd = os.open(f"/proc/{self.proc.pid}/ns/pid_for_children", os.O_RDONLY)
                 self.pid_ns = ns
                 break
             time.sleep(0.01)
@@ -176,15 +179,23 @@ class Pod:
         return self.proc is not None and self.proc.poll() is None
 
     def processes(self) -> list[int]:
-        """Host PIDs of every process inside this pod (empty once it is gone)."""
+        """Host PIDs of every process of this pod (empty once it is gone).
+
+        A process belongs to the pod while it is in the pod's PID namespace, or when it carries the
+        pod's RAY_CLOUD_INSTANCE_ID (every process of a pod inherits it). The namespace alone is not
+        enough once the pod is gone: the kernel reuses a dead namespace's inode number.
+        """
+        marker = f"\0RAY_CLOUD_INSTANCE_ID={self.name}\0".encode()
         found = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.readlink(entry / "ns" / "pid") == self.pid_ns:
-                        found.append(int(entry.name))
-                except OSError:
-                    continue
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (not self.reaped and os.readlink(entry / "ns" / "pid") == self.pid_ns) or \
+                        marker in b"\0" + (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
         return found
 
     def kill(self) -> None:
@@ -208,6 +219,10 @@ class Pod:
             time.sleep(0.1)
         if left:
             raise RuntimeError(f"pod {self.name}: processes {left} outlived its PID namespace")
+        self.reaped = True  # its namespace is dead: from now on its inode number may name another pod's
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
         _release(self.port_base)
 
     def exec(self, command: str, *, timeout: float = 60) -> subprocess.CompletedProcess:

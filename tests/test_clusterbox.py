@@ -219,3 +219,123 @@ def test_token_auth_guards_the_dashboard_and_every_pod_has_the_token(token_clust
         assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", token), pod.name
     probe = cluster.pod("head").exec(f"python -c {shlex.quote('import ray; ray.init(); print(len(ray.nodes()))')}")
     assert probe.stdout.strip() == "2", probe.stderr[-2000:]
+
+
+# --- PostTrainingJobs end to end: operator, emulator, KubeRay played by clusterbox ---------------------
+
+@pytest.fixture(scope="module")
+def shared_inputs(tmp_path_factory) -> dict[str, Path]:
+    """The "models" and "data" claims: a tiny model and its data, made once for the module."""
+    root = tmp_path_factory.mktemp("inputs")
+    tiny.make_model(root / "models" / "tiny")
+    tiny.write_jsonl(root / "data" / "train.jsonl", tiny.arith_records(96))
+    prompts = [{"prompt": r["prompt"], "answer": r["completion"].split()[-1]} for r in tiny.arith_records(32, seed=1)]
+    tiny.write_jsonl(root / "data" / "prompts.jsonl", prompts)
+    return {"models": root / "models", "data": root / "data"}
+
+
+@pytest.fixture
+def stack(tmp_path, shared_inputs):
+    """(k8s, box, kuberay): the real operator against the emulator, with KubeRay played by clusterbox."""
+    if why := clusterbox.available():
+        pytest.skip(why)
+    import kopf
+
+    import kubeemu
+    from clusterbox_kuberay import KubeRay
+    from posttrain.operator import handlers, kube, metrics
+
+    pvcs = {**shared_inputs, "out": tmp_path / "out", "ckpt": tmp_path / "ckpt"}
+    for claim in ("out", "ckpt"):
+        pvcs[claim].mkdir()
+    with kubeemu.Cluster() as k8s, clusterbox.ClusterBox(tmp_path / "box", pvcs=pvcs) as box, \
+            KubeRay(k8s, box) as kuberay:
+        registry = kopf.OperatorRegistry()
+        config = handlers.OperatorConfig(build=SETTINGS, progress_interval=0.5, progress_timeout=2.0)
+        handlers.register(registry, handlers.Controller(config, kube_api=kube.Kube(k8s.api_client()),
+                                                        metrics=metrics.OperatorMetrics()))
+        with kubeemu.Operator(k8s, registry):
+            yield k8s, box, kuberay
+    pods = [p for run in kuberay.runs.values() if run.cluster for p in run.cluster.pods]
+    assert pods and all(not p.processes() for p in pods), "every pod of every run is gone after the test"
+
+
+def ptj_status(k8s, name: str) -> dict:
+    import kubeemu
+
+    return k8s.get(*kubeemu.PTJ, "default", name).get("status") or {}
+
+
+def rayjob_status(k8s, name: str) -> dict:
+    import kubeemu
+
+    return k8s.get(*kubeemu.RAYJOB, "default", name).get("status") or {}
+
+
+def first_checkpoint(folder: Path) -> Path | None:
+    marked = sorted(folder.glob(f"checkpoint-*/{'.posttrain-complete'}"))
+    return marked[0].parent if marked else None
+
+
+def kill_after_first_checkpoint(k8s, kuberay, *, job: str, ckpt: Path, pod_group: str, timeout: float = 400):
+    """Wait for r0's first complete checkpoint on the PVC, kill one worker pod, and wait for the operator's r1."""
+    cluster = kuberay.wait_cluster(f"{job}-r0", timeout=timeout)
+    k8s.wait_for(lambda: first_checkpoint(ckpt), timeout=timeout, interval=0.1,
+                 what=f"the first checkpoint in {ckpt}; driver log:\n{kuberay.logs(f'{job}-r0')[-3000:]}")
+    victim = cluster.pod(pod_group)
+    victim.kill()
+    failed = k8s.wait_for(lambda: (s := rayjob_status(k8s, f"{job}-r0")).get("jobDeploymentStatus") == "Failed" and s,
+                          timeout=180, what=f"{job}-r0 Failed after its {pod_group} pod was killed")
+    assert failed["jobStatus"] == "FAILED" and failed["reason"] == "AppFailed" and failed["message"]
+    status = k8s.wait_for(lambda: (s := ptj_status(k8s, job)).get("restarts") == 1 and s, timeout=60,
+                          what="the operator's restart")
+    assert status["rayJob"] == f"{job}-r1"
+    return cluster, victim
+
+
+def finish(k8s, kuberay, job: str, *, timeout: float = 400) -> dict:
+    """Wait for the job to end; on failure say why (status and the last driver log)."""
+    def ended():
+        s = ptj_status(k8s, job)
+        return s if s.get("phase") in ("Succeeded", "Failed") else None
+
+    last = f"{job}-r{ptj_status(k8s, job).get('restarts', 0)}"
+    try:
+        return k8s.wait_for(ended, timeout=timeout, interval=0.5, what=f"{job} to end")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ndriver log of {last}:\n{kuberay.logs(last)[-4000:]}") from None
+
+
+def assert_fresh_cluster(kuberay, first, job: str) -> None:
+    """r1 runs on new pods with a new /tmp; r0's pods are gone."""
+    second = kuberay.wait_cluster(f"{job}-r1", timeout=300)
+    assert second.name != first.name and not {p.name for p in second.pods} & {p.name for p in first.pods}
+    assert kuberay.runs[f"{job}-r0"].torn_down.wait(120), "shutdownAfterJobFinishes deletes r0's cluster"
+    assert all(not p.processes() for p in first.pods)
+    assert not first.folder.exists(), "r0's pod folders (their /tmp) are removed with its cluster"
+
+
+@pytest.mark.slow
+def test_sft_killed_worker_restarts_and_resumes_from_the_checkpoint_on_the_pvc(stack):
+    k8s, box, kuberay = stack
+    doc = sft_doc("sft", adapter={"type": "lora", "r": 8, "alpha": 16},
+                  training={"maxSteps": 40, "learningRate": 5e-3, "globalBatchSize": 8, "microBatchSize": 4,
+                            "maxSeqLength": 64},
+                  checkpoint={"uri": "pvc://ckpt/sft", "everySteps": 3, "keep": 2},
+                  maxRestarts=1, ttlSecondsAfterFinished=0)
+    k8s.create(doc)
+    first, _ = kill_after_first_checkpoint(k8s, kuberay, job="sft", ckpt=box.host_path("pvc://ckpt/sft"),
+                                           pod_group="trainer")
+    assert_fresh_cluster(kuberay, first, "sft")
+    status = finish(k8s, kuberay, "sft")
+    assert status["phase"] == "Succeeded", status
+
+    summary = json.loads((box.host_path("pvc://out/sft") / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps"] == 40
+    assert summary["resumed_from_step"] and summary["resumed_from_step"] % 3 == 0 and summary["resumed_from_step"] < 40
+    adapter = box.host_path(summary["artifact"]["path"])
+    assert summary["artifact"]["kind"] == "adapter" and (adapter / "adapter_config.json").exists()
+    assert status["lastCheckpoint"].startswith("/mnt/pvc/ckpt/sft/checkpoint-")
+    assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()
+    assert rayjob_status(k8s, "sft-r1")["jobDeploymentStatus"] == "Complete"
+    assert rayjob_status(k8s, "sft-r1")["jobStatus"] == "SUCCEEDED"

@@ -277,11 +277,25 @@ def first_checkpoint(folder: Path) -> Path | None:
     return marked[0].parent if marked else None
 
 
-def kill_after_first_checkpoint(k8s, kuberay, *, job: str, ckpt: Path, pod_group: str, timeout: float = 400):
+def kill_after_first_checkpoint(k8s, kuberay, *, job: str, ckpt: Path, pod_group: str, timeout: float = 400,
+                                before_kill=None):
     """Wait for r0's first complete checkpoint on the PVC, kill one worker pod, and wait for the operator's r1."""
     cluster = kuberay.wait_cluster(f"{job}-r0", timeout=timeout)
-    k8s.wait_for(lambda: first_checkpoint(ckpt), timeout=timeout, interval=0.1,
-                 what=f"the first checkpoint in {ckpt}; driver log:\n{kuberay.logs(f'{job}-r0')[-3000:]}")
+
+    def checkpointed():
+        if found := first_checkpoint(ckpt):
+            return found
+        st = rayjob_status(k8s, f"{job}-r0")
+        assert st.get("jobDeploymentStatus") not in ("Complete", "Failed"), \
+            f"{job}-r0 ended {st.get('jobStatus')} before its first checkpoint: {st.get('message')}"
+        return None
+
+    try:
+        k8s.wait_for(checkpointed, timeout=timeout, interval=0.1, what=f"a checkpoint in {ckpt}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\ndriver log:\n{kuberay.logs(f'{job}-r0')[-3000:]}") from None
+    if before_kill:
+        before_kill(cluster)
     victim = cluster.pod(pod_group)
     victim.kill()
     failed = k8s.wait_for(lambda: (s := rayjob_status(k8s, f"{job}-r0")).get("jobDeploymentStatus") == "Failed" and s,
@@ -339,3 +353,45 @@ def test_sft_killed_worker_restarts_and_resumes_from_the_checkpoint_on_the_pvc(s
     assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()
     assert rayjob_status(k8s, "sft-r1")["jobDeploymentStatus"] == "Complete"
     assert rayjob_status(k8s, "sft-r1")["jobStatus"] == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_grpo_roles_on_their_own_pods_survive_a_killed_learner_and_resume(stack):
+    k8s, box, kuberay = stack
+    doc = {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
+           "metadata": {"name": "grpo", "namespace": "default"},
+           "spec": {"algorithm": "grpo", "model": {"source": "pvc://models/tiny"},
+                    "data": {"train": [{"source": "pvc://data/prompts.jsonl"}]},
+                    "training": {"maxSteps": 12, "learningRate": 0.02, "lrScheduler": "constant", "maxSeqLength": 64,
+                                 "seed": 0},
+                    "rl": {"groupSize": 4, "promptsPerStep": 2, "maxNewTokens": 8},
+                    "rewards": [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}],
+                    "roles": {"rollout": {"engine": "transformers"}},
+                    "checkpoint": {"uri": "pvc://ckpt/grpo", "everySteps": 2},
+                    "output": {"uri": "pvc://out/grpo"},
+                    "maxRestarts": 1, "ttlSecondsAfterFinished": 0}}
+    k8s.create(doc)
+    first = kuberay.wait_cluster("grpo-r0", timeout=300)
+    assert sorted(p.group for p in first.pods) == ["headgroup", "learner", "reward", "rollout"]
+    actors = {}
+
+    def actor_processes(cluster):  # which role's actors each worker pod runs (Ray titles them ray::<Class>)
+        for role in ("rollout", "reward", "learner"):
+            titles = cluster.pod(role).exec("ps -eo args").stdout
+            actors[role] = {cls for cls in ("RolloutWorker", "RewardWorker", "LearnerWorker") if f"ray::{cls}" in titles}
+
+    first, _ = kill_after_first_checkpoint(k8s, kuberay, job="grpo", ckpt=box.host_path("pvc://ckpt/grpo"),
+                                           pod_group="learner", before_kill=actor_processes)
+    assert actors == {"rollout": {"RolloutWorker"}, "reward": {"RewardWorker"}, "learner": {"LearnerWorker"}}
+    assert_fresh_cluster(kuberay, first, "grpo")
+    status = finish(k8s, kuberay, "grpo")
+    assert status["phase"] == "Succeeded", status
+
+    out = box.host_path("pvc://out/grpo")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps"] == 12
+    assert summary["resumed_from_step"] and summary["resumed_from_step"] % 2 == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+    model = box.host_path(summary["artifact"]["path"]) if summary["artifact"].get("path") else out / "model"
+    assert (model / "config.json").exists(), summary["artifact"]
+    assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()

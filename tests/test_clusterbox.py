@@ -395,3 +395,43 @@ def test_grpo_roles_on_their_own_pods_survive_a_killed_learner_and_resume(stack)
     model = box.host_path(summary["artifact"]["path"]) if summary["artifact"].get("path") else out / "model"
     assert (model / "config.json").exists(), summary["artifact"]
     assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _holds_a_model(folder: Path) -> bool:
+    return any((folder / sub / name).exists() for sub in ("", "model", "adapter")
+               for name in ("config.json", "adapter_config.json"))
+
+
+@pytest.mark.slow
+def test_a_job_without_an_output_uri_never_succeeds_with_its_model_out_of_reach(stack):
+    """Refused before any pod starts, or Succeeded with the model where the status says (on shared storage)."""
+    k8s, box, kuberay = stack
+    doc = sft_doc("nout", training={"maxSteps": 2, "globalBatchSize": 8, "microBatchSize": 4, "maxSeqLength": 64},
+                  maxRestarts=0, ttlSecondsAfterFinished=300)  # keep the finished cluster to look inside it
+    del doc["spec"]["output"]
+    k8s.create(doc)
+    status = finish(k8s, kuberay, "nout")
+    if status["phase"] == "Failed":
+        assert all(run.cluster is None for run in kuberay.runs.values()), "refused only after pods were started"
+        failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+        assert "output" in failed["message"], failed
+        return
+    shared = [s for s in _strings(status) if s.startswith(("pvc://", clusterbox.PVC_ROOT + "/"))]
+    reachable = [s for s in shared if _holds_a_model(box.host_path(s))]
+    run = kuberay.runs["nout-r0"]
+    written = {pod.name: sorted(str(p.relative_to(pod.host_path("/tmp")))
+                                for p in pod.host_path("/tmp/posttrain-output").rglob("*") if p.is_file()
+                                and p.name in ("summary.json", "run.json", "adapter_config.json", "config.json"))
+               for pod in run.cluster.pods} if run.cluster and run.cluster.folder.exists() else "cluster gone"
+    assert reachable, (f"nout ended Succeeded, but its status names no model on shared storage ({shared or 'none'}); "
+                       f"what the pods wrote to their own /tmp, gone with the cluster: {written}")

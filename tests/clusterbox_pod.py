@@ -1,10 +1,10 @@
-"""The first process of a clusterbox pod: mount the pod's volumes, then exec its container command.
+"""One clusterbox pod: the host's handle on it (`Pod`) and, run as a script, its first process.
 
-`clusterbox.Pod` starts it as PID 1 of a fresh mount and PID namespace:
+`Pod.start()` writes the pod's plan and starts, as PID 1 of a fresh mount and PID namespace,
 
     unshare --mount --pid --fork --mount-proc --kill-child=SIGKILL python -I clusterbox_pod.py PLAN.json
 
-PLAN.json (written by clusterbox on the host) holds `mounts` (in mount order: parents first),
+PLAN.json (built by `clusterbox` from the pod spec) holds `mounts` (in mount order: parents first),
 `env`, `workdir` and `argv`. Mount sources are host paths that the new /tmp may cover, so each
 one is opened before anything is mounted and mounted through /proc/self/fd/N (mount(2) follows
 that link; mount(8) would canonicalise it back to the covered path).
@@ -13,7 +13,7 @@ A mount point that does not exist is not created on the host's filesystem: its n
 ancestor gets a copy-on-write overlay (upper layer in the pod's own folder) first, so `mkdir`
 lands in the pod alone. The overlay hides any mounts below that ancestor from the pod.
 
-Standard library only: this runs before the pod has a /tmp, with `python -I`.
+Standard library only: the script runs before the pod has a /tmp, with `python -I`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 1, 32, 4096, 16384
 
@@ -51,6 +56,129 @@ def ensure_mountpoint(path: str, *, ours: list[str], scratch: str, counter: list
         mount("overlay", ancestor, "overlay", 0, f"lowerdir={ancestor},upperdir={upper},workdir={work}")
         ours.append(ancestor)
     os.makedirs(path, exist_ok=True)
+
+
+class Pod:
+    """One pod: PID 1 of its own mount and PID namespace, running its container's command."""
+
+    def __init__(self, name: str, *, group: str, folder: Path, plan: dict[str, Any],
+                 files: dict[str, dict[str, str]], port_base: int) -> None:
+        self.name, self.group, self.folder, self.plan = name, group, folder, plan
+        self.files, self.port_base = files, port_base
+        self.env: dict[str, str] = plan["env"]
+        self.proc: subprocess.Popen | None = None
+        self.pid_ns = ""
+        self.killed = self.reaped = False
+        self._ns_fd: int | None = None
+
+    def start(self) -> None:
+        (self.folder / "scratch").mkdir(parents=True)
+        for folder, data in self.files.items():
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            for key, text in data.items():
+                (Path(folder) / key).write_text(text)
+        plan_file = self.folder / "plan.json"
+        plan_file.write_text(json.dumps({**self.plan, "scratch": str(self.folder / "scratch")}, indent=1))
+        log = open(self.folder / "container.log", "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL", "--propagation",
+             "private", sys.executable, "-I", str(Path(__file__).resolve()), str(plan_file)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={})
+        log.close()
+        host_ns, deadline = os.readlink("/proc/self/ns/pid"), time.monotonic() + 10
+        while time.monotonic() < deadline:  # until unshare(2) has run, its children's namespace is ours
+            try:
+                ns = os.readlink(f"/proc/{self.proc.pid}/ns/pid_for_children")
+            except OSError:
+                break
+            if ns != host_ns:
+                # Holding the namespace open keeps its inode number ours until kill() has seen it empty.
+                self._ns_fd = os.open(f"/proc/{self.proc.pid}/ns/pid_for_children", os.O_RDONLY)
+                self.pid_ns = ns
+                break
+            time.sleep(0.01)
+        if not self.pid_ns:
+            raise RuntimeError(f"pod {self.name}: unshare did not start")
+
+    @property
+    def init_pid(self) -> int | None:
+        """The host PID of the pod's PID 1."""
+        if self.proc is None:
+            return None
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def processes(self) -> list[int]:
+        """Host PIDs of every process of this pod (empty once it is gone).
+
+        A process belongs to the pod while it is in the pod's PID namespace, or when it carries the
+        pod's RAY_CLOUD_INSTANCE_ID (every process of a pod inherits it). The namespace alone is not
+        enough once the pod is gone: the kernel reuses a dead namespace's inode number.
+        """
+        marker = f"\0RAY_CLOUD_INSTANCE_ID={self.name}\0".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (not self.reaped and os.readlink(entry / "ns" / "pid") == self.pid_ns) or \
+                        marker in b"\0" + (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL the pod's PID 1: the kernel ends every process of its PID namespace."""
+        self.killed = True
+        if self.proc is None:
+            return
+        init = self.init_pid
+        for target in (init, None):
+            try:
+                if target:
+                    os.kill(target, signal.SIGKILL)
+                else:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left:
+            raise RuntimeError(f"pod {self.name}: processes {left} outlived its PID namespace")
+        self.reaped = True  # its namespace is dead: from now on its inode number may name another pod's
+        if self._ns_fd is not None:
+            os.close(self._ns_fd)
+            self._ns_fd = None
+
+    def exec(self, command: str, *, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`kubectl exec POD -- bash -c COMMAND`: run in the pod's namespaces with its env."""
+        init = self.init_pid
+        if init is None:
+            raise RuntimeError(f"pod {self.name} is not running")
+        argv = ["nsenter", "--target", str(init), "--mount", "--pid", "--wd", "--",
+                "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in self.env.items()], "/bin/bash", "-c", command]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+    def host_path(self, path: str) -> Path:
+        """Where a path inside the pod lives on the host (bind-mounted volumes only)."""
+        for m in sorted(self.plan["mounts"], key=lambda m: len(m["target"]), reverse=True):
+            target = m["target"].rstrip("/")
+            if m.get("source") and (path == target or path.startswith(target + "/")):
+                return Path(m["source"]) / path[len(target):].lstrip("/")
+        raise ValueError(f"{path} is not on a host-backed volume of pod {self.name}")
+
+    def log(self, tail: int = 4000) -> str:
+        text = (self.folder / "container.log").read_text(errors="replace") if (self.folder / "container.log").exists() else ""
+        return text[-tail:]
 
 
 def main(plan_path: str) -> None:

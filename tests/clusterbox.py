@@ -16,7 +16,7 @@ Use it directly (a RayJob manifest in, a running cluster out):
     # leaving the box kills every pod's namespace and removes its folders (PVC folders stay)
 
 or let `clusterbox_kuberay.KubeRay` play KubeRay against the API emulator (RayJob status
-transitions, teardown, restarts by the operator), as tests/test_clusterbox.py does.
+transitions, teardown, restarts by the operator), as tests/test_clusterbox_jobs.py does.
 
 Modeled, after KubeRay v1.7 (`clusterbox_build` holds the pure parts):
 - mount namespaces: a private /tmp (a fresh host folder, or the pod's own emptyDir at /tmp) with
@@ -32,8 +32,8 @@ Modeled, after KubeRay v1.7 (`clusterbox_build` holds the pure parts):
   venv first), plus what KubeRay injects (RAY_ADDRESS, RAY_CLUSTER_NAME, KUBERAY_GEN_RAY_START_CMD...).
 - `ray start` from `rayStartParams` exactly as KubeRay writes it into `bash -c` (so `resources`
   must survive a shell), with num-cpus / memory / num-gpus from the container's limits; every pod
-  then gets its own ports (GCS, dashboard, agent, metrics, object manager, worker range) and
-  --node-ip-address=127.0.0.1, because here all pods share one network namespace.
+  then gets its own ports (GCS, dashboard, agent, metrics, object manager, worker range), because
+  here all pods share one network namespace (and one address: Ray picks the host's for every node).
 - token auth: `rayClusterSpec.authOptions.mode: token` -> a Secret named after the cluster with
   key `auth_token` (generated unless the test passes it), RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
   (secretKeyRef) on head and workers, and `x-ray-authorization: Bearer` on every dashboard call.
@@ -129,6 +129,8 @@ class RayCluster:
         self.name, self.namespace, self.spec, self.folder = name, namespace, spec, folder
         self.box, self.configmaps = box, configmaps
         self.pods: list[Pod] = []
+        self._closed = False
+        self._lock = threading.Lock()  # teardown() and starting a pod never interleave
         self.token: str | None = None
         self.gcs_port = self.dashboard_port = 0
         self.auth_secret = build.auth_secret_name(spec, name)
@@ -190,16 +192,24 @@ class RayCluster:
                 raise RuntimeError(f"port {port['containerPort']} ({port.get('name')}) of the head container is in "
                                    "use on this host, and clusterbox pods share the host's network")
         deadline = time.monotonic() + timeout
-        head.start()
+        self._start_pod(head)
         self._wait(lambda: _port_open(self.gcs_port), deadline, "the head's GCS port")
         for pod in workers:
-            pod.start()
+            self._start_pod(pod)
         self._wait(lambda: len(self.alive_nodes()) == len(self.pods), deadline,
                    f"{len(self.pods)} ALIVE Ray nodes")
         return self
 
+    def _start_pod(self, pod: Pod) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"cluster {self.name} was torn down while starting")
+            pod.start()
+
     def _wait(self, ready: Any, deadline: float, what: str) -> None:
         while True:
+            if self._closed:
+                raise RuntimeError(f"cluster {self.name} was torn down while waiting for {what}")
             dead = [p for p in self.pods if p.proc is not None and not p.running()]
             if dead:
                 raise RuntimeError(f"pod {dead[0].name} exited while waiting for {what}:\n{dead[0].log()}")
@@ -223,6 +233,8 @@ class RayCluster:
 
     def teardown(self) -> None:
         """Kill every pod (workers first), then remove the pods' folders unless CLUSTERBOX_KEEP=1."""
+        with self._lock:
+            self._closed = True
         try:
             for pod in reversed(self.pods):
                 pod.kill()

@@ -22,7 +22,8 @@ head makes the RayJob `Failed` with a message saying so (KubeRay would recreate 
 resubmit); a cluster that cannot start (bad volume, missing PVC folder, no ALIVE nodes in
 `ready_timeout`) makes the RayJob `Failed` with reason `SubmissionFailed` and the cause as
 message, where KubeRay would leave pods pending until `preRunningDeadlineSeconds`; `backoffLimit`
-retries and suspend/Kueue are not played (our operator sets backoffLimit 0 and owns retries).
+retries are not played (our operator sets backoffLimit 0 and owns retries), and a suspended RayJob
+simply waits unstarted (no Suspending/Suspended states) until it is resumed or deleted.
 """
 
 from __future__ import annotations

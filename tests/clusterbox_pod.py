@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Pod:
         self.pid_ns = ""
         self.killed = self.reaped = False
         self._ns_fd: int | None = None
+        self._kill_lock = threading.Lock()
 
     def start(self) -> None:
         (self.folder / "scratch").mkdir(parents=True)
@@ -136,8 +138,12 @@ class Pod:
 
     def kill(self) -> None:
         """SIGKILL the pod's PID 1: the kernel ends every process of its PID namespace."""
+        with self._kill_lock:  # the test and the harness's teardown may both kill a pod
+            self._kill()
+
+    def _kill(self) -> None:
         self.killed = True
-        if self.proc is None:
+        if self.proc is None or self.reaped:
             return
         init = self.init_pid
         for target in (init, None):

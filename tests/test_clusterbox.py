@@ -128,7 +128,7 @@ def pvc_folders(tmp_path_factory) -> dict[str, Path]:
 def token_cluster(tmp_path_factory, pvc_folders):
     if why := clusterbox.available():
         pytest.skip(why)
-    rayjob, cm = rendered(sft_doc())
+    rayjob, cm = rendered(sft_doc(roles={"trainer": {"replicas": 2}}))
     rayjob["spec"]["rayClusterSpec"]["authOptions"] = {"mode": "token"}  # as KubeRay 1.7's RayJobs may ask
     (pvc_folders["data"] / "probe.py").write_text(PROBE)
     box = clusterbox.ClusterBox(tmp_path_factory.mktemp("box"), pvcs=pvc_folders)
@@ -145,15 +145,19 @@ def token_cluster(tmp_path_factory, pvc_folders):
 @pytest.mark.slow
 def test_tmp_is_private_to_each_pod(token_cluster):
     _, cluster, _ = token_cluster
-    head, worker = cluster.pod("head"), cluster.pod("trainer")
-    assert head.exec("echo from-head > /tmp/only-head").returncode == 0
-    assert worker.exec("echo from-worker > /tmp/only-worker").returncode == 0
-    assert worker.exec("test -e /tmp/only-head").returncode == 1
-    assert head.exec("test -e /tmp/only-worker").returncode == 1
-    assert head.host_path("/tmp/only-head").read_text() == "from-head\n"
-    assert not worker.host_path("/tmp/only-head").exists()
+    head, worker, replica = cluster.pod("head"), cluster.pod("trainer", 0), cluster.pod("trainer", 1)
+    assert [p.name for p in cluster.pods] == [f"{cluster.name}-head", f"{cluster.name}-trainer-worker-0",
+                                              f"{cluster.name}-trainer-worker-1"]  # each replica is a pod
+    for pod in (head, worker, replica):
+        assert pod.exec(f"echo {pod.name} > /tmp/mine").returncode == 0
+    for pod in (head, worker, replica):
+        assert pod.exec("cat /tmp/mine").stdout == f"{pod.name}\n"
+        assert pod.host_path("/tmp/mine").read_text() == f"{pod.name}\n"
+    assert worker.exec("echo only-here > /tmp/only-worker-0").returncode == 0
+    assert head.exec("test -e /tmp/only-worker-0").returncode == 1
+    assert replica.exec("test -e /tmp/only-worker-0").returncode == 1
     assert head.exec("echo $HOME; pwd").stdout.split() == ["/tmp/home", "/tmp/home"]
-    assert head.exec("readlink /proc/self/ns/mnt").stdout != worker.exec("readlink /proc/self/ns/mnt").stdout
+    assert len({p.exec("readlink /proc/self/ns/mnt").stdout for p in (head, worker, replica)}) == 3
 
 
 @pytest.mark.slow
@@ -178,24 +182,27 @@ def test_the_spec_configmap_is_mounted_read_only_on_the_head_only(token_cluster)
 @pytest.mark.slow
 def test_nodes_offer_the_resources_of_their_ray_start_params(token_cluster):
     _, cluster, _ = token_cluster
-    nodes = {n["is_head_node"]: n["resources_total"] for n in cluster.alive_nodes()}
-    assert nodes[True].get("CPU", 0) == 0 and "posttrain_trainer" not in nodes[True]
-    assert nodes[False]["posttrain_trainer"] == 1 and nodes[False]["CPU"] >= 1
+    nodes = cluster.alive_nodes()
+    head = [n["resources_total"] for n in nodes if n["is_head_node"]]
+    workers = [n["resources_total"] for n in nodes if not n["is_head_node"]]
+    assert len(head) == 1 and head[0].get("CPU", 0) == 0 and "posttrain_trainer" not in head[0]
+    assert [w["posttrain_trainer"] for w in workers] == [1, 1] and all(w["CPU"] >= 1 for w in workers)
 
 
 @pytest.mark.slow
 def test_the_entrypoint_runs_in_the_head_pod_and_tasks_on_their_worker(token_cluster):
     _, cluster, _ = token_cluster
-    head, worker = cluster.pod("head"), cluster.pod("trainer")
+    head, workers = cluster.pod("head"), [cluster.pod("trainer", i) for i in (0, 1)]
     job = {"metadata": {"name": "probe"}, "spec": {"entrypoint": "python /mnt/pvc/data/probe.py"}}
     info = cluster.wait_job(cluster.submit(job, "probe-1"), timeout=180)
     logs = cluster.job_logs("probe-1")
     assert info["status"] == "SUCCEEDED", logs[-3000:]
     seen = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
     assert seen["driver"] == head.exec("readlink /proc/self/ns/mnt").stdout.strip()
-    assert seen["task"] == worker.exec("readlink /proc/self/ns/mnt").stdout.strip()
+    ran_on = [w for w in workers if w.exec("readlink /proc/self/ns/mnt").stdout.strip() == seen["task"]]
+    assert len(ran_on) == 1, seen
     assert head.host_path("/tmp/written-by-the-driver").exists()
-    assert worker.host_path("/tmp/written-by-a-task").exists()
+    assert [w.host_path("/tmp/written-by-a-task").exists() for w in workers] == [w in ran_on for w in workers]
     assert not head.host_path("/tmp/written-by-a-task").exists()
 
 
@@ -217,7 +224,7 @@ def test_token_auth_guards_the_dashboard_and_every_pod_has_the_token(token_clust
         env = dict(line.split("=", 1) for line in pod.exec("env").stdout.splitlines() if "=" in line)
         assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", token), pod.name
     probe = cluster.pod("head").exec(f"python -c {shlex.quote('import ray; ray.init(); print(len(ray.nodes()))')}")
-    assert probe.stdout.strip() == "2", probe.stderr[-2000:]
+    assert probe.stdout.strip() == "3", probe.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -63,7 +63,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ class RayCluster:
         container = spec["containers"][0]
         if self.auth_secret:
             container = build.with_token_auth(container, self.auth_secret)
-        where = "headGroupSpec.template.spec.containers[0]" if head else f"workerGroupSpecs[{group}].template.spec.containers[0]"
+        where = ("headGroupSpec" if head else f"workerGroupSpecs[{group}]") + ".template.spec.containers[0]"
         base = _port_block()
         ports = build.node_ports(base, head=head)
         if head:
@@ -178,15 +177,17 @@ class RayCluster:
     def start(self, *, timeout: float = 180) -> RayCluster:
         """Start the head, then (once its GCS answers, like KubeRay's wait-gcs-ready) every worker; wait for all."""
         head_spec = self.spec["headGroupSpec"]
-        head = self._pod(group=build.HEAD_GROUP, index=0, template=head_spec["template"],
-                         params=head_spec.get("rayStartParams") or {})
-        workers = []
+        # Each pod joins self.pods as soon as it has ports, so that teardown() releases them.
+        self.pods.append(self._pod(group=build.HEAD_GROUP, index=0, template=head_spec["template"],
+                                   params=head_spec.get("rayStartParams") or {}))
         for g in self.spec.get("workerGroupSpecs") or []:
+            # KubeRay's GetWorkerGroupDesiredReplicas: replicas within [minReplicas, maxReplicas]; 0 when suspended
             replicas = 0 if g.get("suspend") else max(g.get("minReplicas", 0), min(g.get("replicas", 1),
                                                                                    g.get("maxReplicas", 1 << 30)))
-            workers += [self._pod(group=g["groupName"], index=i, template=g["template"],
-                                  params=g.get("rayStartParams") or {}) for i in range(replicas)]
-        self.pods = [head, *workers]  # from here on, teardown() releases their ports
+            for i in range(replicas):
+                self.pods.append(self._pod(group=g["groupName"], index=i, template=g["template"],
+                                           params=g.get("rayStartParams") or {}))
+        head, workers = self.pods[0], self.pods[1:]
         for port in head_spec["template"]["spec"]["containers"][0].get("ports", []):
             if port.get("name") not in RAY_PORT_NAMES and _port_open(port["containerPort"]):
                 raise RuntimeError(f"port {port['containerPort']} ({port.get('name')}) of the head container is in "
@@ -289,7 +290,8 @@ class RayCluster:
             if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return info
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {submission_id} still {info['status']}:\n{self.job_logs(submission_id)[-3000:]}")
+                logs = self.job_logs(submission_id)[-3000:]
+                raise TimeoutError(f"job {submission_id} still {info['status']}:\n{logs}")
             time.sleep(0.5)
 
 

@@ -161,7 +161,8 @@ class KubeRay:
         rayjob = self.k8s.get(*kubeemu.RAYJOB, self.namespace, run.name)
         spec = rayjob["spec"]
         if spec.get("submissionMode", "K8sJobMode") != "HTTPMode":
-            raise build.Unsupported(f"spec.submissionMode {spec.get('submissionMode')!r}: clusterbox plays HTTPMode only")
+            raise build.Unsupported(f"spec.submissionMode {spec.get('submissionMode')!r}: "
+                                    "clusterbox plays HTTPMode only")
         while spec.get("suspend") and not run.deleted.wait(self.poll):
             spec = self.k8s.get(*kubeemu.RAYJOB, self.namespace, run.name)["spec"]
         if run.deleted.is_set():

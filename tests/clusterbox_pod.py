@@ -50,6 +50,8 @@ def ensure_mountpoint(path: str, *, ours: list[str], scratch: str, counter: list
     while not os.path.isdir(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not any(ancestor == m or ancestor.startswith(m.rstrip("/") + "/") for m in ours):
+        if ancestor == "/":  # an overlay over / would hide /proc, /dev and /sys
+            raise OSError(f"mountPath {path}: clusterbox makes mount points only below an existing folder other than /")
         counter[0] += 1
         upper, work = (os.path.join(scratch, f"overlay-{counter[0]}-{part}") for part in ("upper", "work"))
         os.makedirs(upper)
@@ -183,8 +185,8 @@ class Pod:
         raise ValueError(f"{path} is not on a host-backed volume of pod {self.name}")
 
     def log(self, tail: int = 4000) -> str:
-        text = (self.folder / "container.log").read_text(errors="replace") if (self.folder / "container.log").exists() else ""
-        return text[-tail:]
+        path = self.folder / "container.log"
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
 
 def main(plan_path: str) -> None:

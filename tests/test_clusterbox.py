@@ -60,7 +60,8 @@ def test_ray_start_command_is_what_kuberay_writes_and_resources_survive_the_shel
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
     resources = head["template"]["spec"]["containers"][0]["resources"]
     command = build.ray_start_command(head["rayStartParams"], head=True, resources=resources, head_address=None)
-    assert " --num-cpus=0 " in command and " --memory=8589934592 " in command and " --dashboard-host=0.0.0.0 " in command
+    for flag in (" --num-cpus=0 ", " --memory=8589934592 ", " --dashboard-host=0.0.0.0 "):
+        assert flag in command
     moved = build.with_ports(command, build.node_ports(21000, head=True))
     assert " --dashboard-agent-listen-port=21003 " in moved and "52365" not in moved and " --port=21006 " in moved
 

@@ -188,7 +188,7 @@ def test_grpo_roles_on_their_own_pods_survive_a_killed_learner_and_resume(stack)
     def actor_processes(cluster):  # which role's actors each worker pod runs (Ray titles them ray::<Class>)
         for role in ("rollout", "reward", "learner"):
             titles = cluster.pod(role).exec("ps -eo args").stdout
-            actors[role] = {cls for cls in ("RolloutWorker", "RewardWorker", "LearnerWorker") if f"ray::{cls}" in titles}
+            actors[role] = {c for c in ("RolloutWorker", "RewardWorker", "LearnerWorker") if f"ray::{c}" in titles}
 
     first, _ = kill_after_first_checkpoint(k8s, kuberay, job="grpo", ckpt=box.host_path("pvc://ckpt/grpo"),
                                            pod_group="learner", before_kill=actor_processes)

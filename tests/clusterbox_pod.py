@@ -89,20 +89,28 @@ class Pod:
              "private", sys.executable, "-I", str(Path(__file__).resolve()), str(plan_file)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={})
         log.close()
-        host_ns, deadline = os.readlink("/proc/self/ns/pid"), time.monotonic() + 10
-        while time.monotonic() < deadline:  # until unshare(2) has run, its children's namespace is ours
+        host_ns, deadline = os.readlink("/proc/self/ns/pid"), time.monotonic() + 30
+        error: OSError | None = None
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            # Until unshare(2) has run, its children's namespace is ours; /proc can also refuse the
+            # link for a moment while the process execs. Holding the namespace open keeps its
+            # inode number ours until kill() has seen it empty.
             try:
-                ns = os.readlink(f"/proc/{self.proc.pid}/ns/pid_for_children")
-            except OSError:
-                break
+                fd = os.open(f"/proc/{self.proc.pid}/ns/pid_for_children", os.O_RDONLY)
+            except OSError as exc:
+                error = exc
+                time.sleep(0.01)
+                continue
+            ns = os.readlink(f"/proc/self/fd/{fd}")
             if ns != host_ns:
-                # Holding the namespace open keeps its inode number ours until kill() has seen it empty.
-                self._ns_fd = os.open(f"/proc/{self.proc.pid}/ns/pid_for_children", os.O_RDONLY)
-                self.pid_ns = ns
+                self._ns_fd, self.pid_ns = fd, ns
                 break
+            os.close(fd)
             time.sleep(0.01)
         if not self.pid_ns:
-            raise RuntimeError(f"pod {self.name}: unshare did not start")
+            code = self.proc.poll()
+            raise RuntimeError(f"pod {self.name}: no PID namespace (unshare exit code {code}, last error {error}):\n"
+                               f"{self.log()}")
 
     @property
     def init_pid(self) -> int | None:

@@ -125,9 +125,12 @@ def finish(k8s, kuberay, job: str, *, timeout: float = 400) -> dict:
 
     last = f"{job}-r{ptj_status(k8s, job).get('restarts', 0)}"
     try:
-        return k8s.wait_for(ended, timeout=timeout, interval=0.5, what=f"{job} to end")
+        status = k8s.wait_for(ended, timeout=timeout, interval=0.5, what=f"{job} to end")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ndriver log of {last}:\n{kuberay.logs(last)[-4000:]}") from None
+    broken = {name: run.error for name, run in kuberay.runs.items() if run.error}
+    assert not broken, f"the harness itself failed (not the job): {broken}"
+    return status
 
 
 def assert_fresh_cluster(kuberay, first, job: str) -> None:

@@ -162,6 +162,7 @@ def test_sft_killed_worker_restarts_and_resumes_from_the_checkpoint_on_the_pvc(s
     assert summary["resumed_from_step"] and summary["resumed_from_step"] % 3 == 0 and summary["resumed_from_step"] < 40
     adapter = box.host_path(summary["artifact"]["path"])
     assert summary["artifact"]["kind"] == "adapter" and (adapter / "adapter_config.json").exists()
+    assert status["progress"]["totalSteps"] == 40  # the operator reached /progress through dashboardURL's host
     assert status["lastCheckpoint"].startswith("/mnt/pvc/ckpt/sft/checkpoint-")
     assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()
     assert rayjob_status(k8s, "sft-r1")["jobDeploymentStatus"] == "Complete"
@@ -207,6 +208,7 @@ def test_grpo_roles_on_their_own_pods_survive_a_killed_learner_and_resume(stack)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
     model = box.host_path(summary["artifact"]["path"]) if summary["artifact"].get("path") else out / "model"
     assert (model / "config.json").exists(), summary["artifact"]
+    assert status["progress"]["totalSteps"] == 12
     assert (box.host_path(status["lastCheckpoint"]) / ".posttrain-complete").exists()
 
 

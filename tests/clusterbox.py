@@ -29,7 +29,8 @@ Modeled, after KubeRay v1.7 (`clusterbox_build` holds the pure parts):
   does; teardown leaves no raylet, gcs_server or worker behind (`Pod.processes()` checks).
 - env: the container's `env` (plain values, `secretKeyRef` / `configMapKeyRef` from what the test
   passes, `fieldRef` of the pod's name, namespace and labels) over an image env (PATH with this
-  venv first), plus what KubeRay injects (RAY_ADDRESS, RAY_CLUSTER_NAME, KUBERAY_GEN_RAY_START_CMD...).
+  venv first, this process's PYTHONPATH), plus what KubeRay injects (RAY_ADDRESS, RAY_CLUSTER_NAME,
+  KUBERAY_GEN_RAY_START_CMD...).
 - `ray start` from `rayStartParams` exactly as KubeRay writes it into `bash -c` (so `resources`
   must survive a shell), with num-cpus / memory / num-gpus from the container's limits; every pod
   then gets its own ports (GCS, dashboard, agent, metrics, object manager, worker range), because
@@ -114,7 +115,9 @@ def image_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "HOME": "/tmp/home", "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED"):
+    # PYTHONPATH too: the pods run the same code as the test (the "image" is this venv and checkout).
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
+                 "PYTHONPATH"):
         if name in os.environ:
             env[name] = os.environ[name]
     return {**env, **(extra or {})}

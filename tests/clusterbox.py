@@ -2,12 +2,13 @@
 
 Every end-to-end test elsewhere runs the driver and its workers on one filesystem, so a file that
 one pod writes to its own /tmp and another pod reads looks fine there. Here each pod of the RayJob
-(head, and every replica of every worker group) is a real `ray start --block` node on 127.0.0.1 in
-its own Linux mount and PID namespace, seeing only what its pod spec gives it.
+(head, and every replica of every worker group) is a real `ray start --block` node on this host's
+network, in its own Linux mount and PID namespace, seeing only what its pod spec gives it.
 
 Use it directly (a RayJob manifest in, a running cluster out):
 
-    box = ClusterBox(tmp_path / "box", pvcs={"models": host_folder})        # claim name -> host folder
+    box = ClusterBox(tmp_path / "box", pvcs={"models": host_folder},        # claim name -> host folder
+                     secrets={"hf": {"token": "..."}})                       # what secretKeyRef may read
     with box:
         cluster = box.start(rayjob, configmaps={"tune-spec": {"job.json": "..."}})
         job_id = cluster.submit(rayjob)                                      # POST /api/jobs/, as HTTPMode
@@ -35,6 +36,7 @@ Modeled, after KubeRay v1.7 (`clusterbox_build` holds the pure parts):
   must survive a shell), with num-cpus / memory / num-gpus from the container's limits; every pod
   then gets its own ports (GCS, dashboard, agent, metrics, object manager, worker range), because
   here all pods share one network namespace (and one address: Ray picks the host's for every node).
+  Other ports of the head container (the driver's 8490) are used as they are and must be free.
 - token auth: `rayClusterSpec.authOptions.mode: token` -> a Secret named after the cluster with
   key `auth_token` (generated unless the test passes it), RAY_AUTH_MODE=token and RAY_AUTH_TOKEN
   (secretKeyRef) on head and workers, and `x-ray-authorization: Bearer` on every dashboard call.

@@ -4,14 +4,16 @@
             KubeRay(k8s, box) as kuberay, kubeemu.Operator(k8s, registry):
         k8s.create(job)                                    # the operator creates <job>-r0
         cluster = kuberay.wait_cluster("tune-r0")          # its pods run as Ray nodes
-        cluster.pod("trainer").kill()                      # the Ray job fails, r0 goes Failed, the operator makes r1
+        cluster.pod("trainer").kill()                      # the Ray job fails, r0 Failed, the operator makes r1
         kuberay.wait_cluster("tune-r1")                    # a brand-new cluster: fresh /tmp everywhere
+        kuberay.logs("tune-r1")                            # the driver's log while its cluster is up
+        kuberay.runs["tune-r0"].statuses                   # every status patch written, in order
 
 A thread polls the emulator's RayJobs; each new one gets its own thread that walks the states of
 `rayjob_controller.go`: `Initializing` (status.jobId, rayClusterName, startTime; a RayCluster
 object owned by the RayJob), pods started and every node ALIVE -> `Running` with `dashboardURL`
-(host:port of the head's dashboard), the entrypoint POSTed to /api/jobs/ (`reconcileHTTPModeJobNotFound`),
-then `jobStatus` and `message` as the dashboard reports them, until a terminal job status gives
+(host:port of the head's dashboard), the entrypoint POSTed to /api/jobs/
+(`reconcileHTTPModeJobNotFound`), then `jobStatus` and `message` as the dashboard reports them, until a terminal job status gives
 `Complete` (or `Failed`, reason AppFailed, for FAILED) with endTime, rayJobInfo and the
 succeeded/failed counts. `shutdownAfterJobFinishes` deletes the cluster `ttlSecondsAfterFinished`
 after endTime; deleting the RayJob stops the Ray job and deletes the cluster at once.

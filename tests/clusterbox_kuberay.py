@@ -13,9 +13,9 @@ A thread polls the emulator's RayJobs; each new one gets its own thread that wal
 `rayjob_controller.go`: `Initializing` (status.jobId, rayClusterName, startTime; a RayCluster
 object owned by the RayJob), pods started and every node ALIVE -> `Running` with `dashboardURL`
 (host:port of the head's dashboard), the entrypoint POSTed to /api/jobs/
-(`reconcileHTTPModeJobNotFound`), then `jobStatus` and `message` as the dashboard reports them, until a terminal job status gives
-`Complete` (or `Failed`, reason AppFailed, for FAILED) with endTime, rayJobInfo and the
-succeeded/failed counts. `shutdownAfterJobFinishes` deletes the cluster `ttlSecondsAfterFinished`
+(`reconcileHTTPModeJobNotFound`), then `jobStatus` and `message` as the dashboard reports them,
+until a terminal job status gives `Complete` (or `Failed`, reason AppFailed, for FAILED) with
+endTime, rayJobInfo and the succeeded/failed counts. `shutdownAfterJobFinishes` deletes the cluster `ttlSecondsAfterFinished`
 after endTime; deleting the RayJob stops the Ray job and deletes the cluster at once.
 
 Where this is not KubeRay: it polls every `poll` seconds (KubeRay requeues every 3 s); Secrets live

@@ -15,8 +15,9 @@ object owned by the RayJob), pods started and every node ALIVE -> `Running` with
 (host:port of the head's dashboard), the entrypoint POSTed to /api/jobs/
 (`reconcileHTTPModeJobNotFound`), then `jobStatus` and `message` as the dashboard reports them,
 until a terminal job status gives `Complete` (or `Failed`, reason AppFailed, for FAILED) with
-endTime, rayJobInfo and the succeeded/failed counts. `shutdownAfterJobFinishes` deletes the cluster `ttlSecondsAfterFinished`
-after endTime; deleting the RayJob stops the Ray job and deletes the cluster at once.
+endTime, rayJobInfo and the succeeded/failed counts. `shutdownAfterJobFinishes` deletes the
+cluster `ttlSecondsAfterFinished` after endTime; deleting the RayJob stops the Ray job and deletes
+the cluster at once.
 
 Where this is not KubeRay: it polls every `poll` seconds (KubeRay requeues every 3 s); Secrets live
 in `box.secrets` (the emulator serves no Secrets); a pod that dies is not replaced, and a dead

@@ -52,6 +52,7 @@ def stack(tmp_path, shared_inputs):
     import kopf
 
     import kubeemu
+    import opcluster
     from clusterbox_kuberay import KubeRay
     from posttrain.operator import handlers, kube, metrics
 
@@ -60,6 +61,8 @@ def stack(tmp_path, shared_inputs):
         pvcs[claim].mkdir()
     with kubeemu.Cluster() as k8s, clusterbox.ClusterBox(tmp_path / "box", pvcs=pvcs) as box, \
             KubeRay(k8s, box) as kuberay:
+        for claim in pvcs:  # the claims exist and are ReadWriteMany, as the operator checks before a run
+            opcluster.claim(k8s, claim)
         registry = kopf.OperatorRegistry()
         config = handlers.OperatorConfig(build=SETTINGS, progress_interval=0.5, progress_timeout=2.0)
         handlers.register(registry, handlers.Controller(config, kube_api=kube.Kube(k8s.api_client()),

@@ -94,14 +94,28 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3() -> S3:
-    """One S3 server for the session; its address and credentials go into the environment, where s3fs in
-    this process and in every Ray worker started after it finds them, as in a pod given them by a Secret."""
-    from moto.server import ThreadedMotoServer
+    """One S3 server for the session (moto's, in its own process: its Flask app must not share a process
+    with vLLM, which walks every loaded module's globals); its address and credentials go into the
+    environment, where s3fs in this process and in every Ray worker started after it finds them, as in a
+    pod given them by a Secret."""
+    import socket
+    import subprocess
+    import time
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    store = S3(f"http://{host}:{port}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.1)
+    store = S3(f"http://127.0.0.1:{port}")
     saved = {k: os.environ.get(k) for k in store.env}
     os.environ.update(store.env)
     yield store
@@ -110,4 +124,5 @@ def s3() -> S3:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)

@@ -64,11 +64,13 @@ def test_discovery_lists_every_served_kind_with_scope_and_subresources(k8s):
     _, core = http(k8s, "GET", "/api/v1")
     assert core["groupVersion"] == "v1"
     assert {r["name"]: r["namespaced"] for r in core["resources"]} == {
-        "namespaces": False, "configmaps": True, "events": True, "namespaces/status": False, "serviceaccounts": True}
+        "namespaces": False, "configmaps": True, "events": True, "namespaces/status": False, "serviceaccounts": True,
+        "pods": True, "pods/status": True, "persistentvolumeclaims": True, "persistentvolumeclaims/status": True,
+        "secrets": True}
     _, groups = http(k8s, "GET", "/apis")
     assert {g["preferredVersion"]["groupVersion"] for g in groups["groups"]} == {
         "posttrain.dev/v1alpha1", "ray.io/v1", "events.k8s.io/v1", "coordination.k8s.io/v1", "apiextensions.k8s.io/v1",
-        "rbac.authorization.k8s.io/v1"}
+        "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1"}
     _, ptj = http(k8s, "GET", "/apis/posttrain.dev/v1alpha1")
     assert {(r["name"], r["kind"], r["namespaced"]) for r in ptj["resources"]} == {
         ("posttrainingjobs", "PostTrainingJob", True), ("posttrainingjobs/status", "PostTrainingJob", True)}

@@ -279,9 +279,12 @@ def test_a_deleted_namespace_terminates_its_contents_then_disappears(paused, job
 
 def test_the_operator_keeps_serving_jobs_across_a_crd_upgrade():
     """Jobs stored under the old CRD, a newer CRD applied while the operator runs: it re-watches and reads on."""
-    from test_operator import job, operator, phase_is, rayjobs
+    import opcluster
+    from test_operator import CLAIMS, job, operator, phase_is, rayjobs
 
     with kubeemu.Cluster() as k8s, operator(k8s):
+        for claim in CLAIMS:  # the job's shared claims, as the operator checks before a run
+            opcluster.claim(k8s, claim)
         k8s.create(job())
         k8s.wait_for(lambda: rayjobs(k8s), timeout=30, what="RayJob r0")
         k8s.wait_for(phase_is(k8s, "Provisioning"), timeout=30)

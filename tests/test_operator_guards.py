@@ -22,7 +22,7 @@ import kubeemu
 import opcluster
 from posttrain.api.load import parse_job
 from posttrain.operator import builders, vocab
-from test_operator import NS, job, k8s, operator, phase_is, ptj, rayjobs  # noqa: F401 - fixtures
+from test_operator import NS, job, k8s, operator, phase_is, ptj, rayjobs, without_cel_rules  # noqa: F401 - fixtures
 
 SETTINGS = builders.BuildSettings(image="ghcr.io/posttrain/runtime:test")
 
@@ -231,6 +231,8 @@ def test_an_invalid_edit_never_fails_a_started_job(k8s):
         k8s.wait_for(lambda: rayjobs(k8s))
         k8s.set_rayjob_status(NS, "tune-r0", deployment="Running", job="RUNNING")
         k8s.wait_for(phase_is(k8s, "Running"))
+        # The CRD's CEL rules refuse this edit; a CRD older than them lets it through to the operator.
+        k8s.apply(without_cel_rules(kubeemu.load_crd(kubeemu.PTJ_CRD)))
         k8s.patch(*kubeemu.PTJ, NS, "tune", {"spec": {"adapter": {"type": "prefix", "targetModules": ["q_proj"]}}})
         accepted = k8s.wait_for(lambda: condition(k8s, "SpecAccepted"))
         assert accepted["reason"] == "InvalidSpec" and "spec.adapter.targetModules" in accepted["message"]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from posttrain.api import runtime
 from posttrain.api.cluster import cluster_errors
 from posttrain.api.load import InvalidJob, load_job, parse_job, read_documents
 
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         job = load_job(args.file, args.set)
     except InvalidJob as exc:
         _print_errors(exc)
-        return 2
+        return runtime.EXIT_BAD_INPUT
     from posttrain.jobs import driver
     from posttrain.jobs.data import DataError
     from posttrain.jobs.models import ModelSourceError
@@ -156,17 +157,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (DataError, ModelSourceError, OutputInUse, ValueError) as exc:
         display.close()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return runtime.EXIT_BAD_INPUT
     except driver.RunFailed as exc:
         display.close()
         print(f"error: the run failed: {exc}\n(checkpoints written so far are kept; running the same command again "
               "resumes from the newest one, or starts over if there is none)", file=sys.stderr)
-        return 1
+        return runtime.EXIT_FAILED
     display.close()
     print(summary_table(summary))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return runtime.EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

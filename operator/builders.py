@@ -160,9 +160,9 @@ def _env(job: PostTrainingJob, settings: BuildSettings, run: int) -> list[dict[s
     """The operator's variables, then the job's own (spec.env; reserved names are refused by the API)."""
     env = {
         runtime.PLACEMENT_ENV: runtime.PLACEMENT_ROLES,  # the driver asks Ray for each role's custom resource
-        "POSTTRAIN_RUN": str(run),
-        "POSTTRAIN_PVC_ROOT": vocab.PVC_ROOT,
-        "POSTTRAIN_CACHE": "/tmp/posttrain-cache",
+        runtime.RUN_ENV: str(run),
+        runtime.PVC_ROOT_ENV: vocab.PVC_ROOT,
+        runtime.CACHE_ENV: "/tmp/posttrain-cache",
         "HF_HOME": "/tmp/hf",
         **settings.extra_env,
     }

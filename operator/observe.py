@@ -20,6 +20,7 @@ import math
 import re
 from typing import Any
 
+from posttrain.api import runtime
 from posttrain.operator import vocab
 
 MAX_TEXT = 300  # characters of server or KubeRay text copied into a condition or an Event
@@ -28,7 +29,7 @@ MAX_URI = 1024  # a longer lastCheckpoint from the driver is dropped, not cut (a
 # Ray 2.60 `dashboard/modules/job/job_supervisor.py`, copied into RayJob status.message by KubeRay.
 _EXIT = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
 _LOG_TAIL = re.compile(r",? ?last available logs.*$", re.S)
-INVALID_INPUT_EXIT_CODE = 2  # the driver's "bad input, nothing written" (1 is a training failure)
+INVALID_INPUT_EXIT_CODE = runtime.EXIT_BAD_INPUT  # the driver's "bad input, nothing written" (1: training failed)
 
 
 def summary(text: str | None, limit: int = MAX_TEXT) -> str:
@@ -47,18 +48,19 @@ def outcome(rayjob: dict[str, Any]) -> str:
     operator stopped it), `suspended`, `running` or `starting`."""
     st = rayjob.get("status") or {}
     deployment, job_status = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
-    if deployment == "ValidationFailed":
+    if deployment == vocab.DEPLOYMENT_VALIDATION_FAILED:
         return "invalid"
     if stop_reason(rayjob):
-        done = deployment in ("Suspended", "Failed", "Complete") or job_status in ("FAILED", "STOPPED", "SUCCEEDED")
+        done = deployment in (vocab.DEPLOYMENT_SUSPENDED, vocab.DEPLOYMENT_FAILED, vocab.DEPLOYMENT_COMPLETE) \
+            or job_status in (vocab.JOB_FAILED, vocab.JOB_STOPPED, vocab.JOB_SUCCEEDED)
         return "stopped" if done else "stopping"
-    if deployment == "Complete":
-        return "succeeded" if job_status == "SUCCEEDED" else "failed"
-    if deployment == "Failed" or job_status == "FAILED":
+    if deployment == vocab.DEPLOYMENT_COMPLETE:
+        return "succeeded" if job_status == vocab.JOB_SUCCEEDED else "failed"
+    if deployment == vocab.DEPLOYMENT_FAILED or job_status == vocab.JOB_FAILED:
         return "failed"
-    if deployment in ("Suspended", "Suspending"):
+    if deployment in (vocab.DEPLOYMENT_SUSPENDED, vocab.DEPLOYMENT_SUSPENDING):
         return "suspended"
-    if deployment == "Running":
+    if deployment == vocab.DEPLOYMENT_RUNNING:
         return "running"
     return "starting"
 

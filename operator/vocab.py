@@ -123,3 +123,16 @@ def run_index(rayjob_name_: str) -> int | None:
     """The run number encoded in a RayJob name, or None when it is not one of ours."""
     head, sep, tail = rayjob_name_.rpartition("-r")
     return int(tail) if sep and tail.isdigit() else None
+
+
+# KubeRay v1.7's RayJob status values (`apis/ray/v1/rayjob_types.go`): status.jobDeploymentStatus ...
+DEPLOYMENT_RUNNING = "Running"  # e.g. status.jobDeploymentStatus: Running
+DEPLOYMENT_COMPLETE = "Complete"
+DEPLOYMENT_FAILED = "Failed"
+DEPLOYMENT_VALIDATION_FAILED = "ValidationFailed"
+DEPLOYMENT_SUSPENDING = "Suspending"
+DEPLOYMENT_SUSPENDED = "Suspended"
+# ... and status.jobStatus, the Ray job's own state.
+JOB_SUCCEEDED = "SUCCEEDED"  # e.g. status.jobStatus: SUCCEEDED
+JOB_FAILED = "FAILED"
+JOB_STOPPED = "STOPPED"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SITE = next(p for p in sys.path if p.endswith("site-packages"))  # where PyYAML is, without running its .pth files
 
 
 def test_import_contracts_hold(tmp_path):
@@ -45,9 +46,25 @@ def test_every_package_folder_is_listed_for_the_wheel():
     import tomllib
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = set()
+    found = {"posttrain.operator"}  # a namespace package on purpose (see the next test)
     for root in ("api", "operator", "jobs"):
         for init in (REPO / root).rglob("__init__.py"):
             rel = init.parent.relative_to(REPO)
             found.add(".".join(("posttrain", *rel.parts)))
     assert found == listed, f"pyproject packages {sorted(listed)} != package folders {sorted(found)}"
+
+
+def test_the_operator_folder_does_not_shadow_the_standard_library_operator():
+    """A Python started in the repo root puts the root first on sys.path: `operator/` must not be a regular
+    package there, or it hides the standard module (`import yaml` then fails on `from operator import or_`).
+    `-S` skips site-packages' .pth files, as a plain venv without our editable install would."""
+    code = "import operator, yaml; print(operator.__file__); assert operator.or_(1, 2) == 3"
+    result = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.append({SITE!r}); {code}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip().startswith(str(REPO)), result.stdout
+    assert not (REPO / "operator" / "__init__.py").exists()
+    # ... while posttrain.operator still imports, as a namespace package mapped onto the folder
+    check = subprocess.run([sys.executable, "-c", "import posttrain.operator.vocab as v; print(v.__file__)"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == str(REPO / "operator" / "vocab.py"), check.stderr

@@ -161,18 +161,20 @@ def test_grpo_lora_colocated_two_learners(workdir, ray_local):
     roles = summary["roles"]
     assert roles["learner"]["actors"] == 2 and roles["rollout"]["actors"] == 2
     assert roles["rollout"]["placement"] == "colocated with learner"
-    assert roles["weight_sync"]["adapter_only"] is True
+    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True}
     assert (workdir / "grpo-lora" / "adapter" / "adapter_config.json").exists()
 
 
 def test_ppo_raises_reward_with_a_critic(workdir, ray_local):
     doc = grpo_job(algorithm="ppo")
-    doc["spec"]["rl"].update({"ppoEpochs": 2, "criticLearningRate": 0.01})
+    doc["spec"]["rl"].update({"ppoEpochs": 2, "criticLearningRate": 0.01, "weightSync": "nccl"})
     summary = run(doc, workdir, "ppo")
     lines = metrics(workdir, "ppo")
     rises(lines)
     assert all("value_loss" in m for m in lines)
     assert summary["roles"]["critic"]["actors"] == 1
+    # asked for nccl on CPU: the same bucketed broadcast, and the summary says which transport really ran
+    assert summary["roles"]["weight_sync"] == {"method": "nccl", "transport": "gloo", "adapter_only": False}
 
 
 def test_async_rollouts_are_one_step_stale_and_still_learn(workdir, ray_local):
@@ -294,7 +296,8 @@ def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
     doc = grpo_job(model={"source": "model128"}, roles=roles, placement="disaggregated" if two else "colocated")
     summary = run(doc, workdir, "grpo-gpu")
     assert summary["roles"]["learner"]["backend"] == "nccl"
-    assert summary["roles"]["weight_sync"]["method"] == "CollectiveSync"
+    sync = summary["roles"]["weight_sync"]  # one GPU: NCCL cannot put two ranks on it, the broadcast is Gloo's
+    assert (sync["method"], sync["transport"]) == ("nccl", "nccl" if two else "gloo")
     rises(metrics(workdir, "grpo-gpu"), margin=0.05)
 
 

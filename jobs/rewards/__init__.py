@@ -12,7 +12,8 @@
   or a spec's `kwargs`.
 
 Modules:
-- `builtin`: exact_answer, format, length_penalty, docstring, step_count.
+- `builtin`: exact_answer, format, length_penalty, docstring, step_count, and the process reward
+  equation_steps (one score per reasoning step, for `rl.advantage: grpo_process`).
 - `score`: `load_reward("module:function")`, the `RewardFunction` spec,
   `combine(...)` (weighted sum, validation, skip counters), `RewardError`.
 - `scorers`: `RewardModel` (a local sequence-classification model) and

@@ -128,7 +128,7 @@ class RLRun:
             "learner": {"actors": learner.count, "resources_per_actor": learner.resources(),
                         "strategy": learner_info[0]["sharding"], "backend": learner_info[0]["backend"],
                         "trainable_params": learner_info[0]["trainable_params"], "processes": pids["learner"]},
-            "weight_sync": {"method": type(self.sync).__name__, "transport": getattr(self.sync, "transport", None),
+            "weight_sync": {"method": self.sync.method, "transport": self.sync.transport,
                             "adapter_only": self.is_lora},
         }
         if self.critics:

@@ -1,7 +1,7 @@
 """Weight sync, learner -> rollout engines: one interface, two transports, picked by name.
 
 The driver builds one after the learner and rollout actors are set up, and pushes after
-every optimizer step (or every `sync_every` steps):
+every RL step (and once after a resume):
 
     sync = make_weight_sync("auto", learners, rollouts, adapter_only=is_lora, on_gpu=True)
     sync.setup()                       # collective transports build their group here
@@ -166,6 +166,11 @@ class WeightSync(abc.ABC):
     def setup(self) -> None:
         """Prepare the transport (a no-op for the object store). Call once, before the first push."""
 
+    @property
+    def transport(self) -> str | None:
+        """What moves the bytes: "object_store", "gloo" or "nccl" (a collective's, once set up)."""
+        return self.method
+
     @abc.abstractmethod
     def push(self, step: int) -> SyncStats:
         """Export on every learner rank and load into every engine; returns when every engine has loaded."""
@@ -226,6 +231,10 @@ class CollectiveSync(WeightSync):
         self.bucket_bytes, self.requested_backend, self.name = bucket_bytes, backend, name
         self.load_per_bucket, self.timeout_seconds = load_per_bucket, timeout_seconds
         self.backend: str | None = None  # decided in setup()
+
+    @property
+    def transport(self) -> str | None:
+        return self.backend  # "gloo" on CPU even when asked for `nccl`
 
     @property
     def members(self) -> list[ActorHandle]:

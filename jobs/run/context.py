@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.api import runtime
 from posttrain.api.spec import PostTrainingJob
 from posttrain.jobs.run import outputs, storage, tracking
 from posttrain.jobs.run.checkpoints import Checkpoints
@@ -150,8 +151,10 @@ class RunContext:
             self.server = ProgressServer(self.metrics, self.opts.metrics_port, self.opts.metrics_host)
             log.info("serving /metrics and /progress on port %d", self.server.port)
         self.writer = outputs.MetricsWriter(self.folder.path(outputs.METRICS_FILE))
+        run_index = os.environ.get(runtime.RUN_ENV)  # set in a RayJob: which run (restart) this driver is
         self.summary = {
             "status": "running", "job": self.job.metadata.name, "algorithm": self.spec.algorithm.value,
+            **({"rayjob_run": int(run_index)} if run_index and run_index.isdigit() else {}),
             "model": self.spec.model.source, "adapter": self.spec.adapter.type.value,
             "resumed_from_step": step or None, "output": self.folder.loc.uri, "checkpoint_dir": self.ckpts.root.uri,
             **(summary or {}), "versions": versions(),
@@ -218,7 +221,7 @@ class RunContext:
         started = False
         if not ray.is_initialized():
             address = self.opts.ray_address or os.environ.get("RAY_ADDRESS") or None
-            ray.init(address=address, log_to_driver=os.environ.get("POSTTRAIN_RAY_LOGS") == "1",
+            ray.init(address=address, log_to_driver=os.environ.get(runtime.RAY_LOGS_ENV) == "1",
                      include_dashboard=False, logging_level=logging.WARNING,
                      # embedded: logical CPUs as many as the roles ask for; their phases mostly take turns
                      **({} if address else {"num_cpus": max(os.cpu_count() or 1, self.opts.local_cpus)}))

@@ -35,7 +35,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-OBJECT_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+from posttrain.api import runtime
+from posttrain.api.runtime import OBJECT_SCHEMES
+
 PLUGINS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # Files a tokenizer or config read needs; everything else in a model folder is weights.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
@@ -84,11 +86,11 @@ class Location:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+    return Path(os.environ.get(runtime.CACHE_ENV, Path.home() / ".cache" / "posttrain"))
 
 
 def pvc_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_PVC_ROOT", "/mnt/pvc"))
+    return Path(os.environ.get(runtime.PVC_ROOT_ENV, runtime.PVC_ROOT))
 
 
 def resolve(uri: str, *, base: Path | None = None) -> Location:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # kubeemu, tiny, clusterbox, ...: see support/__init__
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -17,6 +18,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for a test module: 8 logical CPUs (roles hold one each; threads are set per actor)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,23 +64,11 @@ def tiny_train(tmp_path_factory) -> Path:
     return tiny.write_jsonl(tmp_path_factory.mktemp("tiny-data") / "train.jsonl", tiny.arith_records(96))
 
 
-BASE_JOB = {
-    "apiVersion": "posttrain.dev/v1alpha1",
-    "kind": "PostTrainingJob",
-    "metadata": {"name": "tiny-sft"},
-    "spec": {
-        "algorithm": "sft",
-        "model": {"source": "model"},
-        "data": {"train": [{"source": "train.jsonl"}]},
-        "training": {"maxSteps": 4, "learningRate": 0.01, "globalBatchSize": 8, "microBatchSize": 4,
-                     "maxSeqLength": 64},
-    },
-}
-
-
 @pytest.fixture
 def job_dict():
     """A fresh copy of a minimal valid SFT job (as YAML would give it)."""
+    from support.jobs import BASE_JOB
+
     return copy.deepcopy(BASE_JOB)
 
 

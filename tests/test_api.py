@@ -17,7 +17,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from conftest import BASE_JOB, REPO
+from support import REPO
+from support.jobs import BASE_JOB
 from posttrain.api.load import InvalidJob, apply_overrides, load_job, parse_job
 from posttrain.api.spec import AdapterType, PostTrainingJob, PostTrainingJobSpec
 from posttrain.jobs.cli import main as cli_main

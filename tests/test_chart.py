@@ -31,7 +31,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import REPO
+from support import REPO
 from posttrain.jobs.run.progress import Metrics as DriverMetrics, RunState
 from posttrain.operator import vocab
 from posttrain.operator.leader import LEASE_NAME
@@ -43,7 +43,6 @@ NAMESPACE = "posttrain-system"
 RELEASE = "posttrain"
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
 MONITORING_GROUP = "monitoring.coreos.com/v1"
-
 
 
 def _exported(registry: Any) -> set[str]:

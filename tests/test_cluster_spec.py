@@ -12,7 +12,8 @@ import copy
 import pytest
 import yaml
 
-from conftest import BASE_JOB, REPO
+from support import REPO
+from support.jobs import BASE_JOB
 from posttrain.api.cluster import cluster_errors, pvc_claims
 from posttrain.api.load import InvalidJob, known_fields, load_job, parse_job
 from posttrain.jobs.cli import main as cli_main

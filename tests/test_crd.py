@@ -16,7 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import BASE_JOB, REPO
+from support import REPO
+from support.jobs import BASE_JOB
 from posttrain.api.crd import CRD_FILENAME, crd_manifest, crd_yaml, to_jsonschema
 
 CHECKED_IN = REPO / "charts" / "posttrain" / "crds" / CRD_FILENAME

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from support import REPO
 from posttrain.operator import vocab
 
 IMAGES = REPO / "images"

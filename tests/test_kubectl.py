@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import kubeemu
-from conftest import REPO
+from support import REPO
 
 EXAMPLE = REPO / "examples" / "sft-lora.yaml"
 JOB = "sft-lora-chat"

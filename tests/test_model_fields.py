@@ -57,13 +57,6 @@ def custom_model(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def setup_one(cls, job):
     from posttrain.jobs.rl.workers.sharded import free_port
 

@@ -56,10 +56,9 @@ def bucket(s3, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_after_s3(s3):
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")  # workers inherit the S3 settings
+def ray_after_s3(s3, ray_local):
+    """The shared local Ray, started after the S3 settings are in the environment (its workers inherit them)."""
     yield
-    ray.shutdown()
 
 
 def s3_json(uri: str) -> dict:

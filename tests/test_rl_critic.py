@@ -34,13 +34,6 @@ RETURNS = [1.0, -1.0, 0.5, -0.5]  # per row, on every completion token
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def critics(ray_local):
     """Two actor processes shared by the scenarios (starting one costs seconds of imports)."""
     workers = spawn(2)

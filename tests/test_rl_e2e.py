@@ -75,13 +75,6 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def grpo_job(**spec_updates) -> dict:
     spec = {
         "algorithm": "grpo",

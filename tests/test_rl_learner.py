@@ -38,13 +38,6 @@ LR = 5e-3
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return str(tiny.make_model(tmp_path_factory.mktemp("tiny-llama"), hidden=64))
 

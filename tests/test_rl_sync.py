@@ -89,12 +89,6 @@ def test_backend_choice():
 
 # ---- on Ray actors -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def make_batch(tok) -> dict:
     pairs = [("add 3 + 4 =", " the answer is 7"), ("add 3 + 4 =", " so 9"),

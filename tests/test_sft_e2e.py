@@ -15,15 +15,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def workdir(tmp_path, tiny_model, tiny_train, cache_dir) -> Path:
     (tmp_path / "model").symlink_to(tiny_model)

@@ -61,3 +61,6 @@ def cluster_document(name: str = "tiny-sft", **spec: Any) -> dict[str, Any]:
     doc["spec"]["data"] = spec.get("data", {"train": [{"source": "pvc://data/train.jsonl"}]})
     doc["spec"]["output"] = spec.get("output", {"uri": f"pvc://models/{name}"})
     return doc
+
+
+BASE_JOB = document("sft", name="tiny-sft")  # the minimal valid SFT job; copy it before changing it

@@ -103,7 +103,7 @@ from kubeemu_server import Emulator
 __all__ = ["Cluster", "Operator", "Kind", "ApiError", "ADMIN_TOKEN", "default_kinds", "load_registry", "operator_settings",
            "PTJ", "RAYJOB", "RAYCLUSTER", "CONFIGMAP", "EVENT", "MERGE_PATCH", "JSON_PATCH"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PTJ_CRD = REPO / "charts" / "posttrain" / "crds" / "posttrain.dev_posttrainingjobs.yaml"
 KUBERAY_CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"
 

@@ -64,8 +64,3 @@ def fault(k8s: kubeemu.Cluster, method: str, api_version: str, plural: str, *, s
 
     k8s.emulator[method, kmock.resource(group, version, plural)] << react
     return switch
-
-
-def replace_kind(k8s: kubeemu.Cluster, kind: kubeemu.Kind) -> None:
-    """Serve `kind` from now on (e.g. a newer CRD's schema, as after `kubectl apply` of a new CRD)."""
-    k8s._call(k8s.emulator.add_kind, kind)  # noqa: SLF001 - on the emulator's loop, like every change

@@ -28,9 +28,8 @@ from posttrain.jobs.rl.workers.learner import LearnerWorker  # noqa: E402
 from posttrain.jobs.rl.workers.rollout import RolloutWorker  # noqa: E402
 from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
 from support.jobs import FULL, LORA, rl_job  # noqa: E402
-from posttrain.jobs.rl.sync import (  # noqa: E402
-    CollectiveSync, ObjectStoreSync, TensorMeta, choose_backend, make_weight_sync, pack, plan_buckets, unpack,
-)
+from posttrain.jobs.rl.buckets import TensorMeta, pack, plan_buckets, unpack  # noqa: E402
+from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync, choose_backend, make_weight_sync  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

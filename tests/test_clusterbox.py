@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import clusterbox
+from support import jobs
 import clusterbox_build as build
 from posttrain.api.load import parse_job
 from posttrain.operator import builders
@@ -35,13 +36,7 @@ def rendered(doc: dict) -> tuple[dict, dict]:
 
 
 def sft_doc(name: str = "box", **spec) -> dict:
-    doc = {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
-           "metadata": {"name": name, "namespace": "default"},
-           "spec": {"algorithm": "sft", "model": {"source": "pvc://models/tiny"}, "adapter": {"type": "lora"},
-                    "data": {"train": [{"source": "pvc://data/train.jsonl"}]}, "training": {"maxSteps": 4},
-                    "output": {"uri": f"pvc://out/{name}"}}}
-    doc["spec"].update(spec)
-    return doc
+    return jobs.pvc_document(name, **spec)
 
 
 # --- KubeRay's pod building (pure) ------------------------------------------------------------------

@@ -17,20 +17,15 @@ from pathlib import Path
 import pytest
 
 import clusterbox
+from support import jobs
 import tiny
 from posttrain.operator import builders
 
 SETTINGS = builders.BuildSettings(image="ghcr.io/posttrain/runtime:test")
 
 
-def sft_doc(name: str, **spec) -> dict:
-    doc = {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
-           "metadata": {"name": name, "namespace": "default"},
-           "spec": {"algorithm": "sft", "model": {"source": "pvc://models/tiny"}, "adapter": {"type": "lora"},
-                    "data": {"train": [{"source": "pvc://data/train.jsonl"}]}, "training": {"maxSteps": 4},
-                    "output": {"uri": f"pvc://out/{name}"}}}
-    doc["spec"].update(spec)
-    return doc
+def sft_doc(name: str = "box", **spec) -> dict:
+    return jobs.pvc_document(name, **spec)
 
 
 @pytest.fixture(scope="module")

@@ -21,28 +21,13 @@ import pytest
 import yaml
 
 import tiny
+from support import jobs
 from posttrain.api.load import parse_job
 from posttrain.jobs import driver
 from posttrain.jobs.run import storage
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-
-FLAKY = '''
-import pathlib
-
-def digits(prompts, completions, **_):
-    """The fraction of digits; raises on the call named in FAIL_AT (1-based)."""
-    here = pathlib.Path(__file__).parent
-    calls = here / "calls.txt"
-    n = int(calls.read_text()) + 1 if calls.exists() else 1
-    calls.write_text(str(n))
-    fail_at = here / "FAIL_AT"
-    if fail_at.exists() and n == int(fail_at.read_text()):
-        raise RuntimeError("verifier crashed")
-    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]
-'''
-
 
 @pytest.fixture(scope="module")
 def bucket(s3, tmp_path_factory) -> str:
@@ -119,7 +104,7 @@ def test_sft_killed_mid_run_resumes_from_checkpoints_in_the_bucket(bucket, tmp_p
 
 def test_grpo_fails_mid_run_and_resumes_from_the_bucket_writing_the_adapter_there(bucket, tmp_path, ray_after_s3,
                                                                                 cache_dir):
-    (tmp_path / "rewards.py").write_text(FLAKY)
+    jobs.copy_rewards(tmp_path)
     (tmp_path / "FAIL_AT").write_text("3")
     out = f"s3://{bucket}/runs/grpo"
     doc = {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "metadata": {"name": "s3-grpo"},
@@ -129,7 +114,7 @@ def test_grpo_fails_mid_run_and_resumes_from_the_bucket_writing_the_adapter_ther
                     "training": {"maxSteps": 4, "learningRate": 0.02, "lrScheduler": "constant", "maxSeqLength": 64},
                     "rl": {"groupSize": 4, "promptsPerStep": 4, "maxNewTokens": 8},
                     "roles": {"rollout": {"engine": "transformers"}},
-                    "rewards": [{"function": "rewards.py:digits"}],
+                    "rewards": [{"function": "rl_rewards.py:flaky"}],
                     "checkpoint": {"everySteps": 2}, "output": {"uri": out}}}
     job = parse_job(doc, require_available=True)
     with pytest.raises(driver.RunFailed, match="verifier crashed"):

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 import tiny
+from support import jobs
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
@@ -33,62 +34,20 @@ from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REWARDS = '''
-import math, os, pathlib
-
-def digits(prompts, completions, **_):
-    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]
-
-def flaky(prompts, completions, **_):
-    """digits, but raises on the call named in the file FAIL_AT (1-based), to break a run mid-way."""
-    here = pathlib.Path(__file__).parent
-    calls = here / "calls.txt"
-    n = int(calls.read_text()) + 1 if calls.exists() else 1
-    calls.write_text(str(n))
-    fail_at = here / "FAIL_AT"
-    if fail_at.exists() and n == int(fail_at.read_text()):
-        raise RuntimeError("verifier crashed")
-    return digits(prompts, completions)
-
-def digit_lines(prompts, completions, **_):
-    """A process reward: per non-blank line, the fraction of its characters that are digits."""
-    out = []
-    for t in completions:
-        lines = [line for line in t.split("\\n") if line.strip()]
-        out.append([sum(c.isdigit() for c in line) / len(line) for line in lines] or None)
-    return out
-
-def nan_reward(prompts, completions, **_):
-    return [float("nan")] + [0.5] * (len(completions) - 1)
-
-def short_reward(prompts, completions, **_):
-    return [0.5] * (len(completions) - 1)
-'''
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rl-e2e")
     tiny.make_model(root / "model")
     tiny.write_jsonl(root / "train.jsonl", tiny.arith_records(64))
-    (root / "rl_rewards.py").write_text(REWARDS)
+    jobs.copy_rewards(root)
     return root
 
 
-def grpo_job(**spec_updates) -> dict:
-    spec = {
-        "algorithm": "grpo",
-        "model": {"source": "model"},
-        "data": {"train": [{"source": "train.jsonl"}]},
-        "training": {"maxSteps": 10, "learningRate": 0.02, "lrScheduler": "constant", "maxSeqLength": 64, "seed": 0},
-        "rl": {"groupSize": 8, "promptsPerStep": 4, "maxNewTokens": 8},
-        "roles": {"rollout": {"engine": "transformers"}},
-        "rewards": [{"function": "rl_rewards.py:digits"}],
-    }
-    for key, value in spec_updates.items():
-        spec[key] = value
-    return {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
-            "metadata": {"name": "tiny-rl"}, "spec": spec}
+def grpo_job(**spec: object) -> dict:
+    """The tests' GRPO job on the tiny model, rewarded by `rl_rewards.py:digits`; top-level sections replaced."""
+    algorithm = str(spec.pop("algorithm", "grpo"))
+    return jobs.document(algorithm, name="tiny-rl", **{"rewards": [{"function": "rl_rewards.py:digits"}], **spec})
 
 
 def run(doc: dict, root: Path, out: str, **opts):

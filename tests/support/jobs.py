@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 from typing import Any
 
 FULL = {"type": "none"}
@@ -64,3 +66,17 @@ def cluster_document(name: str = "tiny-sft", **spec: Any) -> dict[str, Any]:
 
 
 BASE_JOB = document("sft", name="tiny-sft")  # the minimal valid SFT job; copy it before changing it
+
+
+def copy_rewards(folder: Path) -> Path:
+    """Put the tests' reward functions (`support/rl_rewards.py`) in `folder`, as a user's `rl_rewards.py`."""
+    return Path(shutil.copy(Path(__file__).with_name("rl_rewards.py"), folder / "rl_rewards.py"))
+
+
+def pvc_document(name: str, **spec: Any) -> dict[str, Any]:
+    """A LoRA SFT job for a cluster whose claims `models` (a tiny model), `data` and `out` exist."""
+    doc = document("sft", name=name, model={"source": "pvc://models/tiny"}, adapter={"type": "lora"},
+                   data={"train": [{"source": "pvc://data/train.jsonl"}]}, training={"maxSteps": 4},
+                   output={"uri": f"pvc://out/{name}"}, **spec)
+    doc["metadata"]["namespace"] = "default"
+    return doc

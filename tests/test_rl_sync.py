@@ -290,3 +290,23 @@ def test_collective_sync_on_gpu(ray_local, untied_path):
     assert run["stats"].backend == ("nccl" if own else "gloo")
     for name, tensor in run["full"]:
         assert torch.equal(run["engines"][0][name], tensor), name
+
+
+def test_buckets_never_split_a_fused_group_and_partial_groups_are_found():
+    from posttrain.jobs.rl.buckets import incomplete_groups, unit_of
+
+    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    names = [f"model.layers.{i}.{m}.weight" for i in range(2)
+             for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+    metas = [TensorMeta(n, (4,), "float32", 4, 16) for n in names]
+    for size in (16, 32, 40, 64):
+        buckets = plan_buckets(metas, size, groups)
+        assert sorted(i for b in buckets for i in b.items) == list(range(len(names)))
+        for b in buckets:  # every group a bucket touches is whole in it
+            keys = {unit_of(names[i], groups) for i in b.items}
+            assert all(sum(unit_of(n, groups) == k for n in names) == sum(unit_of(names[i], groups) == k
+                                                                            for i in b.items) for k in keys)
+    assert len(plan_buckets(metas, 16)) == len(names)  # without groups a 16-byte bucket holds one tensor
+    assert incomplete_groups(names, groups) == {}
+    partial = incomplete_groups(names[:1] + names[2:5], groups)
+    assert partial == {"model.layers.0.self_attn.q_proj|k_proj|v_proj.weight": ["model.layers.0.self_attn.k_proj.weight"]}

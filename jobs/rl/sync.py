@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from posttrain.jobs.registry import Registry
 
-from .buckets import Bucket, TensorMeta, pack, plan_buckets, tensor_meta, unpack
+from .buckets import Bucket, Groups, TensorMeta, pack, plan_buckets, tensor_meta, unpack
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,16 @@ class WeightSync(abc.ABC):
             raise ValueError(f"weight sync needs at least one learner and one rollout actor, "
                              f"got {len(learners)} and {len(rollouts)}")
         self.learners, self.rollouts, self.adapter_only = list(learners), list(rollouts), adapter_only
+        self._groups: Groups | None = None
+
+    @property
+    def groups(self) -> Groups:
+        """The engines' fused module groups (asked once): exports and buckets keep each group whole."""
+        if self._groups is None:
+            import ray
+
+            self._groups = tuple(tuple(g) for g in ray.get(self.rollouts[0].fused_groups.remote()))
+        return self._groups
 
     def setup(self) -> None:
         """Prepare the transport (a no-op for the object store). Call once, before the first push."""
@@ -111,7 +121,7 @@ class WeightSync(abc.ABC):
         """Release the transport; the sync is unusable afterwards."""
 
     def _export_on_other_ranks(self) -> list[Any]:
-        return [w.export_weights.remote(self.adapter_only) for w in self.learners[1:]]
+        return [w.export_weights.remote(self.adapter_only, self.groups) for w in self.learners[1:]]
 
     def _report(self, stats: SyncStats) -> SyncStats:
         log.info("weight sync step %d via %s/%s: %d tensors, %.1f MiB to %d engines in %.3f s "
@@ -131,7 +141,8 @@ class ObjectStoreSync(WeightSync):
 
         started = time.perf_counter()
         # two returns: the tensors stay in the object store, only their size comes to the driver
-        named_ref, info_ref = self.learners[0].call.options(num_returns=2).remote(_export_split, self.adapter_only)
+        named_ref, info_ref = self.learners[0].call.options(num_returns=2).remote(_export_split, self.adapter_only,
+                                                                                    self.groups)
         info, *_ = _gather([info_ref, *self._export_on_other_ranks()])
         exported = time.perf_counter()
         counts = ray.get([r.load_weights.remote(named_ref) for r in self.rollouts])
@@ -190,10 +201,10 @@ class CollectiveSync(WeightSync):
         if self.backend is None:
             raise RuntimeError("CollectiveSync.push before setup(): call setup() once after the actors are ready")
         started = time.perf_counter()
-        metas_ref = self.learners[0].call.remote(_export_stash, self.name, self.adapter_only)
+        metas_ref = self.learners[0].call.remote(_export_stash, self.name, self.adapter_only, self.groups)
         metas, *_ = _gather([metas_ref, *self._export_on_other_ranks()])
         exported = time.perf_counter()
-        buckets = plan_buckets(metas, self.bucket_bytes)
+        buckets = plan_buckets(metas, self.bucket_bytes, self.groups)
         plan = ray.put((metas, buckets))  # one copy for every member
         results = _gather([self.learners[0].call.remote(_send, self.name, plan)]
                           + [r.call.remote(_receive, self.name, plan, self.load_per_bucket) for r in self.rollouts])
@@ -262,8 +273,8 @@ def _members(worker: Any) -> dict[str, _Member]:
     return vars(worker).setdefault("_weight_sync", {})
 
 
-def _export_split(worker: Any, adapter_only: bool) -> tuple[list[tuple[str, Any]], dict[str, int]]:
-    named = worker.export_weights(adapter_only)
+def _export_split(worker: Any, adapter_only: bool, groups: Groups) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    named = worker.export_weights(adapter_only, groups)
     return named, {"tensors": len(named), "bytes": sum(m.nbytes for m in tensor_meta(named))}
 
 
@@ -321,9 +332,9 @@ def _join(worker: Any, name: str, addr: str, port: int, rank: int, world: int, b
     member.rank = rank
 
 
-def _export_stash(worker: Any, name: str, adapter_only: bool) -> list[TensorMeta]:
+def _export_stash(worker: Any, name: str, adapter_only: bool, groups: Groups) -> list[TensorMeta]:
     """Rank 0: export (with the other ranks) and keep the tensors here; only their metadata leaves."""
-    named = worker.export_weights(adapter_only)
+    named = worker.export_weights(adapter_only, groups)
     _members(worker)[name].pending = named
     return tensor_meta(named)
 

@@ -88,6 +88,11 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace weights by Hugging Face parameter name (as in `model.named_parameters()`)."""
 
+    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
+        """Module names this engine loads as one fused tensor (vLLM: a layer's q/k/v in `qkv_proj`); a weight
+        load must bring every member of a group for a layer or none (see `posttrain.jobs.rl.buckets`)."""
+        return ()
+
     def sleep(self) -> bool:
         """Free the engine's device memory while a colocated learner trains; True if it did (engines that
         hold nothing worth freeing return False and stay ready)."""

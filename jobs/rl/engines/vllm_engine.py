@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..buckets import incomplete_groups
 from .base import Generation, RolloutEngine, Sampling
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class WeightSyncExtension:
         model = worker.model_runner.get_model()
         _retie_embeddings(model)
         return len(named_tensors)
+
+    def posttrain_fused_groups(self) -> list[list[str]]:
+        """The model class's fused modules (vLLM's `packed_modules_mapping`), members of each group."""
+        model: Any = self.model_runner.get_model()  # type: ignore[attr-defined]
+        mapping = getattr(model, "packed_modules_mapping", None) or {}
+        return [list(members) for members in mapping.values() if len(members) > 1]
 
     def posttrain_tied_ok(self) -> bool:
         """True when lm_head shares embed_tokens' tensor (or the model is untied)."""
@@ -113,6 +120,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, seed=seed,
                        worker_extension_cls=EXTENSION, logprobs_mode="raw_logprobs", **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self._fused = tuple(tuple(g) for g in self.llm.collective_rpc("posttrain_fused_groups")[0])
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[Generation]:
         from vllm import SamplingParams
@@ -138,8 +146,17 @@ class VLLMEngine(RolloutEngine):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # in-process engine core (single worker): the list travels by reference, no serialisation
         tensors = [(name, t.detach()) for name, t in named_tensors]
+        partial = incomplete_groups([name for name, _ in tensors], self._fused)
+        if partial:  # vLLM's reload would fill the missing members with uninitialised memory
+            key, missing = next(iter(partial.items()))
+            raise ValueError(f"load_weights: {len(partial)} fused group(s) arrived in part, e.g. {key} without "
+                             f"{missing}; vLLM would fill the missing members with garbage. Send every member of "
+                             "a fused group together (the learner's export does, given the engine's fused_groups())")
         self.llm.collective_rpc("posttrain_load_weights", args=(tensors,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
+        return self._fused
 
     def sleep(self) -> bool:
         """Free the KV cache (level 1) while the learners use the GPU; vLLM on CPU keeps it (False)."""

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..buckets import Groups, unit_of
 from ..math.algos import POLICY_LOSSES
 from ..math.kl import entropy_from_logits, kl_penalty, uses_reference
 from ..math.masked import masked_mean
@@ -201,11 +202,12 @@ class LearnerWorker(ShardedWorker):
 
     # ---- weights and checkpoints ----------------------------------------------------------------
 
-    def export_weights(self, adapter_only: bool = False) -> list[tuple[str, Tensor]]:
+    def export_weights(self, adapter_only: bool = False, groups: Groups = ()) -> list[tuple[str, Tensor]]:
         """HF-named full tensors on CPU for the rollout engine, on rank 0 (other ranks return []).
 
         A collective: call it on every rank. LoRA weights come merged (W + scaling * B @ A) under the
-        base module's name; `adapter_only` keeps only those (full fine-tuning has no adapter: error).
+        base module's name; `adapter_only` keeps only those, with the other members of their engine's
+        fused `groups` (full fine-tuning has no adapter: error).
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -216,7 +218,7 @@ class LearnerWorker(ShardedWorker):
             return []
         if not self.is_lora:
             return list(state.items())
-        return merge_lora_state(state, self._lora_scalings(), adapter_only=adapter_only)
+        return merge_lora_state(state, self._lora_scalings(), adapter_only=adapter_only, groups=groups)
 
     def _lora_scalings(self) -> dict[str, float]:
         """{peft module name: scaling} for every LoRA layer; DoRA cannot be merged this way."""
@@ -284,15 +286,18 @@ class LearnerWorker(ShardedWorker):
 
 
 def merge_lora_state(state: dict[str, Tensor], scalings: dict[str, float], *,
-                     adapter_only: bool) -> list[tuple[str, Tensor]]:
+                     adapter_only: bool, groups: Groups = ()) -> list[tuple[str, Tensor]]:
     """A PEFT model's full state dict -> plain HF names with each LoRA update folded in.
 
     `base_model.model.X.base_layer.weight` + `X.lora_A.default.weight` (r, in) and
     `X.lora_B.default.weight` (out, r) become `X.weight` = W + scaling * B @ A; lora tensors
-    are dropped; other tensors are renamed (only kept when not `adapter_only`).
+    are dropped; other tensors are renamed. `adapter_only` keeps the adapted modules and the other
+    members of their fused `groups` (adapting `q_proj` alone still sends `k_proj` and `v_proj`: the
+    engine loads the three as one tensor).
     """
     prefix = "base_model.model."
     out: list[tuple[str, Tensor]] = []
+    adapted: set[str] = set()
     for name, tensor in state.items():
         if ".lora_" in name:
             continue
@@ -302,7 +307,8 @@ def merge_lora_state(state: dict[str, Tensor], scalings: dict[str, float], *,
             a = state[f"{module}.lora_A.default.weight"].float()
             b = state[f"{module}.lora_B.default.weight"].float()
             tensor = (tensor.float() + scalings[module] * (b @ a)).to(tensor.dtype)
-            out.append((plain, tensor))
-        elif not adapter_only:
-            out.append((plain, tensor))
+            adapted.add(unit_of(plain, groups))
+        out.append((plain, tensor))
+    if adapter_only:
+        out = [(name, tensor) for name, tensor in out if unit_of(name, groups) in adapted]
     return out

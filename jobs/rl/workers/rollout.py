@@ -61,6 +61,10 @@ class RolloutWorker(ActorBase):
         self.engine.load_weights(named)
         return len(named)
 
+    def fused_groups(self) -> tuple[tuple[str, ...], ...]:
+        """What the engine loads fused: the learner's export sends such groups whole."""
+        return self.engine.fused_groups()
+
     def sleep(self) -> bool:
         """Free the engine's memory while learners use the device (colocated); True if it slept."""
         self.asleep = self.engine.sleep()

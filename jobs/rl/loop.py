@@ -97,11 +97,13 @@ class RLRun:
                                    threads=roles["learner"].threads, base_dir=base, **kwargs)
                     for r, a in enumerate(actors)]
 
-        learner_setups = group(self.learners, total_steps=self.total_steps)
         engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
         engine_setups = [r.setup.remote(spec.model.wire(), engine=engine, seed=spec.training.seed + i,
                                         threads=roles["rollout"].threads, colocated=self.colocated, base_dir=base)
                          for i, r in enumerate(self.rollouts)]
+        if self.colocated:  # vLLM sizes its share from the memory it sees free: before the learners take theirs
+            ray.wait(engine_setups, num_returns=len(engine_setups))
+        learner_setups = group(self.learners, total_steps=self.total_steps)
         labels = [s.setup.remote([r.wire() for r in spec.rewards], base_dir=base) for s in self.scorers]
         critic_info: list[dict[str, Any]] = []
         if self.method.critic:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..math.algos import value_loss
-from .sharded import ShardedWorker, position_ids
+from .sharded import ShardedWorker, position_ids, precision
 
 if TYPE_CHECKING:
     from posttrain.api.spec import AdapterSpec, ModelSpec, PostTrainingJob
@@ -120,10 +120,11 @@ class CriticWorker(ShardedWorker):
         backend = self.join(rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
                             threads=threads, micro_batch_size=training.micro_batch_size, epochs=self.rl.ppo_epochs)
         torch.manual_seed(training.seed)
-        model_path, model_spec = model_on_this_pod(spec.model, base=base_dir)
+        load_dtype, mp_policy = precision(spec.model.dtype, full_weights=self.adapter.type is AdapterType.none)
+        model_path, model_spec = model_on_this_pod(spec.model, base=base_dir, dtype=load_dtype)
         model = load_value_model(model_path, model_spec, self.adapter)
-        # the head is its own unit: float32 beside a possibly bf16 root; eval mode: deterministic values
-        self.model = self.shard_model(model, layers_of=model.backbone, extra_units=(model.head,)).eval()
+        # the head is its own unit (float32 beside a possibly bf16 backbone)
+        self.model = self.shard_model(model, layers_of=model.backbone, extra_units=(model.head,), mp_policy=mp_policy)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = self.rl.critic_learning_rate or training.learning_rate
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=training.weight_decay)

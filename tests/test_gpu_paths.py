@@ -114,3 +114,33 @@ def test_an_actor_without_gpus_sees_none_whatever_it_inherited(ray_local):
     finally:
         ray.kill(actor)
     assert seen == ("", [])
+
+
+def test_vllm_options_follow_the_device_and_the_memory_it_has():
+    from posttrain.jobs.rl.engines.vllm_engine import check_budget, engine_options
+
+    gib = 2**30
+    cpu = engine_options({"max_model_len": 512}, on_cpu=True, colocated=False, memory=None, reserve_bytes=gib)
+    assert cpu == {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": gib}
+    # an L4 (22 GiB usable) with 20 GiB free: the share leaves the sync buffer free; CUDA graphs on
+    gpu = engine_options({}, on_cpu=False, colocated=False, memory=(20 * gib, 22 * gib), reserve_bytes=gib)
+    assert gpu == {"dtype": "auto", "enforce_eager": False, "gpu_memory_utilization": round(19 / 22, 3)}
+    shared = engine_options({}, on_cpu=False, colocated=True, memory=(20 * gib, 22 * gib), reserve_bytes=gib)
+    assert shared["gpu_memory_utilization"] == 0.35 and shared["enable_sleep_mode"] is True
+    given = engine_options({"gpu_memory_utilization": 0.5, "enforce_eager": True}, on_cpu=False, colocated=False,
+                           memory=(20 * gib, 22 * gib), reserve_bytes=gib)
+    assert given["gpu_memory_utilization"] == 0.5 and given["enforce_eager"] is True
+    check_budget(3 * gib, reserve_bytes=gib, share=0.9, total_bytes=22 * gib)  # fits
+    with pytest.raises(ValueError, match=r"weights \(16\.00 GiB\).*buffer \(0\.25 GiB\).*0\.35 x 22\.0 GiB = 7\.70"):
+        check_budget(16 * gib, reserve_bytes=gib // 4, share=0.35, total_bytes=22 * gib)
+
+
+def test_transformers_engine_refuses_what_exceeds_the_jobs_length(tmp_path):
+    from posttrain.jobs.rl.engines import Sampling
+    from posttrain.jobs.rl.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(tiny.make_model(tmp_path / "m", hidden=64), max_model_len=12)
+    assert engine.device == "cpu" and engine.model.dtype == torch.float32
+    assert len(engine.generate([[5, 6, 7]], Sampling.greedy_decoding(max_new_tokens=8))[0].token_ids[0]) <= 8
+    with pytest.raises(ValueError, match="max_model_len 12"):
+        engine.generate([[5, 6, 7, 8, 9]], Sampling.greedy_decoding(max_new_tokens=8))

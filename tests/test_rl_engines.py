@@ -218,7 +218,7 @@ def test_a_new_engine_is_one_class_and_one_table_entry(model_folder):
         RolloutWorker().setup(str(model_folder), engine="echo")
 
 
-def test_vllm_never_loads_part_of_a_fused_group(tmp_path):
+def test_vllm_never_loads_part_of_a_fused_group(tmp_path, monkeypatch):
     """vLLM loads q/k/v as one `qkv_proj`; its reload fills members it did not receive with uninitialised
     memory. A push of q_proj alone is refused; the learner's export of a q_proj/v_proj LoRA brings k_proj
     along, and greedy output then equals the learner's (unchanged weights: equal to the start)."""
@@ -232,8 +232,13 @@ def test_vllm_never_loads_part_of_a_fused_group(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     prompts = _prompts(tok)
     greedy = Sampling.greedy_decoding(max_new_tokens=MAX_NEW)
-    engine = make_engine("vllm", folder)
+    # an engine core in another process would serialise every pushed tensor: the engine runs in process
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = make_engine("vllm", folder, max_model_len=64)
     try:
+        import os
+
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         groups = engine.fused_groups()
         assert ("q_proj", "k_proj", "v_proj") in groups and ("gate_proj", "up_proj") in groups
         start = [g.token_ids[0] for g in engine.generate(prompts, greedy)]

@@ -98,8 +98,11 @@ class RLRun:
                     for r, a in enumerate(actors)]
 
         engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
+        # the longest sequence a step makes (prompt + completion), not the model's whole context
+        engine_kwargs = {"max_model_len": spec.training.max_seq_length}
         engine_setups = [r.setup.remote(spec.model.wire(), engine=engine, seed=spec.training.seed + i,
-                                        threads=roles["rollout"].threads, colocated=self.colocated, base_dir=base)
+                                        threads=roles["rollout"].threads, colocated=self.colocated, base_dir=base,
+                                        engine_kwargs=engine_kwargs)
                          for i, r in enumerate(self.rollouts)]
         if self.colocated:  # vLLM sizes its share from the memory it sees free: before the learners take theirs
             ray.wait(engine_setups, num_returns=len(engine_setups))

@@ -17,7 +17,8 @@ HF-named CPU tensors (LoRA merged) then reach every engine's `load_weights`.
 - `nccl` (`CollectiveSync`): a broadcast group of learner rank 0 (root) and every rollout actor,
   built from its own `TCPStore` (never torch.distributed's default group, which the learners
   own and vLLM may create). Tensors are flattened into per-dtype buckets of `bucket_bytes` and
-  broadcast one bucket at a time. The backend is NCCL when every member has its own GPU and
+  broadcast one bucket at a time; a receiver keeps the received buckets in host memory until it
+  loads them (vLLM copies each layer in), so its GPU holds one bucket, not a second model. The backend is NCCL when every member has its own GPU and
   Gloo otherwise: `weight_sync: nccl` on CPU runs the same bucketed broadcast over Gloo.
   NCCL cannot put two ranks on one GPU, so colocated learner 0 and rollout fall back to Gloo.
 - `auto`: `nccl` when `on_gpu`, else `object_store`.
@@ -379,8 +380,8 @@ def _receive(worker: Any, name: str, plan: tuple[list[TensorMeta], list[Bucket]]
         part = unpack(flat, [metas[i] for i in bucket.items])
         if load_per_bucket:
             loaded += worker.load_weights(part)
-        else:
-            received.extend(part)
+        else:  # held until the last bucket in host memory: the GPU holds one bucket beside the engine
+            received.extend((n, t.cpu()) for n, t in part)
     if received:
         loaded += worker.load_weights(received)
     return {"seconds": time.perf_counter() - started, "tensors": loaded}

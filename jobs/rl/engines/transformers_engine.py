@@ -27,19 +27,26 @@ class TransformersEngine(RolloutEngine):
 
     name = "transformers"
 
-    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                 batch_size: int = 64, seed: int | None = None, colocated: bool = False) -> None:
+    def __init__(self, model_path: str | Path, *, device: str | None = None, dtype: str | None = None,
+                 batch_size: int = 64, seed: int | None = None, colocated: bool = False,
+                 max_model_len: int | None = None) -> None:
+        """`device`: the actor's GPU when Ray gave it one, else the CPU; `dtype`: float32 on CPU, the
+        model's own on GPU; `max_model_len`: the longest prompt + completion asked for (checked)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        on_gpu = torch.cuda.is_available()
+        device = device or ("cuda" if on_gpu else "cpu")
+        dtype = dtype or ("auto" if on_gpu else "float32")
         if seed is not None:
             torch.manual_seed(seed)  # sampling draws from torch's generator
         self.device = device
         self._device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path),
+                                                          dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         self.model.to(self._device).eval()
-        self.batch_size = batch_size
+        self.batch_size, self.max_model_len = batch_size, max_model_len
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         eos = self.model.generation_config.eos_token_id
@@ -61,6 +68,10 @@ class TransformersEngine(RolloutEngine):
 
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts) + sampling.max_new_tokens
+        if self.max_model_len is not None and longest > self.max_model_len:
+            raise ValueError(f"a prompt and its completion take up to {longest} tokens, more than "
+                             f"max_model_len {self.max_model_len}")
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)

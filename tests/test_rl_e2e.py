@@ -253,6 +253,21 @@ def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
     rises(metrics(workdir, "grpo-gpu"), margin=0.05)
 
 
+@pytest.mark.gpu
+def test_grpo_on_one_gpu_colocated_with_a_q_v_lora_in_bf16(workdir, ray_local):
+    """The GPU paths together: bf16 compute with fp32 adapter weights, a LoRA on q_proj and v_proj (the
+    sync sends k_proj too: vLLM loads q/k/v fused), the engine asleep while the learner trains, its memory
+    share sized at start before the learner loads."""
+    pytest.importorskip("vllm")
+    _vllm_model(workdir)
+    doc = grpo_job(model={"source": "model128", "dtype": "auto"}, placement="colocated",
+                   adapter={"type": "lora", "r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+                   roles={"rollout": {"engine": "vllm"}, "learner": {"gpus": 1}})
+    summary = run(doc, workdir, "grpo-gpu-colocated")
+    assert (summary["roles"]["rollout"]["engine"], summary["roles"]["rollout"]["device"]) == ("vllm", "cuda")
+    rises(metrics(workdir, "grpo-gpu-colocated"), margin=0.05)
+
+
 def test_line_end_tokens_find_the_token_that_ends_each_line(workdir):
     from transformers import AutoTokenizer
 

@@ -194,6 +194,27 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def cycle_through(edges: dict[str, set[str]], start: str) -> list[str] | None:
+    """A cycle that passes through `start`, as [start, ..., start], or None.
+
+    >>> cycle_through({"a": {"x"}, "x": {"y"}, "y": {"x"}}, "a") is None, cycle_through({"a": {"b"}, "b": {"a"}}, "a")
+    (True, ['a', 'b', 'a'])
+    """
+    seen: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                if found := visit(nxt, path + [nxt]):
+                    return found
+        return None
+
+    return visit(start, [start])
+
+
 def order(names: list[str], edges: dict[str, set[str]]) -> list[str]:
     """`names` in dependency order (every job after the jobs it refers to), otherwise as given.
     Call `find_cycle` first: jobs on a cycle are left out.

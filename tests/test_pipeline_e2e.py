@@ -8,7 +8,6 @@ into a's base. Running the same command again reuses both finished outputs.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -17,13 +16,6 @@ from posttrain.jobs import cli
 from support import jobs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def workdir(tmp_path, tiny_model, tiny_train, cache_dir) -> Path:
-    (tmp_path / "model").symlink_to(tiny_model)
-    (tmp_path / "train.jsonl").symlink_to(tiny_train)
-    return tmp_path
 
 
 def test_b_trains_on_the_adapter_a_wrote_then_a_rerun_reuses_both(workdir, ray_local, capsys):

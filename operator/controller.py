@@ -268,13 +268,13 @@ class Controller:
             obs.spec_in_configmap = refs.keep_references(verdict.spec, requested_wire)
 
         if not started and not finished:
+            if errors := cluster_errors(job):  # before waiting for the jobs it names: it could never run
+                return _Decision(None, reconcile.invalid(body, "; ".join(map(str, errors)), now))
             if refs.references(job.spec.wire()):
                 gated = await self._gate(body, job, now)
                 if isinstance(gated, _Decision):
                     return gated
                 job = gated
-            if errors := cluster_errors(job):
-                return _Decision(None, reconcile.invalid(body, "; ".join(map(str, errors)), now))
             size = builders.configmap_bytes(builders.build_configmap(job, owner_uid=uid))
             if size > vocab.CONFIGMAP_MAX_BYTES:
                 return _Decision(None, reconcile.terminal(

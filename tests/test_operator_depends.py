@@ -26,8 +26,8 @@ def waiting(k8s, name, reason):
 
 
 def dependent(name="b", source="ptj://a", **spec):
-    return job(name, model={"source": source}, checkpoint={"uri": f"pvc://ckpt/{name}"},
-               output={"uri": f"pvc://models/out/{name}"}, **spec)
+    fields = {"checkpoint": {"uri": f"pvc://ckpt/{name}"}, "output": {"uri": f"pvc://models/out/{name}"}}
+    return job(name, model={"source": source}, **(fields | spec))
 
 
 def succeed(k8s, name):
@@ -160,3 +160,12 @@ def test_the_waiting_survives_an_operator_restart(k8s):
     with operator(k8s):
         k8s.wait_for(lambda: rayjobs(k8s, "b"), what="b's RayJob after the restart")
         assert spec_in_configmap(k8s, "b")["model"]["source"] == "pvc://models/out/tune/adapter"
+
+
+def test_a_job_that_could_never_run_on_a_cluster_fails_without_waiting(k8s):
+    with operator(k8s):
+        k8s.create(job("a"))
+        k8s.create(dependent("b", output={"mergeAdapter": False}))
+        k8s.wait_for(phase_is(k8s, "Failed", "b"), what="b Failed")
+        failed = condition(k8s, "Failed", "b")
+        assert failed["reason"] == "InvalidSpec" and "spec.output.uri: required on a cluster" in failed["message"]

@@ -7,6 +7,9 @@ changed -> emit Events for transitions. Everything that goes wrong reaches the s
 spec or a refused child is a terminal `Failed` with a reason; an API error, a missing claim or a
 namesake's leftover ConfigMap is a `Blocked` condition and a retry with exponential backoff.
 
+A job that names other jobs (`ptj://`) and has not started waits for them without a timer: the pass of
+any job ends by running the passes of the jobs waiting for it when its phase changed (`depends`).
+
 The driver's /progress is polled on a timer only (`poll_once`); a pass uses the last answer kept
 in memory, so a status write, which triggers a pass of its own, never triggers a poll.
 """
@@ -163,10 +166,10 @@ class Controller:
         self._protected.discard(key)
         self._phases.pop(key, None)
         self.dependencies.set(namespace, name, set())
-        for timers in (self._retries, self._grace):
-            if key in timers:
-                handle = timers.pop(key)
-                (handle[1] if isinstance(handle, tuple) else handle).cancel()
+        if key in self._retries:
+            self._retries.pop(key)[1].cancel()
+        if key in self._grace:
+            self._grace.pop(key).cancel()
         self.metrics.forget_job(namespace, name)
 
     # --- one pass ----------------------------------------------------------------------------------
@@ -307,8 +310,7 @@ class Controller:
         # In the index before reading them: a change that lands after the read still wakes this job.
         self.dependencies.set(namespace, name, {r.job for r in refs.references(spec)})
         found, cycle = await depends.read(namespace, name, spec, self.kube.get_job)
-        created, at = reconcile._time(meta.get("creationTimestamp")), reconcile._time(now)
-        waited = (at - created).total_seconds() if created and at else self.config.dependency_grace
+        waited = depends.seconds_between(meta.get("creationTimestamp"), now, default=self.config.dependency_grace)
         gate = depends.gate(name, spec, found, cycle=cycle, waited=waited, grace=self.config.dependency_grace,
                             namespace=namespace)
         if key in self._grace:

@@ -20,6 +20,7 @@ dependency's grace.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,19 @@ class Gate:
     wait: tuple[str, str] | None = None  # (reason, message) while one has not finished or does not exist yet
     fail: tuple[str, str] | None = None  # (reason, message): the job can never run
     wake_in: float | None = None  # seconds until a missing dependency's grace ends
+
+
+def seconds_between(start: str | None, end: str, *, default: float) -> float:
+    """Seconds from one RFC 3339 time to another (`default` when either cannot be read).
+
+    >>> seconds_between("2026-01-01T00:00:00Z", "2026-01-01T00:01:30Z", default=0.0)
+    90.0
+    """
+    try:
+        a, b = (dt.datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in (start, end))
+    except ValueError:
+        return default
+    return (b - a).total_seconds()
 
 
 def _failure(body: dict[str, Any]) -> str:

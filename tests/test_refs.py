@@ -142,3 +142,13 @@ def test_a_reference_left_unresolved_is_refused_by_the_driver(tmp_path):
 
     with pytest.raises(ValueError, match=r"spec.model.source: ptj://a is the output of job a, which this run "):
         driver.run(parse_job(doc("b", model={"source": "ptj://a"})), driver.RunOptions(output=str(tmp_path)))
+
+
+def test_the_examples_in_the_reference_modules_hold():
+    import doctest
+
+    from posttrain.operator import depends
+
+    for module in (refs, depends):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

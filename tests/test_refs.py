@@ -1,6 +1,7 @@
 """`ptj://<job>` references without Ray: the API's checks, resolution, and `posttrain validate` / `run`
-refusing a set of jobs before anything runs (a reference to nothing, a cycle, a duplicate name), and
-the jobs that need a failed job not being run.
+refusing a set of jobs before anything runs (a reference to nothing, a cycle, a duplicate name), the
+jobs that need a failed job not being run, and adapter folders loading as models (merged into their
+base; the last test loads the tiny model, no Ray).
 
     .venv/bin/python -m pytest tests/test_refs.py -q
 """
@@ -152,3 +153,52 @@ def test_the_examples_in_the_reference_modules_hold():
     for module in (refs, depends):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("config, provenance, says", [
+    ({"peft_type": "LORA", "task_type": "CAUSAL_LM"}, None, "an adapter without posttrain.json naming its base"),
+    ({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM"}, {"kind": "adapter", "base_model": "/m"},
+     "is a PREFIX_TUNING adapter (CAUSAL_LM); only LoRA-family adapters"),
+])
+def test_an_adapter_that_cannot_be_merged_is_refused_naming_the_field(tmp_path, config, provenance, says):
+    import json
+
+    from posttrain.api.spec import ModelSpec
+    from posttrain.jobs.models import ModelSourceError, materialize
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    if provenance:
+        (tmp_path / "posttrain.json").write_text(json.dumps(provenance))
+    with pytest.raises(ModelSourceError, match=r"^spec.model.source: ") as exc:
+        materialize(ModelSpec(source=str(tmp_path)))
+    assert says in str(exc.value)
+
+
+def test_an_adapter_trained_on_another_jobs_adapter_loads_with_both_merged(tmp_path, tiny_model, cache_dir):
+    import json
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.api.spec import ModelSpec
+    from posttrain.jobs.models import materialize
+
+    def adapter(base_folder: str, base_source: str, dest):
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=False)  # random B: merging must change the weights
+        peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), config).save_pretrained(dest)
+        (dest / "posttrain.json").write_text(json.dumps({"kind": "adapter", "base_model": base_source}))
+        return dest
+
+    torch.manual_seed(0)
+    first = adapter(str(tiny_model), str(tiny_model), tmp_path / "a" / "adapter")  # job a's output
+    merged_first = materialize(ModelSpec(source=str(first)))
+    second = adapter(merged_first, str(first), tmp_path / "b" / "adapter")  # job b trained on ptj://a
+    merged_second = materialize(ModelSpec(source=str(second)))
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged_second)(ids).logits
+        want = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged_first), str(second))(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(merged_first)(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)

@@ -72,7 +72,10 @@ class RewardSpec(ApiModel):
         description="A reward callable `module:function` with signature "
         "fn(prompts, completions, **fields) -> list[float | None], e.g. posttrain.jobs.rewards.builtin:exact_answer.",
     )
-    model: str | None = Field(None, description="A sequence-classification reward model (same URI forms as spec.model.source).")
+    model: str | None = Field(
+        None,
+        description="A sequence-classification reward model (same URI forms as spec.model.source, `ptj://<job>` "
+        "for the model a reward-training job of this namespace published).")
     url: str | None = Field(None, description="An HTTP verifier: POSTed {prompts, completions, ...}, answers {rewards: [...]}.")
     weight: float = Field(1.0, ge=0.0, description="Weight in the combined reward; 0 logs the reward without training on it.")
     name: str | None = Field(None, description="Label in metrics (default: the function name, `reward_model` or `http_verifier`).")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.api import refs
 from posttrain.api.base import ApiModel
 from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.rl import RewardSpec, RLSpec
@@ -68,8 +69,10 @@ class ModelSpec(ApiModel):
         description=(
             "Where the base model comes from: a hub id `hf://org/name` or `hf://org/name@revision`, "
             "a local directory in Hugging Face format, a `.gguf` file (dequantized on load), "
-            "`pvc://claim/path` (a PersistentVolumeClaim mounted in the job's pods), or "
-            "`s3://` / `gs://` object storage."
+            "`pvc://claim/path` (a PersistentVolumeClaim mounted in the job's pods), "
+            "`s3://` / `gs://` object storage, or `ptj://<job>`: the model another PostTrainingJob of this "
+            "namespace published (`<its output.uri>/model`, or its `adapter` merged into that job's base); the "
+            "job waits until that one has succeeded. `ptj://<job>/<path>` names a path inside its output."
         ),
         min_length=1,
     )
@@ -84,7 +87,7 @@ class ModelSpec(ApiModel):
         False, description="Allow model code from the model's repository to run. Leave off unless you trust it."
     )
     tokenizer: str | None = Field(
-        None, description="Tokenizer source when it differs from `source` (same URI forms)."
+        None, description="Tokenizer source when it differs from `source` (same URI forms, `ptj://` included)."
     )
 
 
@@ -129,7 +132,9 @@ class DataSource(ApiModel):
         description=(
             "A data set: a local `.jsonl`, `.json`, `.parquet` or `.csv` file (path or `file://`), "
             "a folder written by `datasets.save_to_disk`, `pvc://claim/path`, `s3://`/`gs://`, "
-            "or a hub data set `hf://datasets/org/name`."
+            "a hub data set `hf://datasets/org/name`, or `ptj://<job>`: the data set another PostTrainingJob of "
+            "this namespace wrote (`<its output.uri>/data.jsonl`; `ptj://<job>/<path>` names another file of "
+            "its output); the job waits until that one has succeeded."
         ),
         min_length=1,
     )
@@ -354,6 +359,8 @@ class PostTrainingJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PostTrainingJobSpec:
+        for path, message in refs.errors(self.wire()):
+            raise ValueError(f"@{path.removeprefix('spec.')}: {message}")
         if self.adapter.type is AdapterType.none and self.output.merge_adapter:
             raise ValueError("@output.mergeAdapter: needs an adapter; with adapter.type none the full model is written anyway")
         if self.output.merge_adapter and not self.adapter.type.is_lora_family():
@@ -434,3 +441,9 @@ class PostTrainingJob(BaseModel):
     metadata: Metadata
     spec: PostTrainingJobSpec
     status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_not_own_reference(self) -> PostTrainingJob:
+        for path, message in refs.errors(self.spec.wire(), own_name=self.metadata.name):
+            raise ValueError(f"@{path}: {message}")
+        return self

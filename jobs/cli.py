@@ -1,7 +1,10 @@
 """The `posttrain` command line.
 
     posttrain validate [--cluster] job.yaml [more.yaml ...]
-    posttrain run job.yaml [--output DIR] [--set training.maxSteps=5] [--metrics-port 8080] [--overwrite]
+    posttrain run job.yaml [more.yaml ...] [--output DIR] [--set training.maxSteps=5] [--metrics-port 8080] [--overwrite]
+
+Several jobs (files, or documents of one file) run in the order their `ptj://<job>` references
+need (see `posttrain.jobs.pipeline`).
 
 `validate` needs only the API package; `run` imports the training stack
 lazily, so `validate` works in the operator image too.
@@ -17,7 +20,8 @@ from typing import Any
 
 from posttrain.api import runtime
 from posttrain.api.cluster import cluster_errors
-from posttrain.api.load import InvalidJob, load_job, parse_job, read_documents
+from posttrain.api import refs
+from posttrain.api.load import InvalidJob, SpecError, parse_job, read_documents
 
 
 def _print_errors(exc: InvalidJob) -> None:
@@ -28,18 +32,43 @@ def _print_errors(exc: InvalidJob) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
+    valid: list[tuple[str, Any]] = []
     for name in args.files:
         try:
             docs = read_documents(name)
-            for i, doc in enumerate(docs):
-                where = name if len(docs) == 1 else f"{name}[{i}]"
-                job = parse_job(doc, source=where, require_available=True)
-                if args.cluster and (errors := cluster_errors(job)):
-                    raise InvalidJob(errors, where)
-                print(f"{where}: ok ({job.spec.algorithm.value}, {job.metadata.name})")
         except InvalidJob as exc:
             _print_errors(exc)
             bad += 1
+            continue
+        for i, doc in enumerate(docs):
+            where = name if len(docs) == 1 else f"{name}[{i}]"
+            try:
+                job = parse_job(doc, source=where, require_available=True)
+                if args.cluster and (errors := cluster_errors(job)):
+                    raise InvalidJob(errors, where)
+                valid.append((where, job))
+            except InvalidJob as exc:
+                _print_errors(exc)
+                bad += 1
+    # References between the jobs given, per namespace. On a cluster (--cluster) a job that is not among
+    # them may already exist there; locally (posttrain run) every one must be given.
+    namespaces: dict[str | None, dict[str, dict[str, Any]]] = {}
+    problems: dict[tuple[str | None, str], list[SpecError]] = {}
+    for where, job in valid:
+        specs = namespaces.setdefault(job.metadata.namespace, {})
+        if job.metadata.name in specs:
+            problems.setdefault((job.metadata.namespace, job.metadata.name), []).append(SpecError(
+                "metadata.name", f"{job.metadata.name!r} names several of the jobs given; names must be unique"))
+        specs[job.metadata.name] = job.spec.wire()
+    for namespace, specs in namespaces.items():
+        for job_name, path, message in refs.set_errors(specs, others_exist=args.cluster):
+            problems.setdefault((namespace, job_name), []).append(SpecError(path, message))
+    for where, job in valid:
+        if found := problems.get((job.metadata.namespace, job.metadata.name)):
+            _print_errors(InvalidJob(found, where))
+            bad += 1
+        else:
+            print(f"{where}: ok ({job.spec.algorithm.value}, {job.metadata.name})")
     return 1 if bad else 0
 
 
@@ -133,25 +162,39 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from posttrain.jobs import pipeline
+
     try:
-        job = load_job(args.file, args.set)
+        entries = pipeline.load(args.files, args.set)
     except InvalidJob as exc:
         _print_errors(exc)
         return runtime.EXIT_BAD_INPUT
     from posttrain.jobs import driver
-    from posttrain.jobs.data import DataError
-    from posttrain.jobs.models import ModelSourceError
-    from posttrain.jobs.run.outputs import OutputInUse
 
     driver.setup_logging(args.verbose)
+    return pipeline.run_all(entries, output=args.output, run_one=lambda job, **kw: _run_one(job, args, **kw),
+                            say=lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def _run_one(job: Any, args: argparse.Namespace, *, output: str | None, base_dir: Path, reuse: bool) -> int:
+    from posttrain.jobs import driver, pipeline
+    from posttrain.jobs.data import DataError
+    from posttrain.jobs.models import ModelSourceError
+    from posttrain.jobs.run.context import output_location
+    from posttrain.jobs.run.outputs import OutputInUse
+
     display = Display(job.metadata.name)
     opts = driver.RunOptions(
-        output=args.output,
-        base_dir=Path(args.file).resolve().parent,
+        output=output,
+        base_dir=base_dir,
         metrics_port=args.metrics_port,
         overwrite=args.overwrite,
         on_event=display,
     )
+    if reuse and not args.overwrite and pipeline.finished_with_same_spec(job, loc := output_location(job, opts)):
+        print(f"[{job.metadata.name}] already finished in {loc.uri} with the same spec; using that output",
+              file=sys.stderr, flush=True)
+        return runtime.EXIT_OK
     try:
         summary = driver.run(job, opts)
     except (DataError, ModelSourceError, OutputInUse, ValueError) as exc:
@@ -178,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cluster", action="store_true",
                    help="also check what a cluster needs: shared output and checkpoint storage, no relative paths")
     v.set_defaults(func=cmd_validate)
-    r = sub.add_parser("run", help="run a PostTrainingJob on an embedded Ray")
-    r.add_argument("file")
-    r.add_argument("--output", "-o", help="output folder (default: spec.output.uri, else posttrain-output/<name>)")
+    r = sub.add_parser("run", help="run PostTrainingJobs on an embedded Ray (several: in the order their ptj:// "
+                                   "references need)")
+    r.add_argument("files", nargs="+", metavar="file")
+    r.add_argument("--output", "-o", help="output folder (default: spec.output.uri, else posttrain-output/<name>); "
+                                          "with several jobs each writes to <output>/<job-name>")
     r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a spec field, e.g. --set training.maxSteps=5 (repeatable)")
+                   help="override a spec field of every job, e.g. --set training.maxSteps=5 (repeatable)")
     r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     r.add_argument("--json", action="store_true", help="also print summary.json")

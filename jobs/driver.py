@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+from posttrain.api import refs
 from posttrain.api.spec import PostTrainingJob
 from posttrain.jobs.algorithms import ALGORITHMS
 from posttrain.jobs.run.context import RunContext, RunFailed, RunOptions
@@ -29,6 +30,10 @@ def run(job: PostTrainingJob, opts: RunOptions) -> dict[str, Any]:
     """Run one job to the end; returns the summary (also written to summary.json). An algorithm that is not
     in the table is refused (ValueError naming the choices) before anything is written."""
     name = job.spec.algorithm.value
+    for ref in refs.references(job.spec.wire()):
+        # Resolved by `posttrain run` (jobs run together) or by the operator, never at this point.
+        raise ValueError(f"{ref.path}: {ref.uri} is the output of job {ref.job}, which this run cannot see; run "
+                         f"both together (posttrain run {ref.job}.yaml {job.metadata.name}.yaml) or on a cluster")
     try:
         entry = ALGORITHMS.load(name)
     except ValueError as exc:

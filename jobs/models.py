@@ -2,7 +2,8 @@
 
 `materialize(spec.model)` turns any model source into a local Hugging Face
 folder once (GGUF files are dequantized and written as safetensors in the
-cache), so every Ray worker loads the same plain folder.
+cache; an adapter folder that posttrain wrote is merged into the base its
+`posttrain.json` names), so every Ray worker loads the same plain folder.
 """
 
 from __future__ import annotations
@@ -79,8 +80,62 @@ def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = T
                 _convert_gguf(path, dest)
         return str(dest)
     if not (path / "config.json").exists():
+        if (path / "adapter_config.json").exists():
+            if not weights and (path / "tokenizer_config.json").exists():
+                return str(path)  # its tokenizer is all that is asked for: no merge
+            return _merged_adapter(path, model, base=base)
         raise ModelSourceError(f"spec.model.source: {path} has no config.json; it is not a Hugging Face model folder")
     return str(path)
+
+
+# The Auto class that loads the base of a PEFT adapter, by the adapter's task type.
+_TASK_MODELS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
+
+
+def _merged_adapter(path: Path, model: ModelSpec, *, base: Path | None) -> str:
+    """An adapter folder (`adapter_config.json`, with posttrain's `posttrain.json` naming its base) as a plain
+    model: the base, materialized itself (it may be another job's adapter), with the adapter merged in, written
+    once per pod into the cache. This is what `ptj://<job>` of a job that trained an adapter loads."""
+    provenance = json.loads((path / "posttrain.json").read_text()) if (path / "posttrain.json").exists() else {}
+    config = json.loads((path / "adapter_config.json").read_text())
+    if not provenance.get("base_model"):
+        raise ModelSourceError(f"spec.model.source: {path} is an adapter without posttrain.json naming its base "
+                               "model; give the base model as the source (and train a new adapter on it)")
+    task = config.get("task_type") or "CAUSAL_LM"
+    if config.get("peft_type") != "LORA" or task not in _TASK_MODELS:
+        raise ModelSourceError(f"spec.model.source: {path} is a {config.get('peft_type')} adapter ({task}); only "
+                               "LoRA-family adapters of causal LMs or classifiers can be merged into their base to "
+                               "train or serve on (train the source job with output.mergeAdapter or adapter lora)")
+    base_spec = model.model_copy(update={"source": provenance["base_model"], "tokenizer": None})
+    base_folder = materialize(base_spec, base=base)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{path.resolve()}|{base_folder}|{stamp}".encode()).hexdigest()[:16]
+    dest = storage.cache_root() / "models" / f"merged-{path.parent.name}-{key}"
+    with storage.file_lock(dest.with_suffix(".lock")):
+        if not (dest / "config.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _merge(path, base_folder, dest, task=task)
+    return str(dest)
+
+
+def _merge(adapter: Path, base_folder: str, dest: Path, *, task: str) -> None:
+    import peft
+    import transformers
+
+    log.info("merging the adapter %s into %s (once per pod)", adapter, base_folder)
+    auto = getattr(transformers, _TASK_MODELS[task])
+    net = auto.from_pretrained(base_folder, dtype="auto")
+    merged = peft.PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    # The adapter folder carries the tokenizer it was trained with; keep the base's where it has none.
+    tokenizer_from = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_folder)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
+    (tmp / "posttrain.json").write_text(json.dumps({"kind": "merged-adapter", "adapter": str(adapter),
+                                                    "base_model": base_folder}, indent=2) + "\n")
+    tmp.rename(dest)
 
 
 def model_on_this_pod(model: str | dict[str, Any] | ModelSpec, *, dtype: str | None = None,
@@ -177,6 +232,16 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec) -> An
     return peft.get_peft_model(net, _peft_config(adapter))
 
 
-def write_provenance(dest: Path, *, kind: str, base_model: str) -> None:
-    """`posttrain.json` beside a written model: what it is and what it was trained from."""
-    (dest / "posttrain.json").write_text(json.dumps({"kind": kind, "base_model": base_model}, indent=2) + "\n")
+def provenance(*, kind: str, model: ModelSpec, base: str | Path | None) -> bytes:
+    """`posttrain.json` of a written model or adapter: what it is and what it was trained from. The base is
+    written as a URI that means the same on every pod and from any folder (a relative path made absolute),
+    so that an adapter can be loaded with its base later (`ptj://<job>`, see `materialize`)."""
+    source = model.source
+    loc = storage.resolve(source, base=Path(base) if base else None)
+    if loc.local is not None and not source.startswith(("pvc://", "file://")):
+        source = str(loc.local.resolve())
+    return (json.dumps({"kind": kind, "base_model": source}, indent=2) + "\n").encode()
+
+
+def write_provenance(dest: Path, *, kind: str, model: ModelSpec, base: str | Path | None) -> None:
+    (dest / "posttrain.json").write_bytes(provenance(kind=kind, model=model, base=base))

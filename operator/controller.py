@@ -7,6 +7,9 @@ changed -> emit Events for transitions. Everything that goes wrong reaches the s
 spec or a refused child is a terminal `Failed` with a reason; an API error, a missing claim or a
 namesake's leftover ConfigMap is a `Blocked` condition and a retry with exponential backoff.
 
+A job that names other jobs (`ptj://`) and has not started waits for them without a timer: the pass of
+any job ends by running the passes of the jobs waiting for it when its phase changed (`depends`).
+
 The driver's /progress is polled on a timer only (`poll_once`); a pass uses the last answer kept
 in memory, so a status write, which triggers a pass of its own, never triggers a poll.
 """
@@ -20,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.api import refs
 from posttrain.api.cluster import cluster_errors, pvc_claims
 from posttrain.api.load import InvalidJob, known_fields, parse_job
 from posttrain.api.spec import PostTrainingJob
 from posttrain.api.status import Phase
-from posttrain.operator import builders, kube, observe, reconcile, vocab
+from posttrain.operator import builders, depends, kube, observe, reconcile, vocab
 from posttrain.operator.adopt import Held, classify, configmap_verdict
 from posttrain.operator.metrics import OperatorMetrics
 from posttrain.operator.network import build_networkpolicy
@@ -43,6 +47,9 @@ class OperatorConfig:
     progress_timeout: float = 3.0
     retry_base: float = 5.0  # first backoff after a transient error; doubles up to retry_max
     retry_max: float = 300.0
+    # How long after its creation a job may name (ptj://) a job that does not exist yet before it fails:
+    # `kubectl apply -f` of a file creates its jobs one by one, in the file's order.
+    dependency_grace: float = 60.0
 
 
 def now_rfc3339() -> str:
@@ -80,6 +87,7 @@ class _Decision:
     plan: reconcile.Plan
     configmap: dict[str, Any] | None = None  # the adopted spec ConfigMap, when there is one
     rayjobs: list[dict[str, Any]] = field(default_factory=list)
+    waiting: bool = False  # for a job its spec names (ptj://): woken by that job's changes, not polled
 
 
 class Controller:
@@ -92,6 +100,10 @@ class Controller:
         self._progress: dict[tuple[str, str], tuple[str, dict[str, Any] | None]] = {}  # job -> (run, answer)
         self._retries: dict[tuple[str, str], tuple[int, asyncio.TimerHandle]] = {}
         self._protected: set[tuple[str, str]] = set()  # jobs whose NetworkPolicy this process ensured
+        self.dependencies = depends.Index()  # waiting job -> the jobs it names (ptj://), and the reverse
+        self._phases: dict[tuple[str, str], str | None] = {}  # job -> phase last written (or kept)
+        self._told: dict[tuple[str, str], str | None] = {}  # job -> phase its waiting dependents last saw
+        self._grace: dict[tuple[str, str], asyncio.TimerHandle] = {}  # wake-up at a missing dependency's grace end
 
     # --- entry points ------------------------------------------------------------------------------
 
@@ -109,6 +121,24 @@ class Controller:
         finally:
             self.metrics.reconciles.labels(result=result).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
+        await self._wake_dependents(namespace, name)
+
+    async def deleted(self, namespace: str, name: str) -> None:
+        """The job is gone (its children go through garbage collection); jobs waiting for it learn so."""
+        self.forget(namespace, name)
+        await self._wake_dependents(namespace, name)
+
+    async def _wake_dependents(self, namespace: str, name: str) -> None:
+        """Run a pass of the jobs that wait for this one when its phase changed (or it went away) since they
+        last heard: this is how a waiting job learns that its dependency succeeded, failed or appeared."""
+        key = (namespace, name)
+        phase = self._phases.get(key)
+        if key in self._told and self._told[key] == phase:
+            return
+        self._told[key] = phase
+        if phase is None and key not in self._locks:
+            self._told.pop(key, None)  # gone: the next job of this name starts afresh
+        await asyncio.gather(*(self.reconcile(namespace, job) for job in self.dependencies.dependents(namespace, name)))
 
     async def poll_once(self) -> None:
         """Read every running job's /progress, then run one pass over every active job (the pass
@@ -134,8 +164,12 @@ class Controller:
         self._active.pop(key, None)
         self._progress.pop(key, None)
         self._protected.discard(key)
+        self._phases.pop(key, None)
+        self.dependencies.set(namespace, name, set())
         if key in self._retries:
             self._retries.pop(key)[1].cancel()
+        if key in self._grace:
+            self._grace.pop(key).cancel()
         self.metrics.forget_job(namespace, name)
 
     # --- one pass ----------------------------------------------------------------------------------
@@ -231,11 +265,19 @@ class Controller:
                 job = self._stored_job(body, effective, obs) or requested
         if job is None:  # neither the spec as edited nor the one it started with can be read
             raise Held(vocab.REASON_STORED_SPEC_INVALID, f"{invalid_text}; and {obs.no_new_runs[1]}")
+        # A started job runs its references resolved; compare what the user wrote with that, references put back.
         obs.requested_spec = requested_wire
+        if requested_wire is not None and verdict.spec is not None:
+            obs.spec_in_configmap = refs.keep_references(verdict.spec, requested_wire)
 
         if not started and not finished:
-            if errors := cluster_errors(job):
+            if errors := cluster_errors(job):  # before waiting for the jobs it names: it could never run
                 return _Decision(None, reconcile.invalid(body, "; ".join(map(str, errors)), now))
+            if refs.references(job.spec.wire()):
+                gated = await self._gate(body, job, now)
+                if isinstance(gated, _Decision):
+                    return gated
+                job = gated
             size = builders.configmap_bytes(builders.build_configmap(job, owner_uid=uid))
             if size > vocab.CONFIGMAP_MAX_BYTES:
                 return _Decision(None, reconcile.terminal(
@@ -258,6 +300,34 @@ class Controller:
             obs.volumes = {claim: await self.kube.get_pvc(namespace, claim) for claim in pvc_claims(job.spec)}
             plan = reconcile.plan(job, body, obs)
         return _Decision(job, plan, configmap if verdict.spec is not None else None, rayjobs)
+
+    async def _gate(self, body: dict[str, Any], job: PostTrainingJob, now: str) -> PostTrainingJob | _Decision:
+        """A job that names other jobs (ptj://) and has not started: the job with its references resolved once
+        they all succeeded, else the decision to wait (Pending, woken by their changes) or to fail."""
+        meta = body["metadata"]
+        namespace, name, key = meta["namespace"], meta["name"], (meta["namespace"], meta["name"])
+        spec = job.spec.wire()
+        # In the index before reading them: a change that lands after the read still wakes this job.
+        self.dependencies.set(namespace, name, {r.job for r in refs.references(spec)})
+        found, cycle = await depends.read(namespace, name, spec, self.kube.get_job)
+        waited = depends.seconds_between(meta.get("creationTimestamp"), now, default=self.config.dependency_grace)
+        gate = depends.gate(name, spec, found, cycle=cycle, waited=waited, grace=self.config.dependency_grace,
+                            namespace=namespace)
+        if key in self._grace:
+            self._grace.pop(key).cancel()
+        if gate.wait is not None:
+            if gate.wake_in is not None:
+                self._grace[key] = asyncio.get_running_loop().call_later(
+                    gate.wake_in + 0.5, lambda: asyncio.ensure_future(self.reconcile(*key)))
+            return _Decision(None, reconcile.waiting(body, *gate.wait, now), waiting=True)
+        self.dependencies.set(namespace, name, set())
+        if gate.fail is not None:
+            return _Decision(None, reconcile.terminal(body, *gate.fail, now))
+        doc, _ = known_fields(_job_document(body, gate.spec))
+        try:
+            return parse_job(doc, source=f"{namespace}/{name}")
+        except InvalidJob as exc:
+            return _Decision(None, reconcile.invalid(body, f"with its references resolved: {_errors(exc)}", now))
 
     def _stored_job(self, body: dict[str, Any], spec: dict[str, Any], obs: reconcile.Observed) -> PostTrainingJob | None:
         """The job as it started (its stored spec, read tolerantly); None, with the reason in
@@ -300,7 +370,7 @@ class Controller:
             await self.kube.stop_rayjob(namespace, *plan.stop_run)
         await self._write(body, plan)
         current = plan.status.get("rayJob")
-        if plan.status.get("phase") in TERMINAL:
+        if plan.status.get("phase") in TERMINAL or decision.waiting:
             self._active.pop(key, None)
         else:
             rayjob = next((r for r in decision.rayjobs if r["metadata"]["name"] == current), None)
@@ -321,6 +391,7 @@ class Controller:
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         old = body.get("status") or {}
+        self._phases[(namespace, name)] = plan.status.get("phase")
         if reconcile.status_changed(old, plan.status):
             # The status is written here and nowhere else, and only when it changed.
             await self.kube.patch_status(namespace, name, _status_patch(old, plan.status))

@@ -50,7 +50,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def job_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
         if type == "DELETED":
-            controller.forget(namespace, name)  # children go through garbage collection
+            await controller.deleted(namespace, name)  # children go through garbage collection
             return
         await controller.reconcile(namespace, name)
 

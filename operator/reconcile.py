@@ -147,6 +147,19 @@ def blocked(body: dict[str, Any], reason: str, message: str, now: str) -> Plan:
     return out
 
 
+def waiting(body: dict[str, Any], reason: str, message: str, now: str) -> Plan:
+    """Pending with a WaitingForDependency condition: a job its spec names (ptj://) has not succeeded yet."""
+    prev = body.get("status") or {}
+    generation = body.get("metadata", {}).get("generation")
+    old = prev.get("conditions") or []
+    cond = _condition(old, vocab.COND_WAITING_FOR_DEPENDENCY, True, reason, message, generation, now)
+    kept = [c for c in old if c.get("type") != vocab.COND_WAITING_FOR_DEPENDENCY]
+    out = Plan(status={**prev, "phase": Phase.pending.value, "observedGeneration": generation,
+                       "conditions": kept + [cond]})
+    _once(old, cond, "Normal", out.events)
+    return out
+
+
 def _volume_gate(job: PostTrainingJob, obs: Observed) -> tuple[str, str, bool] | None:
     """(reason, message, permanent) when the claims the job names cannot serve a new run."""
     if obs.volumes is None:

@@ -52,6 +52,7 @@ COND_FAILED = "Failed"
 COND_SPEC_ACCEPTED = "SpecAccepted"  # False while the spec (or its stored copy) cannot be used as it is
 COND_BLOCKED = "Blocked"  # True while something outside the job holds it up (a missing claim, an API error)
 COND_UNKNOWN_FIELDS = "UnknownFields"  # True when the stored object has fields this operator does not know
+COND_WAITING_FOR_DEPENDENCY = "WaitingForDependency"  # True while a job its spec names (ptj://) has not succeeded
 
 # Reasons. Terminal failures:
 REASON_INVALID_SPEC = "InvalidSpec"
@@ -64,6 +65,10 @@ REASON_SPEC_TOO_LARGE = "SpecTooLarge"  # the resolved spec does not fit a Confi
 REASON_STORED_SPEC_INVALID = "StoredSpecInvalid"  # the spec ConfigMap no longer parses
 REASON_SPEC_TAMPERED = "SpecConfigMapTampered"  # the spec ConfigMap's content is not what was written
 REASON_VOLUME_NOT_SHARED = "VolumeNotShared"  # a claim lacks ReadWriteMany (ReadOnlyMany for inputs)
+REASON_DEPENDENCY_FAILED = "DependencyFailed"  # a job named by ptj:// failed
+REASON_DEPENDENCY_CYCLE = "DependencyCycle"  # jobs that name each other (ptj://) in a cycle
+# A job named by ptj:// does not exist: a WaitingForDependency reason during the grace, terminal after it.
+REASON_DEPENDENCY_NOT_FOUND = "DependencyNotFound"
 # Phases and progress:
 REASON_RESTARTING = "Restarting"
 REASON_PROGRESS_DEADLINE = "ProgressDeadlineExceeded"  # no new step for spec.progressDeadlineSeconds
@@ -75,6 +80,8 @@ REASON_PENDING = "Pending"
 REASON_QUEUED = "Queued"
 REASON_IMMUTABLE_FIELD = "ImmutableFieldChanged"
 REASON_UNKNOWN_FIELDS = "UnknownFieldsIgnored"
+# Waiting (no retry timer: the dependency's phase change wakes the job):
+REASON_WAITING_FOR_DEPENDENCY = "DependencyNotFinished"  # a job named by ptj:// has not succeeded yet
 # Blocked (transient, retried with backoff):
 REASON_WAITING_FOR_VOLUME = "WaitingForVolume"  # a claim the spec names does not exist yet
 REASON_STALE_CONFIGMAP = "WaitingForGarbageCollection"  # <job>-spec of a deleted namesake job

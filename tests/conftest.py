@@ -65,6 +65,15 @@ def tiny_train(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def workdir(tmp_path, tiny_model, tiny_train, cache_dir) -> Path:
+    """A job's folder: `model` (the tiny model) and `train.jsonl` beside it, the paths SFT_SPEC names.
+    (Some modules still define their own copy, which overrides this one.)"""
+    (tmp_path / "model").symlink_to(tiny_model)
+    (tmp_path / "train.jsonl").symlink_to(tiny_train)
+    return tmp_path
+
+
+@pytest.fixture
 def job_dict():
     """A fresh copy of a minimal valid SFT job (as YAML would give it)."""
     from support.jobs import BASE_JOB

@@ -210,6 +210,11 @@ def test_the_operator_works_with_exactly_the_charts_rbac(scenario):
             rayjob = k8s.wait_for(lambda: k8s.list(*kubeemu.RAYJOB, namespace), timeout=30, what="the RayJob")[0]
             k8s.wait_for(lambda: (k8s.get(*kubeemu.PTJ, namespace, "tiny-sft").get("status") or {}).get("phase")
                          == "Provisioning", timeout=30, what="the job's status")
+            # A job that names it (ptj://) waits: the operator may read the job it names.
+            k8s.create(jobs.cluster_document("tiny-next", model={"source": "ptj://tiny-sft"}), namespace)
+            k8s.wait_for(lambda: any(c["type"] == "WaitingForDependency" for c in (k8s.get(
+                *kubeemu.PTJ, namespace, "tiny-next").get("status") or {}).get("conditions") or []),
+                timeout=30, what="the dependent job waiting")
         job = k8s.get(*kubeemu.PTJ, namespace, "tiny-sft")
         assert rayjob["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
         assert rayjob["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] is True

@@ -115,6 +115,9 @@ def test_grpo_lora_colocated_two_learners(workdir, ray_local):
     assert roles["rollout"]["placement"] == "colocated with learner"
     assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True}
     assert (workdir / "grpo-lora" / "adapter" / "adapter_config.json").exists()
+    # Its base, named so that a later job can load the adapter (ptj://grpo-lora merges it into that base).
+    provenance = json.loads((workdir / "grpo-lora" / "adapter" / "posttrain.json").read_text())
+    assert provenance == {"kind": "adapter", "base_model": str((workdir / "model").resolve())}
 
 
 def test_ppo_raises_reward_with_a_critic(workdir, ray_local):

@@ -16,6 +16,7 @@ from typing import Any
 
 from posttrain.api.rl import RLSpec
 from posttrain.jobs import data as data_mod
+from posttrain.jobs.models import provenance
 from posttrain.jobs.rl import batch as batching
 from posttrain.jobs.rl.methods import METHODS, Method
 from posttrain.jobs.run import storage
@@ -82,7 +83,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 if every and ctx.state.step % every and ctx.state.step > resume_step:
                     checkpoint(run_, ctx)
                 ctx.phase("saving")
-                ctx.saved(**publish(run_, ctx.folder.loc))
+                ctx.saved(**publish(run_, ctx.folder.loc, base_dir=ctx.base_dir))
             finally:
                 run_.shutdown()
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
@@ -107,7 +108,7 @@ def results(ctx: RunContext) -> dict[str, Any]:
     }
 
 
-def publish(run: Any, out: storage.Location) -> dict[str, Any]:
+def publish(run: Any, out: storage.Location, *, base_dir: Path) -> dict[str, Any]:
     """The trained policy, written by learner rank 0 straight to the output (with the tokenizer's files):
     `adapter/` for LoRA, `model/` for full fine-tuning, both with `mergeAdapter`."""
     import ray
@@ -116,17 +117,19 @@ def publish(run: Any, out: storage.Location) -> dict[str, Any]:
         run.tokenizer.save_pretrained(tmp)
         tokenizer_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
-    def write(dest: storage.Location, *, merge: bool) -> str:
-        return ray.get([w.save_pretrained.remote(dest.address, merge=merge, extra_files=tokenizer_files)
+    def write(dest: storage.Location, *, merge: bool, kind: str) -> str:
+        # posttrain.json names the base, so that a later job can load an adapter with it (ptj://<job>).
+        files = {**tokenizer_files, "posttrain.json": provenance(kind=kind, model=run.spec.model, base=base_dir)}
+        return ray.get([w.save_pretrained.remote(dest.address, merge=merge, extra_files=files)
                         for w in run.learners])[0]
 
     if run.is_lora:
-        write(out.child("adapter"), merge=False)
+        write(out.child("adapter"), merge=False, kind="adapter")
         if not run.spec.output.merge_adapter:
             return {"kind": "adapter", "path": out.child("adapter").uri}
-        write(out.child("model"), merge=True)
+        write(out.child("model"), merge=True, kind="merged-model")
         return {"kind": "model", "path": out.child("model").uri, "adapter_path": out.child("adapter").uri}
-    write(out.child("model"), merge=False)
+    write(out.child("model"), merge=False, kind="model")
     return {"kind": "model", "path": out.child("model").uri}
 
 

@@ -197,11 +197,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
         after = trainer.evaluate()
         callback.push({"type": "eval_after", "step": trainer.state.global_step, "eval_loss": after["eval_loss"]})
     callback.push({"type": "phase", "phase": "saving"})
-    _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback)
+    _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback,
+          base=base)
 
 
 def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.Location, model_source: str, *,
-          rank: int, callback: Any) -> None:
+          rank: int, callback: Any, base: Path) -> None:
     """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 publishes it to the output
     (a PVC or object storage), whole: a reader sees the previous result or the new one."""
     adapter = spec.adapter
@@ -213,7 +214,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not a model
         kind = "model" if adapter.type is AdapterType.none else "adapter"
         tokenizer.save_pretrained(staging)
-        models.write_provenance(staging, kind=kind, base_model=spec.model.source)
+        models.write_provenance(staging, kind=kind, model=spec.model, base=base)
         dest = out.child(kind)
         storage.publish_tree(staging, dest)
         event = {"type": "saved", "kind": kind, "path": dest.uri}
@@ -222,7 +223,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
             merged = staging.parent / f"{staging.name}-merged"
             _merge_into(staging, merged, model_source, spec)
             tokenizer.save_pretrained(merged)
-            models.write_provenance(merged, kind="merged-model", base_model=spec.model.source)
+            models.write_provenance(merged, kind="merged-model", model=spec.model, base=base)
             storage.publish_tree(merged, out.child("model"))
             event.update(kind="merged-model", path=out.child("model").uri, adapter_path=dest.uri)
         callback.push(event)

@@ -74,6 +74,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+def output_location(job: PostTrainingJob, opts: RunOptions) -> storage.Location:
+    """Where a run writes: `--output` (relative to the working directory), else `spec.output.uri` (relative to the
+    spec's folder), else `posttrain-output/<job>` beside the spec."""
+    uri = opts.output or job.spec.output.uri or f"posttrain-output/{job.metadata.name}"
+    return storage.resolve(uri, base=opts.base_dir if opts.output is None else Path.cwd())
+
+
 class RunContext:
     """One run of one job: see the module docstring for the order of calls."""
 
@@ -81,8 +88,7 @@ class RunContext:
         self.job, self.spec, self.opts = job, job.spec, opts
         self.base_dir = opts.base_dir
         self.started = time.time()
-        uri = opts.output or self.spec.output.uri or f"posttrain-output/{job.metadata.name}"
-        self.folder = outputs.RunFolder(storage.resolve(uri, base=opts.base_dir if opts.output is None else Path.cwd()))
+        self.folder = outputs.RunFolder(output_location(job, opts))
         self.ckpts = Checkpoints(self._checkpoint_location())
         self.state = RunState(job=job.metadata.name, algorithm=self.spec.algorithm.value)
         self.summary: dict[str, Any] = {}

@@ -293,7 +293,7 @@ def test_collective_sync_on_gpu(ray_local, untied_path):
 
 
 def test_buckets_never_split_a_fused_group_and_partial_groups_are_found():
-    from posttrain.jobs.rl.buckets import incomplete_groups, unit_of
+    from posttrain.jobs.rl.engines.fused import incomplete_groups, unit_of
 
     groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     names = [f"model.layers.{i}.{m}.weight" for i in range(2)

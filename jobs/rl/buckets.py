@@ -8,17 +8,16 @@ Pure tensor code, used by the collective weight sync (`sync.CollectiveSync`) on 
         ... broadcast flat ...
         named_again = unpack(flat, [metas[i] for i in bucket.items])
 
-Fused groups: an engine may load some modules as one fused tensor (vLLM's `qkv_proj` holds a layer's
-`q_proj`, `k_proj` and `v_proj`; `gate_up_proj` holds `gate_proj` and `up_proj`). vLLM's in-place reload
-fills the members of a group it did not receive with uninitialised memory, so a load must bring a
-layer's whole group or none of it: `unit_of` names the group a tensor belongs to, `plan_buckets` never
-splits one, `incomplete_groups` finds what a load lacks.
+Fused groups (`engines.fused`): `plan_buckets` never splits the members of a layer's fused group
+(vLLM's q/k/v), so a receiver that loads bucket by bucket never loads part of one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+from .engines.fused import Groups, unit_of
 
 if TYPE_CHECKING:
     import torch
@@ -47,44 +46,6 @@ class Bucket:
 def tensor_meta(named: list[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
     return [TensorMeta(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel(),
                        t.numel() * t.element_size()) for n, t in named]
-
-
-Groups = tuple[tuple[str, ...], ...]  # module names loaded as one fused tensor, e.g. ("q_proj", "k_proj", "v_proj")
-
-
-def unit_of(name: str, groups: Groups) -> str:
-    """The key of what must travel with `name`: its fused group in its layer, or the name itself.
-
-    "model.layers.3.self_attn.k_proj.weight" with group (q_proj, k_proj, v_proj) ->
-    "model.layers.3.self_attn.q_proj|k_proj|v_proj.weight".
-    """
-    found = _group_of(name, groups)
-    return name if found is None else ".".join([*found[0], "|".join(found[2]), *found[1]])
-
-
-def incomplete_groups(names: list[str], groups: Groups) -> dict[str, list[str]]:
-    """{fused group key: its member names missing from `names`} for every group `names` covers only in part."""
-    present = set(names)
-    out: dict[str, list[str]] = {}
-    for name in names:
-        found = _group_of(name, groups)
-        if found is None:
-            continue
-        before, after, group = found
-        missing = sorted(m for m in (".".join([*before, member, *after]) for member in group) if m not in present)
-        if missing:
-            out[unit_of(name, groups)] = missing
-    return out
-
-
-def _group_of(name: str, groups: Groups) -> tuple[list[str], list[str], tuple[str, ...]] | None:
-    """(parts before, parts after, group) when a dotted part of `name` is a member of a fused group."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        for group in groups:
-            if part in group and len(group) > 1:
-                return parts[:i], parts[i + 1:], tuple(group)
-    return None
 
 
 def plan_buckets(metas: list[TensorMeta], bucket_bytes: int, groups: Groups = ()) -> list[Bucket]:

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from posttrain.jobs.registry import Registry
 
-from .buckets import Bucket, Groups, TensorMeta, pack, plan_buckets, tensor_meta, unpack
+from .buckets import Bucket, TensorMeta, pack, plan_buckets, tensor_meta, unpack
+from .engines.fused import Groups
 
 if TYPE_CHECKING:
     import torch

@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..buckets import incomplete_groups
+from .fused import incomplete_groups
 from .base import Generation, RolloutEngine, Sampling
 
 if TYPE_CHECKING:

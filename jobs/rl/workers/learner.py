@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..buckets import Groups, unit_of
+from ..engines.fused import Groups, unit_of
 from ..math.algos import POLICY_LOSSES
 from ..math.kl import entropy_from_logits, kl_penalty, uses_reference
 from ..math.masked import masked_mean

@@ -13,14 +13,14 @@ in Python and camelCase on the wire.
 
 from __future__ import annotations
 
-import string
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from posttrain.api.base import ApiModel
+from posttrain.api.base import ApiModel, check_template
 from posttrain.api.env import EnvFromSource, EnvVar
+from posttrain.api.generate import GenerateSpec
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -30,9 +30,12 @@ KIND = "PostTrainingJob"
 PLURAL = "posttrainingjobs"
 SHORT_NAME = "ptj"
 
+RL_ROLES = ("rollout", "learner", "reward")
+GENERATE_ROLES = ("rollout", "reward")  # the policy samples on rollout, the judge runs on reward
+
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo", "generate"})
 
 
 class Algorithm(str, Enum):
@@ -40,11 +43,18 @@ class Algorithm(str, Enum):
     dpo = "dpo"
     reward = "reward"
     distill = "distill"
+    generate = "generate"
     grpo = "grpo"
     ppo = "ppo"
 
     def is_rl(self) -> bool:
         return self in (Algorithm.grpo, Algorithm.ppo)
+
+    def roles(self) -> tuple[str, ...]:
+        """The Ray roles it runs: grpo/ppo the RL roles, generate rollout and reward, the rest the trainer."""
+        if self.is_rl():
+            return RL_ROLES
+        return GENERATE_ROLES if self is Algorithm.generate else ("trainer",)
 
 
 class AdapterType(str, Enum):
@@ -176,18 +186,8 @@ class DataSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
-        for key in ("{reasoning}", "{answer}"):
-            if key not in self.cot_template:
-                raise ValueError(f"@cotTemplate: must contain {key}")
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.cot_template) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"@cotTemplate: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
-        if names - {"reasoning", "answer"}:
-            raise ValueError(
-                f"@cotTemplate: unknown placeholders {sorted(names - {'reasoning', 'answer'})}; only {{reasoning}} "
-                "and {answer} are filled in (write literal braces as {{ and }})"
-            )
+        check_template(self.cot_template, required={"reasoning", "answer"}, allowed={"reasoning", "answer"},
+                       field="cotTemplate", hint="the cot template")
         if self.eval is not None and self.eval_fraction > 0:
             raise ValueError("@evalFraction: give either eval or evalFraction, not both")
         return self
@@ -213,11 +213,6 @@ class TrainingSpec(ApiModel):
         None, gt=0, description="Evaluate every this many steps; evaluation always runs before and after training."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainingSpec:
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("@maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
-        return self
 
 
 class Toleration(ApiModel):
@@ -253,16 +248,15 @@ class RoleSpec(ApiModel):
     )
 
 
-RL_ROLES = ("rollout", "learner", "reward")
 
 
 class RolesSpec(ApiModel):
     trainer: RoleSpec = Field(
         default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, reward, distill)."
     )
-    rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo).")
+    rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo, generate).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
-    reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo).")
+    reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo) and judges (generate).")
 
 
 class CheckpointSpec(ApiModel):
@@ -294,11 +288,14 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 
 
 class PostTrainingJobSpec(ApiModel):
-    algorithm: Algorithm = Field(description="Post-training algorithm: sft, dpo, reward, distill, grpo or ppo.")
+    algorithm: Algorithm = Field(
+        description="Post-training algorithm: sft, dpo, reward, distill, grpo, ppo, or generate (writes a data set).")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
-    training: TrainingSpec = Field(description="Optimization settings.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Optimization settings (generate uses only seed and maxSeqLength).")
     roles: RolesSpec = Field(default_factory=RolesSpec, description="Where each Ray role runs and how many replicas.")
     placement: Literal["disaggregated", "colocated"] = Field(
         "disaggregated",
@@ -308,6 +305,7 @@ class PostTrainingJobSpec(ApiModel):
     rewards: list[RewardSpec] = Field(
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
+    generate: GenerateSpec | None = Field(None, description="What an algorithm: generate job writes (required there).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
     tracking: TrackingSpec = Field(
@@ -360,7 +358,14 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
-        if not self.algorithm.is_rl():
+        if self.algorithm is not Algorithm.generate:
+            if self.training.max_steps is None and self.training.epochs is None:
+                raise ValueError("@training.maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
+            if self.generate is not None:
+                raise ValueError(f"@generate: is for algorithm generate, not {self.algorithm.value}")
+        if self.algorithm is Algorithm.generate:
+            check_generate(self)
+        elif not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
@@ -396,7 +401,7 @@ class PostTrainingJobSpec(ApiModel):
                 raise ValueError(f"@roles.{role}.strategy: only roles.learner has a sharding strategy")
         t = self.training
         per_step = t.micro_batch_size * self.trainer_workers()
-        if not self.algorithm.is_rl() and t.global_batch_size % per_step:
+        if "trainer" in self.algorithm.roles() and t.global_batch_size % per_step:
             raise ValueError(
                 f"@training.globalBatchSize: ({t.global_batch_size}) must be a multiple of microBatchSize x "
                 f"trainer workers ({t.micro_batch_size} x {self.trainer_workers()} = {per_step}; "
@@ -410,6 +415,25 @@ class PostTrainingJobSpec(ApiModel):
 
     def gradient_accumulation_steps(self) -> int:
         return self.training.global_batch_size // (self.training.micro_batch_size * self.trainer_workers())
+
+
+def check_generate(spec: PostTrainingJobSpec) -> None:
+    """algorithm generate: needs spec.generate, runs on the rollout and reward roles, trains nothing."""
+    if spec.generate is None:
+        raise ValueError("@generate: algorithm generate needs it, e.g. {task: preference_pairs, candidates: 4, "
+                         "judge: {model: hf://HuggingFaceTB/SmolLM2-135M-Instruct, mode: pairwise}}")
+    if spec.roles.learner is not None:
+        raise ValueError("@roles.learner: generate trains nothing; it runs on roles.rollout and roles.reward")
+    if spec.roles.trainer != RoleSpec():
+        raise ValueError("@roles.trainer: generate runs on roles.rollout (the policy) and roles.reward (the judge)")
+    for name in ("rl", "rewards"):
+        if getattr(spec, name):
+            raise ValueError(f"@{name}: is for grpo and ppo; generate takes its settings from spec.generate")
+    if spec.adapter.type is not AdapterType.none:
+        raise ValueError("@adapter.type: generate samples from spec.model as it is and trains no adapter; "
+                         "remove the adapter")
+    if spec.placement != "disaggregated":
+        raise ValueError("@placement: generate has no learner to share devices with; remove placement")
 
 
 class Metadata(BaseModel):

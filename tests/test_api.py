@@ -253,7 +253,7 @@ def test_rl_sections_round_trip_with_their_wire_names():
     ({"rl": {"groupSize": 4}}, "spec.rl", "is for grpo and ppo"),
     ({"algorithm": "grpo", "rewards": [{"function": "exact_answer"}]}, "spec.rewards[0].function", "module:function"),
     ({"algorithm": "grpo", "rewards": [{"function": "m:f", "url": "http://x"}]}, "spec.rewards[0].function",
-     "exactly one of function, model or url"),
+     "exactly one of function, model, url or judge"),
     ({"algorithm": "grpo", "rewards": [{"url": "verifier:8000"}]}, "spec.rewards[0].url", "http://"),
     ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"groupSize": 1}}, "spec.rl.groupSize", "greater than or equal to 2"),
     ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"advantage": "gae"}}, "spec.rl.advantage", "needs a critic"),

@@ -86,7 +86,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             finally:
                 run_.shutdown()
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
-        error = _unwrap(exc)
+        error = unwrap(exc)
     return ctx.finish(error, **results(ctx))
 
 
@@ -130,7 +130,7 @@ def publish(run: Any, out: storage.Location) -> dict[str, Any]:
     return {"kind": "model", "path": out.child("model").uri}
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap(exc: BaseException) -> BaseException:
     """The error an actor raised (a reward's RewardError, ...) rather than Ray's wrapper around it."""
     from ray.exceptions import RayTaskError
 

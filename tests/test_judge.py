@@ -212,3 +212,20 @@ def test_generate_without_training_section_validates_and_sft_still_needs_steps()
     doc = jobs.document("sft")
     del doc["spec"]["training"]
     assert errors(doc) == [("spec.training.maxSteps", "set maxSteps or epochs (for example maxSteps: 100)")]
+
+
+def test_vllm_and_transformers_judges_agree(tmp_path):
+    """The judge runs on vLLM where installed (auto): its probabilities match the transformers fallback's."""
+    pytest.importorskip("vllm")
+    folder = tiny.make_model(tmp_path / "model", hidden=128)  # vLLM's CPU attention needs head size >= 32
+    prompts, completions = ["p", "p", "q", "q"], ["one", "two", "three", "four"]
+    on_vllm = Judge(folder, spec={"model": str(folder), "engine": "vllm", "mode": "pairwise", "swap": False},
+                    where="w")
+    try:
+        assert on_vllm.engine.name == "vllm"
+        got = on_vllm(prompts, completions)
+    finally:
+        on_vllm.close()
+    expected = make(folder, mode="pairwise", swap=False)(prompts, completions)
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert len(set(round(v, 3) for v in expected)) > 1  # a random judge: not all 0.5

@@ -229,3 +229,26 @@ def test_vllm_and_transformers_judges_agree(tmp_path):
     expected = make(folder, mode="pairwise", swap=False)(prompts, completions)
     assert got == pytest.approx(expected, abs=1e-3)
     assert len(set(round(v, 3) for v in expected)) > 1  # a random judge: not all 0.5
+
+
+def test_the_readme_shows_the_default_templates():
+    from pathlib import Path
+
+    from posttrain.api.judge import DEFAULT_PAIRWISE_TEMPLATE, DEFAULT_POINTWISE_TEMPLATE
+
+    readme = [line.strip() for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines()]
+    for template in (DEFAULT_POINTWISE_TEMPLATE, DEFAULT_PAIRWISE_TEMPLATE):
+        lines = [line.strip() for line in template.splitlines()]
+        start = readme.index(lines[0])
+        assert readme[start:start + len(lines)] == lines
+
+
+def test_the_run_summary_table_shows_a_generate_jobs_counts():
+    from posttrain.jobs.cli import summary_table
+
+    table = summary_table({"status": "succeeded", "algorithm": "generate", "task": "preference_pairs",
+                           "pairs_written": 7, "ties_dropped": 2, "unjudged_prompts": 0, "unparseable_verdicts": 1,
+                           "roles": {"reward": {"actors": 1, "judge": "judge", "mode": "pairwise"}},
+                           "artifact": {"kind": "dataset", "path": "out/data/train.jsonl"}})
+    assert "pairs written" in table and " 7" in table and "unparseable verdicts  1" in table
+    assert "dataset: out/data/train.jsonl" in table and "mode=pairwise" in table

@@ -14,7 +14,7 @@ A generate job samples from the policy `spec.model` on the rollout role and writ
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,3 +57,23 @@ class GenerateSpec(ApiModel):
                 raise ValueError(f"@{name}: task {self.task} needs a {name}, e.g. "
                                  "{model: hf://HuggingFaceTB/SmolLM2-135M-Instruct, mode: pairwise}")
         return self
+
+
+def check_generate_job(spec: Any) -> None:
+    """algorithm generate (a `PostTrainingJobSpec`): needs spec.generate, runs on the rollout and reward roles,
+    trains nothing. Defaults are compared by value, so a resolved spec dumped with them validates again."""
+    if spec.generate is None:
+        raise ValueError("@generate: algorithm generate needs it, e.g. {task: preference_pairs, candidates: 4, "
+                         "judge: {model: hf://HuggingFaceTB/SmolLM2-135M-Instruct, mode: pairwise}}")
+    if spec.roles.learner is not None:
+        raise ValueError("@roles.learner: generate trains nothing; it runs on roles.rollout and roles.reward")
+    if spec.roles.trainer != type(spec.roles.trainer)():
+        raise ValueError("@roles.trainer: generate runs on roles.rollout (the policy) and roles.reward (the judge)")
+    for name in ("rl", "rewards"):
+        if getattr(spec, name):
+            raise ValueError(f"@{name}: is for grpo and ppo; generate takes its settings from spec.generate")
+    if spec.adapter.type.value != "none":
+        raise ValueError("@adapter.type: generate samples from spec.model as it is and trains no adapter; "
+                         "remove the adapter")
+    if spec.placement != "disaggregated":
+        raise ValueError("@placement: generate has no learner to share devices with; remove placement")

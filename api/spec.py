@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api.base import ApiModel, check_template
 from posttrain.api.env import EnvFromSource, EnvVar
-from posttrain.api.generate import GenerateSpec
+from posttrain.api.generate import GenerateSpec, check_generate_job
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -364,7 +364,7 @@ class PostTrainingJobSpec(ApiModel):
             if self.generate is not None:
                 raise ValueError(f"@generate: is for algorithm generate, not {self.algorithm.value}")
         if self.algorithm is Algorithm.generate:
-            check_generate(self)
+            check_generate_job(self)
         elif not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:
@@ -415,25 +415,6 @@ class PostTrainingJobSpec(ApiModel):
 
     def gradient_accumulation_steps(self) -> int:
         return self.training.global_batch_size // (self.training.micro_batch_size * self.trainer_workers())
-
-
-def check_generate(spec: PostTrainingJobSpec) -> None:
-    """algorithm generate: needs spec.generate, runs on the rollout and reward roles, trains nothing."""
-    if spec.generate is None:
-        raise ValueError("@generate: algorithm generate needs it, e.g. {task: preference_pairs, candidates: 4, "
-                         "judge: {model: hf://HuggingFaceTB/SmolLM2-135M-Instruct, mode: pairwise}}")
-    if spec.roles.learner is not None:
-        raise ValueError("@roles.learner: generate trains nothing; it runs on roles.rollout and roles.reward")
-    if spec.roles.trainer != RoleSpec():
-        raise ValueError("@roles.trainer: generate runs on roles.rollout (the policy) and roles.reward (the judge)")
-    for name in ("rl", "rewards"):
-        if getattr(spec, name):
-            raise ValueError(f"@{name}: is for grpo and ppo; generate takes its settings from spec.generate")
-    if spec.adapter.type is not AdapterType.none:
-        raise ValueError("@adapter.type: generate samples from spec.model as it is and trains no adapter; "
-                         "remove the adapter")
-    if spec.placement != "disaggregated":
-        raise ValueError("@placement: generate has no learner to share devices with; remove placement")
 
 
 class Metadata(BaseModel):

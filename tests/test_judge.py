@@ -252,3 +252,17 @@ def test_the_run_summary_table_shows_a_generate_jobs_counts():
                            "artifact": {"kind": "dataset", "path": "out/data/train.jsonl"}})
     assert "pairs written" in table and " 7" in table and "unparseable verdicts  1" in table
     assert "dataset: out/data/train.jsonl" in table and "mode=pairwise" in table
+
+
+def test_a_resolved_generate_spec_validates_again():
+    """What the operator writes into the ConfigMap (defaults filled in) is what the driver validates."""
+    job = parse_job(generate_doc())
+    again = parse_job({"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob",
+                       "metadata": {"name": "again"}, "spec": job.spec.wire()})
+    assert again.spec == job.spec
+    doc = generate_doc()
+    doc["spec"]["roles"] = {"trainer": {"replicas": 2}}
+    assert errors(doc)[0][0] == "spec.roles.trainer"
+    doc = generate_doc()
+    doc["spec"]["adapter"] = {"type": "lora"}
+    assert errors(doc)[0][0] == "spec.adapter.type"

@@ -22,10 +22,9 @@ import time
 from typing import Any
 
 from posttrain.api.spec import RoleSpec
-from posttrain.jobs import data as data_mod
+from posttrain.jobs.algorithms.rl import read_prompts, unwrap
 from posttrain.jobs.registry import Registry
 from posttrain.jobs.run import storage
-from posttrain.jobs.algorithms.rl import unwrap
 from posttrain.jobs.run.context import RunContext
 
 TASKS: Registry[Any] = Registry("generate task")
@@ -43,13 +42,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     except ValueError as exc:
         raise ValueError(f"spec.generate.task: {exc}") from None
     ctx.prepare()
-    tokenizer = ctx.tokenizer()
-    max_prompt = spec.training.max_seq_length - gen.max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(f"spec.training.maxSeqLength ({spec.training.max_seq_length}) must exceed "
-                         f"spec.generate.maxNewTokens ({gen.max_new_tokens}): prompts need room")
-    prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
-                                            max_prompt_len=max_prompt, base=ctx.base_dir)
+    tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=gen.max_new_tokens,
+                                             field="spec.generate.maxNewTokens")
     batches = math.ceil(len(prompts) / gen.prompts_per_batch)
     ctx.begin(total_steps=batches, summary={
         "task": gen.task, "data": {"prompts": stats.train_examples, "dropped": stats.dropped, "sets": stats.sets}})

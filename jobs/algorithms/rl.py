@@ -44,13 +44,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.prepare()
 
     # Bad input fails here, before the first write: tokenizer, prompts, reward functions.
-    tokenizer = ctx.tokenizer()
-    max_prompt = spec.training.max_seq_length - rl.max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(f"spec.training.maxSeqLength ({spec.training.max_seq_length}) must exceed "
-                         f"spec.rl.maxNewTokens ({rl.max_new_tokens}): prompts need room")
-    prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
-                                            max_prompt_len=max_prompt, base=ctx.base_dir)
+    tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=rl.max_new_tokens, field="spec.rl.maxNewTokens")
     for i, r in enumerate(spec.rewards):
         if r.function is not None:  # import it now: a typo must not cost a cluster start
             try:
@@ -88,6 +82,19 @@ def run(ctx: RunContext) -> dict[str, Any]:
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = unwrap(exc)
     return ctx.finish(error, **results(ctx))
+
+
+def read_prompts(ctx: RunContext, *, max_new_tokens: int, field: str) -> tuple[Any, list[Any], Any]:
+    """The job's tokenizer, prompts (leaving room for `max_new_tokens`, the setting at `field`) and data stats."""
+    spec = ctx.spec
+    tokenizer = ctx.tokenizer()
+    max_prompt = spec.training.max_seq_length - max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(f"spec.training.maxSeqLength ({spec.training.max_seq_length}) must exceed "
+                         f"{field} ({max_new_tokens}): prompts need room")
+    prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
+                                            max_prompt_len=max_prompt, base=ctx.base_dir)
+    return tokenizer, prompts, stats
 
 
 def results(ctx: RunContext) -> dict[str, Any]:

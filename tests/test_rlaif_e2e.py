@@ -56,17 +56,20 @@ def test_grpo_with_pointwise_pairwise_and_unreadable_judges(workdir, ray_local):
          "onError": "skip", "weight": 0.0},
     ])
     doc["spec"]["training"]["maxSteps"] = 2
-    doc["spec"]["rl"] = {"groupSize": 4, "promptsPerStep": 2, "maxNewTokens": 6}
+    # 3 prompts x 3 samples on 2 reward actors: the batch is split by prompt (6 + 3), never inside a group
+    doc["spec"]["rl"] = {"groupSize": 3, "promptsPerStep": 3, "maxNewTokens": 6}
+    doc["spec"]["roles"] = {"rollout": {"engine": "transformers"}, "reward": {"replicas": 2}}
     summary = run(doc, workdir, "grpo")
     assert summary["status"] == "succeeded"
     assert summary["roles"]["reward"]["rewards"] == ["quality", "preference", "unread"]
+    assert summary["roles"]["reward"]["actors"] == 2
     metrics = lines(workdir, "grpo")
     assert len(metrics) == 2
     for m in metrics:
         assert 0.0 < m["reward_quality"] < 1.0
         # every group's win rates average 0.5 (each comparison gives p to one side and 1 - p to the other)
         assert m["reward_preference"] == pytest.approx(0.5, abs=1e-4)
-        assert m["reward_skipped"] == 8 and m["reward_unscored"] == 0  # 2 prompts x 4: no reply matched
+        assert m["reward_skipped"] == 9 and m["reward_unscored"] == 0  # no reply matched; nothing else skipped
         assert m.get("reward_unread") is None
 
 

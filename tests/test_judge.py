@@ -266,3 +266,14 @@ def test_a_resolved_generate_spec_validates_again():
     doc = generate_doc()
     doc["spec"]["adapter"] = {"type": "lora"}
     assert errors(doc)[0][0] == "spec.adapter.type"
+
+
+def test_without_a_chat_template_the_labels_carry_the_prompts_trailing_space(prefers_nine):
+    judge = make(prefers_nine, chat=False)
+    text = judge.template.format(prompt="add 1 + 2 =", completion=" 3", min=1, max=10)
+    assert text.endswith("Score: ")
+    ids = judge._encode(text, for_labels=True)
+    assert judge.tokenizer.decode(ids + judge.label_ids[6]).endswith("Reply with the score only.\nScore: 7")
+    assert not judge.tokenizer.decode(ids).endswith(" ")
+    chat = make(prefers_nine)  # through the chat template the answer starts a fresh assistant turn
+    assert chat.tokenizer.decode(chat.label_ids[6]) == "7"

@@ -73,7 +73,12 @@ class Judge:
         self.template = self.spec.template_text()
         self.pattern = re.compile(self.spec.parse_text())
         self.labels = self.spec.labels()
-        self.label_ids = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in self.labels]
+        self.chat = self.spec.chat and bool(getattr(self.tokenizer, "chat_template", None))
+        # Without a chat template the prompt is plain text ending "Score: ": the space goes with the label
+        # (" 7" is how BPE tokenizers write it after a colon), not as a lone token at the prompt's end.
+        self.moved_space = not self.chat and self.template.endswith(" ")
+        self.label_ids = [self.tokenizer((" " if self.moved_space else "") + lab, add_special_tokens=False)["input_ids"]
+                          for lab in self.labels]
         eos = self.tokenizer.eos_token_id
         self.sampling = Sampling(n=1, max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature,
                                  stop_token_ids=(eos,) if eos is not None else ())
@@ -130,18 +135,21 @@ class Judge:
         return ranking
 
     def _judge(self, texts: list[str]) -> list[Verdict]:
-        prompts = [self._encode(t) for t in texts]
-        if self.spec.verdict == "logprobs":
+        logprobs = self.spec.verdict == "logprobs"
+        prompts = [self._encode(t, for_labels=logprobs) for t in texts]
+        if logprobs:
             return [Verdict(self._from_logprobs(row)) for row in self.engine.continuation_logprobs(prompts,
                                                                                                    self.label_ids)]
         gens = self.engine.generate(prompts, self.sampling)
         return [self._from_reply(g.texts[0]) for g in gens]
 
-    def _encode(self, text: str) -> list[int]:
-        if self.spec.chat and getattr(self.tokenizer, "chat_template", None):
+    def _encode(self, text: str, *, for_labels: bool = False) -> list[int]:
+        if self.chat:
             rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                           add_generation_prompt=True)
             return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        if for_labels and self.moved_space:
+            text = text[:-1]
         return self.tokenizer(text)["input_ids"]
 
     def _from_logprobs(self, logps: list[float]) -> float:

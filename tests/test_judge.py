@@ -277,3 +277,19 @@ def test_without_a_chat_template_the_labels_carry_the_prompts_trailing_space(pre
     assert not judge.tokenizer.decode(ids).endswith(" ")
     chat = make(prefers_nine)  # through the chat template the answer starts a fresh assistant turn
     assert chat.tokenizer.decode(chat.label_ids[6]) == "7"
+
+
+@pytest.mark.parametrize("algorithm", ["generate", "grpo"])
+def test_a_missing_judge_model_fails_before_anything_is_written(tmp_path, tiny_model, algorithm):
+    from posttrain.jobs import driver
+
+    tiny.write_jsonl(tmp_path / "train.jsonl", tiny.arith_records(4))
+    if algorithm == "generate":
+        doc, field = generate_doc(judge={"model": "no-such-judge"}, maxNewTokens=8), "spec.generate.judge.model"
+    else:
+        doc, field = jobs.document("grpo", rewards=[{"judge": {"model": "no-such-judge"}}]), "spec.rewards[0].judge.model"
+    doc["spec"]["model"] = {"source": str(tiny_model)}
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: .*no-such-judge does not exist"):
+        driver.run(parse_job(doc, require_available=True),
+                   driver.RunOptions(output=str(tmp_path / "out"), base_dir=tmp_path))
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from posttrain.api.spec import RoleSpec
-from posttrain.jobs.algorithms.rl import read_prompts, unwrap
+from posttrain.jobs.algorithms.rl import check_judges, read_prompts, unwrap
 from posttrain.jobs.registry import Registry
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
@@ -44,6 +44,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.prepare()
     tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=gen.max_new_tokens,
                                              field="spec.generate.maxNewTokens")
+    check_judges(ctx)
     batches = math.ceil(len(prompts) / gen.prompts_per_batch)
     ctx.begin(total_steps=batches, summary={
         "task": gen.task, "data": {"prompts": stats.train_examples, "dropped": stats.dropped, "sets": stats.sets}})

@@ -51,6 +51,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 build_rewards([reward_function(r, ctx.base_dir)])
             except RewardError as exc:
                 raise ValueError(f"spec.rewards[{i}].function: {exc}") from None
+    check_judges(ctx)
     steps = batching.total_steps(spec, len(prompts))
 
     resume = ctx.begin(total_steps=steps, summary={
@@ -95,6 +96,20 @@ def read_prompts(ctx: RunContext, *, max_new_tokens: int, field: str) -> tuple[A
     prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
                                             max_prompt_len=max_prompt, base=ctx.base_dir)
     return tokenizer, prompts, stats
+
+
+def check_judges(ctx: RunContext) -> None:
+    """Judge models on a path or a claim must exist: checked before anything is written (the reward actors
+    load them; object storage and the hub are read there)."""
+    spec = ctx.spec
+    judges = [(f"spec.rewards[{i}].judge.model", r.judge.model) for i, r in enumerate(spec.rewards) if r.judge]
+    if spec.generate is not None and spec.generate.judge is not None:
+        judges.append(("spec.generate.judge.model", spec.generate.judge.model))
+    for field, source in judges:
+        loc = storage.resolve(source, base=ctx.base_dir)
+        if loc.local is not None and not loc.local.exists():
+            raise ValueError(f"{field}: {loc.uri} does not exist; give a model folder, a .gguf file, hf://org/name, "
+                             "pvc://claim/path or s3://")
 
 
 def results(ctx: RunContext) -> dict[str, Any]:

@@ -106,6 +106,8 @@ class RewardSpec(ApiModel):
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.function is not None and ":" not in self.function:
             raise ValueError("@function: write module:function, e.g. posttrain.jobs.rewards.builtin:exact_answer")
+        if self.judge is not None and self.kwargs:
+            raise ValueError("@kwargs: are for reward functions; a judge takes its settings inside judge: {...}")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError("@url: an HTTP verifier URL starts with http:// or https://")
         return self

@@ -206,6 +206,12 @@ def test_a_judge_reward_template_missing_a_placeholder_names_the_field():
     assert errors(doc) == [("spec.rewards[0].judge.template", "a pointwise judge template must contain {completion}")]
 
 
+def test_a_judge_reward_refuses_function_kwargs():
+    doc = jobs.document("grpo", rewards=[{"judge": {"model": "j"}, "kwargs": {"scale": 5}}])
+    assert errors(doc) == [("spec.rewards[0].kwargs", "are for reward functions; a judge takes its settings "
+                                                       "inside judge: {...}")]
+
+
 def test_generate_without_training_section_validates_and_sft_still_needs_steps():
     job = parse_job(generate_doc(), require_available=True)
     assert job.spec.generate.candidates == 2 and job.spec.training.max_steps is None

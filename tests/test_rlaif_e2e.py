@@ -73,16 +73,21 @@ def test_grpo_with_pointwise_pairwise_and_unreadable_judges(workdir, ray_local):
         assert m.get("reward_unread") is None
 
 
-def test_generate_writes_judge_labelled_pairs_a_preference_job_reads(workdir, ray_local):
+def test_generate_writes_judge_labelled_pairs_a_preference_job_reads(workdir, ray_local, s3, tmp_path):
+    """Written to object storage (the driver publishes the data set; the actors never touch the bucket)."""
+    from posttrain.jobs.run import storage
+
     doc = jobs.document("generate", name="pairs", generate={
         "task": "preference_pairs", "candidates": 3, "maxNewTokens": 6, "promptsPerBatch": 4,
         "judge": {**JUDGE, "mode": "pairwise"}})
     doc["spec"]["roles"] = {"rollout": {"engine": "transformers"}}
     doc["spec"]["training"] = {"seed": 3, "maxSeqLength": 64}
-    summary = run(doc, workdir, "pairs")
+    out = f"s3://{s3.bucket()}/runs/pairs"
+    summary = driver.run(parse_job(doc, require_available=True), driver.RunOptions(output=out, base_dir=workdir))
     assert summary["status"] == "succeeded"
-    assert summary["artifact"]["kind"] == "dataset"
-    records = lines(workdir, "pairs", "data/train.jsonl")
+    assert summary["artifact"] == {"kind": "dataset", "path": f"{out}/data/train.jsonl", "records": summary["records"]}
+    text = storage.read_text(storage.resolve(f"{out}/data/train.jsonl"))
+    records = [json.loads(line) for line in text.splitlines()]
     assert summary["pairs_written"] == len(records) == summary["records"]
     assert summary["pairs_written"] + summary["ties_dropped"] + summary["unjudged_prompts"] == 12
     assert summary["unparseable_verdicts"] == 0 and len(records) >= 6
@@ -92,10 +97,12 @@ def test_generate_writes_judge_labelled_pairs_a_preference_job_reads(workdir, ra
         assert all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))
         assert r["prompt"] in prompts and r["chosen"] != r["rejected"]
         assert r["chosen_score"] > r["rejected_score"] and 0 <= r["judge_preference"] <= 1
-    # the file is preference data as the data loader reads it
+    # the file is preference data as a data loader reads it
     from datasets import load_dataset
 
-    ds = load_dataset("json", data_files=str(workdir / "pairs" / "data" / "train.jsonl"), split="train")
+    (tmp_path / "train.jsonl").write_text(text)
+    ds = load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="train")
     assert ds.num_rows == len(records) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
-    assert [m["step"] for m in lines(workdir, "pairs")] == [1, 2, 3]
+    metrics = [json.loads(line) for line in storage.read_text(storage.resolve(f"{out}/metrics.jsonl")).splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and sum(m["pairs"] for m in metrics) == len(records)
     assert summary["roles"]["reward"]["mode"] == "pairwise"

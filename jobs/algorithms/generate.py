@@ -2,8 +2,10 @@
 
     posttrain run examples/generate-pairs.yaml --output out/pairs      # -> out/pairs/data/train.jsonl
 
-`spec.generate.task` picks an entry of `TASKS` (a function that turns one batch of prompts and their
-sampled candidates into records); the job around it is the same for every task: read the prompts
+`spec.generate.task` picks an entry of `TASKS`: a class built with the run context whose `start()`
+starts the task's own actors, `batch(prompts, generations)` turns one batch of prompts and their
+sampled candidates into records (and that batch's metrics), `summary()` gives its counts and
+`close()` stops its actors. The job around it is the same for every task: read the prompts
 (bad input fails before anything is written), start the rollout actors (vLLM or transformers engines,
 as in GRPO) and the task's actors, sample `candidates` completions per prompt in batches of
 `promptsPerBatch` (one logged step each), and write every record to `<output>/data/train.jsonl` at the

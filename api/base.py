@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -24,3 +25,20 @@ class ApiModel(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The object as it appears in YAML / the Kubernetes API (camelCase, no nulls)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def check_template(template: str, *, required: set[str], allowed: set[str], field: str, hint: str) -> None:
+    """A `str.format` template must name every `required` placeholder and none outside `allowed`;
+    raises ValueError("@<field>: ...") otherwise (the loader turns that into the field's path)."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"@{field}: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+    missing = sorted(required - names)
+    if missing:
+        raise ValueError(f"@{field}: {hint} must contain " + " and ".join(f"{{{m}}}" for m in missing))
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise ValueError(f"@{field}: unknown placeholders {unknown}; only "
+                         + ", ".join(f"{{{a}}}" for a in sorted(allowed))
+                         + " are filled in (write literal braces as {{ and }})")

@@ -35,6 +35,9 @@ def _inputs(spec: PostTrainingJobSpec) -> list[tuple[str, str]]:
     if spec.data.eval is not None:
         out.append(("spec.data.eval.source", spec.data.eval.source))
     out += [(f"spec.rewards[{i}].model", r.model) for i, r in enumerate(spec.rewards) if r.model]
+    out += [(f"spec.rewards[{i}].judge.model", r.judge.model) for i, r in enumerate(spec.rewards) if r.judge]
+    if spec.generate is not None and spec.generate.judge is not None:
+        out.append(("spec.generate.judge.model", spec.generate.judge.model))
     # A reward file on a claim, e.g. /mnt/pvc/datasets/reward.py:fn, needs that claim mounted.
     for i, reward in enumerate(spec.rewards):
         module = (reward.function or "").rpartition(":")[0]

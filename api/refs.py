@@ -11,7 +11,7 @@ or its output folder in a local run):
 - a model field (`kind` "model"): the model that job published, `<output>/model` when it wrote one
   (full fine-tuning, or `output.mergeAdapter: true`), else `<output>/adapter` (an adapter folder
   whose `posttrain.json` names its base; model loading merges it into that base);
-- a data field (`kind` "data"): `<output>/data.jsonl` (DATA_FILE), the set a data-producing job writes;
+- a data field (`kind` "data"): `<output>/data/train.jsonl` (DATA_FILE), the set a data-producing job writes;
 - `ptj://<job>/<path>`: `<output>/<path>`, whatever the field.
 
     >>> spec = {"model": {"source": "ptj://sft-a"}, "data": {"train": [{"source": "x.jsonl"}]}}
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEME = "ptj://"
-DATA_FILE = "data.jsonl"  # what a data reference to a job resolves to inside its output
+DATA_FILE = "data/train.jsonl"  # what a data reference to a job resolves to inside its output
 MODEL_FOLDER, ADAPTER_FOLDER = "model", "adapter"  # what a model reference resolves to (see `published`)
 
 # Every spec field that may name another job: (wire path below `spec`, kind). `[]` walks a list.

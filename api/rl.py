@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.api.base import ApiModel
+from posttrain.api.judge import JudgeSpec
 
 
 class KLSpec(ApiModel):
@@ -66,6 +67,9 @@ class RLSpec(ApiModel):
     )
 
 
+SOURCES = ("function", "model", "url", "judge")  # a reward is exactly one of these
+
+
 class RewardSpec(ApiModel):
     function: str | None = Field(
         None,
@@ -77,8 +81,11 @@ class RewardSpec(ApiModel):
         description="A sequence-classification reward model (same URI forms as spec.model.source, `ptj://<job>` "
         "for the model a reward-training job of this namespace published).")
     url: str | None = Field(None, description="An HTTP verifier: POSTed {prompts, completions, ...}, answers {rewards: [...]}.")
+    judge: JudgeSpec | None = Field(
+        None, description="An LLM judge on the reward role: pointwise scores or pairwise win rates in [0, 1] (RLAIF)."
+    )
     weight: float = Field(1.0, ge=0.0, description="Weight in the combined reward; 0 logs the reward without training on it.")
-    name: str | None = Field(None, description="Label in metrics (default: the function name, `reward_model` or `http_verifier`).")
+    name: str | None = Field(None, description="Label in metrics (default: the function name, `reward_model`, `http_verifier` or `judge`).")
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments for the function.",
@@ -87,20 +94,23 @@ class RewardSpec(ApiModel):
     timeout_seconds: float = Field(30.0, gt=0.0, description="Per-request timeout of an HTTP verifier.")
     retries: int = Field(3, ge=0, description="Retries of an HTTP verifier before the step fails.")
     on_error: Literal["raise", "skip"] = Field(
-        "raise", description="A reward that raises or returns NaN: fail the step (raise) or skip the sample (skip)."
+        "raise", description="A reward that raises or returns NaN, or a judge reply with no verdict: fail the step "
+        "(raise) or skip the sample (skip)."
     )
 
     def source(self) -> str:
-        return next(k for k in ("function", "model", "url") if getattr(self, k) is not None)
+        return next(k for k in SOURCES if getattr(self, k) is not None)
 
     @model_validator(mode="after")
     def _check(self) -> RewardSpec:
-        given = [k for k in ("function", "model", "url") if getattr(self, k) is not None]
+        given = [k for k in SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("@function: give exactly one of function, model or url"
+            raise ValueError("@function: give exactly one of function, model, url or judge"
                              + (f" (got {', '.join(given)})" if given else ""))
         if self.function is not None and ":" not in self.function:
             raise ValueError("@function: write module:function, e.g. posttrain.jobs.rewards.builtin:exact_answer")
+        if self.judge is not None and self.kwargs:
+            raise ValueError("@kwargs: are for reward functions; a judge takes its settings inside judge: {...}")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError("@url: an HTTP verifier URL starts with http:// or https://")
         return self

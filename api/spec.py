@@ -13,15 +13,15 @@ in Python and camelCase on the wire.
 
 from __future__ import annotations
 
-import string
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api import refs
-from posttrain.api.base import ApiModel
+from posttrain.api.base import ApiModel, check_template
 from posttrain.api.env import EnvFromSource, EnvVar
+from posttrain.api.generate import GenerateSpec, check_generate_job
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -31,9 +31,12 @@ KIND = "PostTrainingJob"
 PLURAL = "posttrainingjobs"
 SHORT_NAME = "ptj"
 
+RL_ROLES = ("rollout", "learner", "reward")
+GENERATE_ROLES = ("rollout", "reward")  # the policy samples on rollout, the judge runs on reward
+
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo", "generate"})
 
 
 class Algorithm(str, Enum):
@@ -41,11 +44,18 @@ class Algorithm(str, Enum):
     dpo = "dpo"
     reward = "reward"
     distill = "distill"
+    generate = "generate"
     grpo = "grpo"
     ppo = "ppo"
 
     def is_rl(self) -> bool:
         return self in (Algorithm.grpo, Algorithm.ppo)
+
+    def roles(self) -> tuple[str, ...]:
+        """The Ray roles it runs: grpo/ppo the RL roles, generate rollout and reward, the rest the trainer."""
+        if self.is_rl():
+            return RL_ROLES
+        return GENERATE_ROLES if self is Algorithm.generate else ("trainer",)
 
 
 class AdapterType(str, Enum):
@@ -133,7 +143,7 @@ class DataSource(ApiModel):
             "A data set: a local `.jsonl`, `.json`, `.parquet` or `.csv` file (path or `file://`), "
             "a folder written by `datasets.save_to_disk`, `pvc://claim/path`, `s3://`/`gs://`, "
             "a hub data set `hf://datasets/org/name`, or `ptj://<job>`: the data set another PostTrainingJob of "
-            "this namespace wrote (`<its output.uri>/data.jsonl`; `ptj://<job>/<path>` names another file of "
+            "this namespace wrote (`<its output.uri>/data/train.jsonl`; `ptj://<job>/<path>` names another file of "
             "its output); the job waits until that one has succeeded."
         ),
         min_length=1,
@@ -181,18 +191,8 @@ class DataSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
-        for key in ("{reasoning}", "{answer}"):
-            if key not in self.cot_template:
-                raise ValueError(f"@cotTemplate: must contain {key}")
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(self.cot_template) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"@cotTemplate: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
-        if names - {"reasoning", "answer"}:
-            raise ValueError(
-                f"@cotTemplate: unknown placeholders {sorted(names - {'reasoning', 'answer'})}; only {{reasoning}} "
-                "and {answer} are filled in (write literal braces as {{ and }})"
-            )
+        check_template(self.cot_template, required={"reasoning", "answer"}, allowed={"reasoning", "answer"},
+                       field="cotTemplate", hint="the cot template")
         if self.eval is not None and self.eval_fraction > 0:
             raise ValueError("@evalFraction: give either eval or evalFraction, not both")
         return self
@@ -218,11 +218,6 @@ class TrainingSpec(ApiModel):
         None, gt=0, description="Evaluate every this many steps; evaluation always runs before and after training."
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> TrainingSpec:
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("@maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
-        return self
 
 
 class Toleration(ApiModel):
@@ -258,16 +253,15 @@ class RoleSpec(ApiModel):
     )
 
 
-RL_ROLES = ("rollout", "learner", "reward")
 
 
 class RolesSpec(ApiModel):
     trainer: RoleSpec = Field(
         default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, reward, distill)."
     )
-    rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo).")
+    rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo, generate).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
-    reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo).")
+    reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo) and judges (generate).")
 
 
 class CheckpointSpec(ApiModel):
@@ -299,11 +293,14 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 
 
 class PostTrainingJobSpec(ApiModel):
-    algorithm: Algorithm = Field(description="Post-training algorithm: sft, dpo, reward, distill, grpo or ppo.")
+    algorithm: Algorithm = Field(
+        description="Post-training algorithm: sft, dpo, reward, distill, grpo, ppo, or generate (writes a data set).")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
-    training: TrainingSpec = Field(description="Optimization settings.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Optimization settings (generate uses only seed and maxSeqLength).")
     roles: RolesSpec = Field(default_factory=RolesSpec, description="Where each Ray role runs and how many replicas.")
     placement: Literal["disaggregated", "colocated"] = Field(
         "disaggregated",
@@ -313,6 +310,7 @@ class PostTrainingJobSpec(ApiModel):
     rewards: list[RewardSpec] = Field(
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
+    generate: GenerateSpec | None = Field(None, description="What an algorithm: generate job writes (required there).")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
     tracking: TrackingSpec = Field(
@@ -367,7 +365,14 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
-        if not self.algorithm.is_rl():
+        if self.algorithm is not Algorithm.generate:
+            if self.training.max_steps is None and self.training.epochs is None:
+                raise ValueError("@training.maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
+            if self.generate is not None:
+                raise ValueError(f"@generate: is for algorithm generate, not {self.algorithm.value}")
+        if self.algorithm is Algorithm.generate:
+            check_generate_job(self)
+        elif not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
@@ -403,7 +408,7 @@ class PostTrainingJobSpec(ApiModel):
                 raise ValueError(f"@roles.{role}.strategy: only roles.learner has a sharding strategy")
         t = self.training
         per_step = t.micro_batch_size * self.trainer_workers()
-        if not self.algorithm.is_rl() and t.global_batch_size % per_step:
+        if "trainer" in self.algorithm.roles() and t.global_batch_size % per_step:
             raise ValueError(
                 f"@training.globalBatchSize: ({t.global_batch_size}) must be a multiple of microBatchSize x "
                 f"trainer workers ({t.micro_batch_size} x {self.trainer_workers()} = {per_step}; "

@@ -135,7 +135,16 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("train examples", (summary.get("data") or {}).get("train_examples")),
         ("loss first -> last", f"{fmt(summary.get('first_loss'))} -> {fmt(summary.get('last_loss'))}"),
     ]
-    if "roles" in summary:  # grpo / ppo
+    if summary.get("algorithm") == "generate":
+        rows += [
+            ("task", summary.get("task")),
+            *((k.replace("_", " "), summary.get(k)) for k in ("pairs_written", "ties_dropped", "unjudged_prompts",
+                                                                "unparseable_verdicts") if k in summary),
+            *((f"role {name}", ", ".join(f"{k}={v}" for k, v in info.items() if k in
+                                        ("actors", "engine", "judge", "mode", "verdict")))
+              for name, info in (summary.get("roles") or {}).items()),
+        ]
+    elif "roles" in summary:  # grpo / ppo
         roles = summary.get("roles") or {}
         rows += [
             ("reward first -> last steps", f"{fmt(summary.get('reward_first_steps_mean'))} -> "

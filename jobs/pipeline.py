@@ -6,7 +6,7 @@ Every document of every file is one job. Before anything runs: every document mu
 must be unique, every `ptj://<job>` must name a job of this invocation, and no jobs may need each
 other in a cycle (`posttrain.api.refs.set_errors`). Then the jobs run one after another in dependency
 order; each reference is resolved to the output folder of the job it names (`refs.target`: its
-`model/` or `adapter/`, or `data.jsonl`). With `--output DIR` and several jobs, job `x` writes to
+`model/` or `adapter/`, or `data/train.jsonl`). With `--output DIR` and several jobs, job `x` writes to
 `DIR/x`; with one job, to `DIR` itself (as before). A job whose output already holds a finished run
 of the same resolved spec is not run again, so running the same command after a failure picks up
 where it stopped. When a job fails, the jobs that need it (directly or not) are not run; the others

@@ -23,7 +23,7 @@ from typing import Any
 
 from posttrain.api import runtime
 from posttrain.api.cluster import pvc_claims
-from posttrain.api.spec import GROUP, KIND, RL_ROLES, VERSION, PostTrainingJob, PostTrainingJobSpec, RoleSpec
+from posttrain.api.spec import GROUP, KIND, VERSION, PostTrainingJob, PostTrainingJobSpec, RoleSpec
 from posttrain.operator import vocab
 from posttrain.operator.network import NetworkPolicySettings, build_networkpolicy
 
@@ -69,10 +69,11 @@ def shm_size(memory: str | None) -> str:
 
 def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
     """The Ray roles a job runs, each with its settings (defaults where the spec is silent)."""
-    if spec.algorithm.is_rl():
+    if spec.algorithm.is_rl() or "trainer" not in spec.algorithm.roles():
+        # grpo/ppo: rollout, learner, reward; generate: rollout (the policy) and reward (the judge).
         # colocated: the engines run on the learners' pods (one per learner worker), no rollout group
         skip = {"rollout"} if spec.placement == "colocated" else set()
-        return {name: getattr(spec.roles, name) or RoleSpec() for name in RL_ROLES if name not in skip}
+        return {name: getattr(spec.roles, name) or RoleSpec() for name in spec.algorithm.roles() if name not in skip}
     return {"trainer": spec.roles.trainer}
 
 

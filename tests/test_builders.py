@@ -72,6 +72,10 @@ RL_ROLES = {
 }
 
 REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
+GENERATE = {"task": "preference_pairs", "candidates": 4,
+            "judge": {"model": "pvc://judges/qwen-7b", "mode": "pairwise", "engine": "vllm"}}
+GENERATE_ROLES = {"rollout": {"replicas": 2, "gpus": 1, "nodeSelector": {"pool": "l4"}},
+                  "reward": {"gpus": 1, "nodeSelector": {"pool": "a100"}}}
 
 CASES = {
     "sft-cpu": dict(),
@@ -79,6 +83,8 @@ CASES = {
     "sft-suspended-kueue": dict(suspend=True, labels={vocab.KUEUE_QUEUE_LABEL: "team-a"}),
     "grpo-disaggregated": dict(algorithm="grpo", roles=RL_ROLES, rewards=REWARDS),
     "ppo-defaults": dict(algorithm="ppo", rewards=REWARDS),
+    "generate-pairs": dict(algorithm="generate", generate=GENERATE, roles=GENERATE_ROLES, training={},
+                           checkpoint={}),
     "env-and-identity": dict(
         env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
              {"name": "WANDB_PROJECT", "value": "tuning"}],
@@ -236,6 +242,21 @@ def test_colocated_rl_jobs_run_their_engines_on_the_learner_pods():
                                run=0, owner_uid=UID, settings=SETTINGS)
     groups = [g["groupName"] for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
     assert groups == ["learner", "reward"]
+
+
+def test_generate_jobs_run_the_policy_on_rollout_and_the_judge_on_reward():
+    job = make_job(algorithm="generate", generate=GENERATE, roles=GENERATE_ROLES, training={}, checkpoint={})
+    rj = builders.build_rayjob(job, run=0, owner_uid=UID, settings=SETTINGS)
+    groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert list(groups) == ["rollout", "reward"]  # no learner, no trainer: generate trains nothing
+    assert groups["rollout"]["replicas"] == 2
+    judge_pod = groups["reward"]["template"]["spec"]
+    assert judge_pod["nodeSelector"] == {"pool": "a100"}
+    assert judge_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert json.loads(json.loads(groups["reward"]["rayStartParams"]["resources"])) == {"posttrain_reward": 1}
+    # the judge's model claim is mounted, read-only, like every input
+    assert {"name": "pvc-judges", "persistentVolumeClaim": {"claimName": "judges", "readOnly": True}} in \
+        judge_pod["volumes"]
 
 
 def test_suspend_and_kueue_label_pass_through():

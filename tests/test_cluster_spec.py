@@ -19,7 +19,7 @@ from posttrain.api.load import InvalidJob, known_fields, load_job, parse_job
 from posttrain.jobs.cli import main as cli_main
 
 CLUSTER_READY = {"grpo-colocated-async", "grpo-gsm8k-gpu", "ppo-lora", "sft-dora-mixed", "sft-full",
-                 "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora"}
+                 "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs"}
 LOCAL_ONLY = {"sft-lora", "sft-cot"}  # relative data and output paths: `posttrain run` on one machine
 
 
@@ -53,6 +53,15 @@ def test_output_must_be_set_and_shared(output, word):
     found = problems(**spec)
     assert list(found) == ["spec.output.uri"]
     assert word in found["spec.output.uri"] and "pvc://" in found["spec.output.uri"] and "s3://" in found["spec.output.uri"]
+
+
+def test_a_judge_model_is_an_input_that_must_be_reachable_from_every_pod():
+    judge = {"model": "judges/local", "mode": "pairwise"}
+    found = problems(algorithm="grpo", rewards=[{"judge": judge}], training={"maxSteps": 2})
+    assert list(found) == ["spec.rewards[0].judge.model"]
+    found = problems(algorithm="generate", generate={"judge": judge}, training={})
+    assert list(found) == ["spec.generate.judge.model"]
+    assert problems(algorithm="generate", generate={"judge": {**judge, "model": "pvc://judges/j"}}, training={}) == {}
 
 
 def test_a_set_checkpoint_uri_must_be_shared_and_unset_is_fine():

@@ -83,7 +83,7 @@ def test_data_and_reward_model_references_resolve_to_their_files(k8s):
         succeed(k8s, "gen")
         k8s.wait_for(lambda: rayjobs(k8s, "rl"))
         data = spec_in_configmap(k8s, "rl")["data"]
-        assert data["train"][0]["source"] == "pvc://models/out/tune/data.jsonl"
+        assert data["train"][0]["source"] == "pvc://models/out/tune/data/train.jsonl"
         assert data["eval"]["source"] == "pvc://models/out/tune/eval.jsonl"
 
 

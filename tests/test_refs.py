@@ -64,7 +64,7 @@ def test_a_model_reference_resolves_to_what_the_job_published():
     merged = {"adapter": {"type": "lora"}, "output": {"mergeAdapter": True}}
     assert refs.target(ref, output="/o/a", dependency=merged) == "/o/a/model"
     data = refs.references({"data": {"train": [{"source": "ptj://g"}]}})[0]
-    assert refs.target(data, output="/o/g", dependency={}) == "/o/g/data.jsonl"
+    assert refs.target(data, output="/o/g", dependency={}) == "/o/g/data/train.jsonl"
     sub = refs.references({"rewards": [{"model": "ptj://rm/checkpoints/checkpoint-4"}]})[0]
     assert refs.target(sub, output="/o/rm", dependency={}) == "/o/rm/checkpoints/checkpoint-4"
 

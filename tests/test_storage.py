@@ -97,13 +97,14 @@ def test_run_folder_reads_the_output_itself(place, tmp_path, monkeypatch):
     assert outputs.RunFolder(place).inspect() == "resumable"  # a new pod sees it: no local cache needed
     outputs.write_json(folder.path(outputs.SUMMARY_FILE), {"status": "succeeded"})
     folder.push()
+    storage.write_text(place.child("data", "train.jsonl"), '{"prompt": "p"}\n')  # a generate job's result
     other = outputs.RunFolder(place)
     with pytest.raises(outputs.OutputInUse, match="finished run"):
         other.prepare(overwrite=False)
     other.pull()
     assert outputs.read_metrics(other.path(outputs.METRICS_FILE)) == [{"step": 1, "loss": 2.0}]
     other.clear()
-    assert other.inspect() == "fresh"
+    assert other.inspect() == "fresh" and not storage.exists(place.child("data", "train.jsonl"))
     storage.write_text(place.child("notes.txt"), "mine")
     with pytest.raises(outputs.OutputInUse, match="not a posttrain run"):
         other.inspect()

@@ -45,19 +45,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.prepare()
 
     # Bad input fails here, before the first write: tokenizer, prompts, reward functions.
-    tokenizer = ctx.tokenizer()
-    max_prompt = spec.training.max_seq_length - rl.max_new_tokens
-    if max_prompt < 1:
-        raise ValueError(f"spec.training.maxSeqLength ({spec.training.max_seq_length}) must exceed "
-                         f"spec.rl.maxNewTokens ({rl.max_new_tokens}): prompts need room")
-    prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
-                                            max_prompt_len=max_prompt, base=ctx.base_dir)
+    tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=rl.max_new_tokens, field="spec.rl.maxNewTokens")
     for i, r in enumerate(spec.rewards):
         if r.function is not None:  # import it now: a typo must not cost a cluster start
             try:
                 build_rewards([reward_function(r, ctx.base_dir)])
             except RewardError as exc:
                 raise ValueError(f"spec.rewards[{i}].function: {exc}") from None
+    check_judges(ctx)
     steps = batching.total_steps(spec, len(prompts))
 
     resume = ctx.begin(total_steps=steps, summary={
@@ -87,8 +82,35 @@ def run(ctx: RunContext) -> dict[str, Any]:
             finally:
                 run_.shutdown()
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
-        error = _unwrap(exc)
+        error = unwrap(exc)
     return ctx.finish(error, **results(ctx))
+
+
+def read_prompts(ctx: RunContext, *, max_new_tokens: int, field: str) -> tuple[Any, list[Any], Any]:
+    """The job's tokenizer, prompts (leaving room for `max_new_tokens`, the setting at `field`) and data stats."""
+    spec = ctx.spec
+    tokenizer = ctx.tokenizer()
+    max_prompt = spec.training.max_seq_length - max_new_tokens
+    if max_prompt < 1:
+        raise ValueError(f"spec.training.maxSeqLength ({spec.training.max_seq_length}) must exceed "
+                         f"{field} ({max_new_tokens}): prompts need room")
+    prompts, stats = data_mod.build_prompts(spec.data, tokenizer, seed=spec.training.seed,
+                                            max_prompt_len=max_prompt, base=ctx.base_dir)
+    return tokenizer, prompts, stats
+
+
+def check_judges(ctx: RunContext) -> None:
+    """Judge models on a path or a claim must exist: checked before anything is written (the reward actors
+    load them; object storage and the hub are read there)."""
+    spec = ctx.spec
+    judges = [(f"spec.rewards[{i}].judge.model", r.judge.model) for i, r in enumerate(spec.rewards) if r.judge]
+    if spec.generate is not None and spec.generate.judge is not None:
+        judges.append(("spec.generate.judge.model", spec.generate.judge.model))
+    for field, source in judges:
+        loc = storage.resolve(source, base=ctx.base_dir)
+        if loc.local is not None and not loc.local.exists():
+            raise ValueError(f"{field}: {loc.uri} does not exist; give a model folder, a .gguf file, hf://org/name, "
+                             "pvc://claim/path or s3://")
 
 
 def results(ctx: RunContext) -> dict[str, Any]:
@@ -133,7 +155,7 @@ def publish(run: Any, out: storage.Location, *, base_dir: Path) -> dict[str, Any
     return {"kind": "model", "path": out.child("model").uri}
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap(exc: BaseException) -> BaseException:
     """The error an actor raised (a reward's RewardError, ...) rather than Ray's wrapper around it."""
     from ray.exceptions import RayTaskError
 

@@ -273,6 +273,12 @@ def combine(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequ
     for reward in rewards:
         try:
             result = reward.fn(list(prompts), list(completions), **fields)
+        except RewardError:
+            if not skip:  # already names the reward (a judge's unreadable reply, a verifier that failed)
+                raise
+            log.warning("reward %r failed; skipping the batch (%d samples)", reward.label, n)
+            per_function[reward.label], skipped[reward.label] = [None] * n, n
+            continue
         except Exception as exc:
             if not skip:
                 raise RewardError(reward.label, f"raised {type(exc).__name__}: {exc}") from exc

@@ -184,12 +184,13 @@ class RLRun:
         """Score the step's B = P x G samples on the reward actors (split evenly); one `RewardBatch`."""
         import ray
 
-        texts, completions, fields = batching.flatten(prompts, gens)
+        # split by prompt, so a group's completions reach one actor together (a pairwise judge compares them)
         n = len(self.scorers)
-        parts = zip(self.scorers, batching.split(texts, n), batching.split(completions, n),
-                    zip(*[batching.split(v, n) for v in fields.values()]) if fields else [()] * n)
-        refs = [s.score.remote(t, c, dict(zip(fields, f)), process=self.step_rewards)
-                for s, t, c, f in parts if t]
+        refs = []
+        for scorer, part_prompts, part_gens in zip(self.scorers, batching.split(prompts, n), batching.split(gens, n)):
+            if part_prompts:
+                texts, completions, fields = batching.flatten(part_prompts, part_gens)
+                refs.append(scorer.score.remote(texts, completions, fields, process=self.step_rewards))
         return batching.merge_scores(ray.get(refs), step_rewards=self.step_rewards)
 
     def advantages(self, rewards: list[float], batch: dict[str, Any], values: Any = None,

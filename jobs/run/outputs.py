@@ -6,6 +6,7 @@
       summary.json    status, steps, wall seconds, tokens/s, first/last loss, eval loss before/after,
                       versions, and where the model or adapter was written
       model/ | adapter/   the trained result (`posttrain.json` inside says which)
+      data/           a generate job's data set: train.jsonl
       checkpoints/    checkpoint-<step>/ folders, unless spec.checkpoint.uri points elsewhere
 
 The output is a filesystem path (locally, or a PVC on a cluster) or object storage. The driver keeps
@@ -34,7 +35,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 DRIVER_FILES = (RUN_FILE, METRICS_FILE, SUMMARY_FILE)
-RESULT_FOLDERS = ("model", "adapter", "checkpoints")
+RESULT_FOLDERS = ("model", "adapter", "data", "checkpoints")
 
 
 class OutputInUse(RuntimeError):

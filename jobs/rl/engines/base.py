@@ -6,6 +6,7 @@ A rollout actor owns one engine and calls it through `RolloutEngine`:
     gens[0].token_ids[3], gens[0].logprobs[3]                # sample 3 of prompt 0: ids, logprob of each id
     engine.load_weights(learner_model.named_parameters())    # weight sync after a learner step
     engine.sleep(); engine.wake()                            # colocated: hand the device to the learner
+    engine.continuation_logprobs([[12, 7]], [[40], [41, 3]])  # log P(40 | 12 7), log P(41 3 | 12 7): judges
 
 Logprobs are those of the raw model distribution (log_softmax of the
 unprocessed logits, before temperature / top-p), which is what vLLM reports
@@ -90,8 +91,15 @@ class RolloutEngine(abc.ABC):
 
     def fused_groups(self) -> tuple[tuple[str, ...], ...]:
         """Module names this engine loads as one fused tensor (vLLM: a layer's q/k/v in `qkv_proj`); a weight
-        load must bring every member of a group for a layer or none (see `posttrain.jobs.rl.buckets`)."""
+        load must bring every member of a group for a layer or none (see `engines.fused`)."""
         return ()
+
+    def continuation_logprobs(self, prompt_token_ids: list[list[int]],
+                              continuations: list[list[int]]) -> list[list[float]]:
+        """`out[i][j]`: the summed log-probability of `continuations[j]`'s tokens right after prompt `i`
+        (raw model distribution). What a judge's verdict-by-probabilities reads; engines that cannot
+        score given tokens say so."""
+        raise NotImplementedError(f"the {self.name} engine cannot score continuations; use vllm or transformers")
 
     def sleep(self) -> bool:
         """Free the engine's device memory while a colocated learner trains; True if it did (engines that

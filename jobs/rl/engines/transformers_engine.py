@@ -104,5 +104,32 @@ class TransformersEngine(RolloutEngine):
             g.texts.append(self.tokenizer.decode(toks[:end], skip_special_tokens=True))
         return gens
 
+    def continuation_logprobs(self, prompt_token_ids: list[list[int]],
+                              continuations: list[list[int]]) -> list[list[float]]:
+        """One right-padded forward pass per prompt over prompt + each continuation."""
+        import torch
+
+        if any(len(c) == 0 for c in continuations) or any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("every prompt and continuation needs at least one token")
+        out: list[list[float]] = []
+        for prompt in prompt_token_ids:
+            rows = [list(prompt) + list(c) for c in continuations]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, :len(r)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            scores = []
+            for i, c in enumerate(continuations):
+                # the token at position t is predicted by the logits at t - 1
+                positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+                scores.append(float(logp[i, positions, torch.tensor(c)].sum()))
+            out.append(scores)
+        return out
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_into_hf_model(self.model, named_tensors)

@@ -201,6 +201,28 @@ class VLLMEngine(RolloutEngine):
             gens.append(g)
         return gens
 
+    def continuation_logprobs(self, prompt_token_ids: list[list[int]],
+                              continuations: list[list[int]]) -> list[list[float]]:
+        """Each prompt + continuation as one request whose prompt log-probs are read back (`prompt_logprobs=0`
+        gives the logprob of every prompt token); prefix caching shares the prompt's work between them."""
+        from vllm import SamplingParams
+
+        if any(len(c) == 0 for c in continuations) or any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("every prompt and continuation needs at least one token")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p in prompt_token_ids for c in continuations]
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        scores: list[list[float]] = []
+        k = 0
+        for prompt in prompt_token_ids:
+            row = []
+            for c in continuations:
+                steps = outs[k].prompt_logprobs or []
+                k += 1
+                row.append(sum(float(steps[len(prompt) + j][t].logprob) for j, t in enumerate(c)))
+            scores.append(row)
+        return scores
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # in-process engine core (single worker): the list travels by reference, no serialisation
         tensors = [(name, t.detach()) for name, t in named_tensors]

@@ -5,8 +5,8 @@
     ray.get(s.setup.remote([spec.wire() for spec in job.spec.rewards], base_dir="."))
     batch = ray.get(s.score.remote(prompts, completions, fields))   # a RewardBatch
 
-Functions (`module:function`, `file.py:function`), reward models (materialised on this pod) and
-HTTP verifiers, combined by weight (`posttrain.jobs.rewards`).
+Functions (`module:function`, `file.py:function`), reward models and LLM judges (materialised on this
+pod; a judge runs on a vLLM or transformers engine here), and HTTP verifiers, combined by weight (`posttrain.jobs.rewards`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class RewardWorker(ActorBase):
         # Never chdir there: on a cluster that folder is the spec's ConfigMap mount, which only the head has.
         specs = [RewardSpec.model_validate(s) for s in reward_specs]
         self.on_error = "skip" if any(s.on_error == "skip" for s in specs) else "raise"
-        self.rewards = build_rewards([reward_function(s, base_dir) for s in specs])
+        self.rewards = build_rewards([reward_function(s, base_dir, where=f"spec.rewards[{i}]")
+                                      for i, s in enumerate(specs)])
         return [r.label for r in self.rewards]
 
     def score(self, prompts: list[str], completions: list[str], fields: dict[str, list[Any]], *,
@@ -39,8 +40,9 @@ class RewardWorker(ActorBase):
         return combine(self.rewards, prompts, completions, fields=fields, on_error=self.on_error, process=process)
 
 
-def reward_function(spec: Any, base_dir: str | Path | None = None):
-    """A `RewardSpec` (function | model | url) -> the `RewardFunction` that loads it."""
+def reward_function(spec: Any, base_dir: str | Path | None = None, *, where: str = "spec.rewards[0]"):
+    """A `RewardSpec` (function | model | url | judge) -> the `RewardFunction` that loads it; `where` names the
+    reward's field in errors."""
     from posttrain.jobs.rewards.score import RewardFunction
 
     kwargs = dict(spec.kwargs)
@@ -51,13 +53,22 @@ def reward_function(spec: Any, base_dir: str | Path | None = None):
             name = f"{Path(base_dir, module)}:{attr}"
         return RewardFunction(name, spec.weight, kwargs, label=spec.name or "")
     if spec.model is not None:
-        from posttrain.api.spec import ModelSpec
-        from posttrain.jobs.models import materialize
-
         # On this (reward) pod: a pvc:// or s3:// reward model becomes a local folder here.
-        kwargs.setdefault("path", materialize(ModelSpec(source=spec.model), base=Path(base_dir) if base_dir else None))
+        kwargs.setdefault("path", local_model(spec.model, base_dir))
         return RewardFunction("posttrain.jobs.rewards.scorers:RewardModel", spec.weight, kwargs,
                               label=spec.name or "reward_model")
+    if spec.judge is not None:
+        label = spec.name or "judge"
+        kwargs.update(path=local_model(spec.judge.model, base_dir), spec=spec.judge.model_dump(), label=label,
+                      where=f"{where}.judge", on_error=spec.on_error)
+        return RewardFunction("posttrain.jobs.rewards.judge:Judge", spec.weight, kwargs, label=label)
     kwargs.update(url=spec.url, timeout=spec.timeout_seconds, retries=spec.retries)
     return RewardFunction("posttrain.jobs.rewards.scorers:HttpVerifier", spec.weight, kwargs,
                           label=spec.name or "http_verifier")
+
+
+def local_model(source: str, base_dir: str | Path | None) -> str:
+    """A model source (path, pvc://, s3://, hf://) as a folder (or hub id) this pod loads."""
+    from posttrain.jobs.models import model_on_this_pod
+
+    return model_on_this_pod(source, base=base_dir)[0]

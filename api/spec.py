@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api.base import ApiModel
 from posttrain.api.env import EnvFromSource, EnvVar
+from posttrain.api.preference import PreferenceSpec, check_preference
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -32,12 +33,13 @@ SHORT_NAME = "ptj"
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "reward", "grpo", "ppo"})
 
 
 class Algorithm(str, Enum):
     sft = "sft"
     dpo = "dpo"
+    kto = "kto"
     reward = "reward"
     distill = "distill"
     grpo = "grpo"
@@ -45,6 +47,10 @@ class Algorithm(str, Enum):
 
     def is_rl(self) -> bool:
         return self in (Algorithm.grpo, Algorithm.ppo)
+
+    def is_preference(self) -> bool:
+        """Learns from preference data ({prompt, chosen, rejected}, or labelled completions for kto)."""
+        return self in (Algorithm.dpo, Algorithm.kto, Algorithm.reward)
 
 
 class AdapterType(str, Enum):
@@ -166,6 +172,16 @@ class DataSpec(ApiModel):
     messages_field: str = Field("messages", description="Field holding a chat as a list of {role, content}.")
     reasoning_field: str = Field("reasoning", description="Field holding the chain of thought (cot format).")
     answer_field: str = Field("answer", description="Field holding the final answer (cot format).")
+    chosen_field: str = Field("chosen", description="Field holding the preferred completion (dpo, reward).")
+    rejected_field: str = Field("rejected", description="Field holding the dispreferred completion (dpo, reward).")
+    label_field: str = Field(
+        "label", description="Field holding whether a completion is desirable, true or false (kto; the completion "
+        "is in completionField)."
+    )
+    margin_field: str = Field(
+        "margin", description="Optional field with how much better chosen is than rejected; when the set has it, "
+        "the reward model's Bradley-Terry loss subtracts it (reward)."
+    )
     cot_template: str = Field(
         "<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>",
         description="How a cot record's reasoning and answer become one target; must contain {reasoning} and {answer}.",
@@ -258,7 +274,7 @@ RL_ROLES = ("rollout", "learner", "reward")
 
 class RolesSpec(ApiModel):
     trainer: RoleSpec = Field(
-        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, reward, distill)."
+        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, kto, reward, distill)."
     )
     rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
@@ -294,7 +310,8 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 
 
 class PostTrainingJobSpec(ApiModel):
-    algorithm: Algorithm = Field(description="Post-training algorithm: sft, dpo, reward, distill, grpo or ppo.")
+    algorithm: Algorithm = Field(
+        description="Post-training algorithm: sft, dpo, kto, reward (reward-model training), distill, grpo or ppo.")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
@@ -305,6 +322,9 @@ class PostTrainingJobSpec(ApiModel):
         description="grpo/ppo: each role on its own worker group, or rollout and learner sharing devices.",
     )
     rl: RLSpec | None = Field(None, description="Rollout, advantage and loss settings (grpo and ppo; defaults apply).")
+    preference: PreferenceSpec | None = Field(
+        None, description="Loss and reference settings of dpo, kto and reward (defaults apply)."
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
@@ -360,6 +380,12 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
+        problem = check_preference(self.algorithm.value, self.preference)
+        if problem:
+            raise ValueError(problem)
+        if self.algorithm is Algorithm.reward and self.adapter.type.is_virtual_tokens():
+            raise ValueError(f"@adapter.type: reward writes a whole scoring model, and {self.adapter.type.value} "
+                             "tuning cannot be merged into one; use none, lora, qlora, dora or rslora")
         if not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:

@@ -218,7 +218,7 @@ def test_a_document_that_is_not_a_mapping():
 REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "reward", "distill"])
+@pytest.mark.parametrize("algorithm", ["distill"])
 def test_unavailable_algorithms_validate_as_models_but_are_refused(algorithm):
     doc = _job(algorithm=algorithm)
     assert parse_job(doc).spec.algorithm.value == algorithm
@@ -348,7 +348,7 @@ def test_load_job_applies_overrides_then_validates(tmp_path):
     assert info.value.source == str(path)
     assert [e.path for e in info.value.errors] == ["spec.training.maxSteps"]
     with pytest.raises(InvalidJob) as info:
-        load_job(path, ["algorithm=dpo"])
+        load_job(path, ["algorithm=distill"])
     assert "not available" in info.value.errors[0].message
 
 
@@ -402,10 +402,10 @@ def test_cli_validate_lists_every_error(bad_file, capsys):
 
 
 def test_cli_validate_refuses_unavailable_algorithm(tmp_path, capsys):
-    path = tmp_path / "dpo.yaml"
-    path.write_text(yaml.safe_dump(_job(algorithm="dpo")))
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(_job(algorithm="distill")))
     assert cli_main(["validate", str(path)]) == 1
-    assert "spec.algorithm: dpo is not available" in capsys.readouterr().err
+    assert "spec.algorithm: distill is not available" in capsys.readouterr().err
 
 
 def test_cli_validate_multi_document_file(tmp_path, capsys):

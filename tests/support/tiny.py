@@ -78,13 +78,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def pair_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Preference pairs over `arith_records`: the right sum is chosen, a wrong one rejected."""
+    """Preference pairs over `arith_records`: the right sum is chosen, a wrong one in other words rejected
+    (the wording makes the preference learnable by a tiny random model in a few steps)."""
     rng = random.Random(seed + 1)
     out = []
     for r in arith_records(n, seed):
         right = int(r["completion"].rsplit(" ", 1)[1])
         out.append({"prompt": r["prompt"], "chosen": r["completion"],
-                    "rejected": f" the answer is {right + rng.choice([-3, -2, -1, 1, 2, 3])}"})
+                    "rejected": f" so value {right + rng.choice([-3, -2, -1, 1, 2, 3])} then"})
     return out
 
 

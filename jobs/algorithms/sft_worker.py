@@ -172,20 +172,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter initialisation is part of what the seed decides
-    method = METHODS[spec.algorithm.value]
-    trainer_cls, config_cls = method.classes()
-    net = models.load_for_training(model_source, spec.model, spec.adapter, head=method.head)
-    train_ds, eval_ds = cfg["train"], cfg["eval"]
+    eval_ds = cfg["eval"]
     callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
-    args = sft_arguments(spec, cfg, world=world, has_eval=eval_ds is not None)
-    trainer = trainer_cls(
-        model=net,
-        args=config_cls(**args, **method.options(spec)),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
+    trainer = build_trainer(spec, cfg, model_source, tokenizer, world=world, callbacks=[callback])
     if eval_ds is not None and resume_from is None:
         callback.push({"type": "phase", "phase": "evaluating"})
         callback.push({"type": "eval_before", **_evaluation(trainer)})
@@ -197,6 +186,17 @@ def train_loop(cfg: dict[str, Any]) -> None:
         callback.push({"type": "eval_after", "step": trainer.state.global_step, **_evaluation(trainer)})
     callback.push({"type": "phase", "phase": "saving"})
     _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback)
+
+
+def build_trainer(spec: PostTrainingJobSpec, cfg: dict[str, Any], model_source: str, tokenizer: Any, *, world: int,
+                  callbacks: list[Any]) -> Any:
+    """The algorithm's TRL trainer (`METHODS`) over the model (with its adapter) and `cfg`'s train/eval sets."""
+    method = METHODS[spec.algorithm.value]
+    trainer_cls, config_cls = method.classes()
+    net = models.load_for_training(model_source, spec.model, spec.adapter, head=method.head)
+    args = sft_arguments(spec, cfg, world=world, has_eval=cfg["eval"] is not None)
+    return trainer_cls(model=net, args=config_cls(**args, **method.options(spec)), train_dataset=cfg["train"],
+                       eval_dataset=cfg["eval"], processing_class=tokenizer, callbacks=callbacks)
 
 
 def _evaluation(trainer: Any) -> dict[str, float]:

@@ -1,10 +1,11 @@
-"""`spec.preference`: the settings of preference learning (dpo, kto) and reward-model training (reward).
+"""`spec.preference`: the settings of preference learning (dpo, kto, orpo, simpo) and reward-model training (reward).
 
     spec:
       algorithm: dpo
       preference: {lossType: [sigmoid, sft], lossWeights: [1.0, 0.2], beta: 0.1}
 
-Names follow TRL's DPOConfig / KTOConfig / RewardConfig (TRL 1.16), so a TRL recipe carries over:
+Names follow TRL's DPOConfig / KTOConfig / RewardConfig and the experimental ORPOConfig / CPOConfig
+(TRL 1.16), so a TRL recipe carries over:
 `lossType` is TRL's `loss_type`, `beta` its `beta`, and so on. `check_preference` holds the
 rules that depend on the algorithm (which losses it knows, which fields apply to it).
 """
@@ -20,7 +21,7 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 # TRL 1.16 KTOTrainer's loss types (kto_config.py); one at a time.
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
-PREFERENCE_ALGORITHMS = ("dpo", "kto", "reward")
+PREFERENCE_ALGORITHMS = ("dpo", "kto", "orpo", "simpo", "reward")
 
 
 class PreferenceSpec(ApiModel):
@@ -39,8 +40,8 @@ class PreferenceSpec(ApiModel):
         None, description="Weight of each lossType entry, same length (default 1.0 each). dpo only."
     )
     beta: float = Field(
-        0.1, gt=0, description="How far the policy may move from the reference (higher stays closer); "
-        "IPO's tau for lossType ipo. dpo and kto."
+        0.1, gt=0, description="dpo, kto: how far the policy may move from the reference (higher stays closer; "
+        "IPO's tau for lossType ipo). orpo: the weight of the odds-ratio term (lambda). simpo: the reward scale."
     )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5,
@@ -53,6 +54,11 @@ class PreferenceSpec(ApiModel):
     )
     desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable (label true) examples. kto only.")
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable (label false) examples. kto only.")
+    simpo_gamma: float = Field(0.5, ge=0, description="Target reward margin of SimPO (gamma). simpo only.")
+    cpo_alpha: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen completions (0 is plain SimPO; 1 is CPO-SimPO). "
+        "simpo only."
+    )
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="Pulls the reward model's outputs towards zero mean (Eisenstein et al.). reward only."
     )
@@ -70,7 +76,9 @@ ONLY_FOR = {
     "lossWeights": ("dpo",),
     "labelSmoothing": ("dpo",),
     "lossType": ("dpo", "kto"),
-    "beta": ("dpo", "kto"),
+    "beta": ("dpo", "kto", "orpo", "simpo"),
+    "simpoGamma": ("simpo",),
+    "cpoAlpha": ("simpo",),
     "precomputeRefLogProbs": ("dpo", "kto"),
     "desirableWeight": ("kto",),
     "undesirableWeight": ("kto",),

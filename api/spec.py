@@ -33,13 +33,15 @@ SHORT_NAME = "ptj"
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "reward", "grpo", "ppo"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "ppo"})
 
 
 class Algorithm(str, Enum):
     sft = "sft"
     dpo = "dpo"
     kto = "kto"
+    orpo = "orpo"
+    simpo = "simpo"
     reward = "reward"
     distill = "distill"
     grpo = "grpo"
@@ -50,7 +52,7 @@ class Algorithm(str, Enum):
 
     def is_preference(self) -> bool:
         """Learns from preference data ({prompt, chosen, rejected}, or labelled completions for kto)."""
-        return self in (Algorithm.dpo, Algorithm.kto, Algorithm.reward)
+        return self in (Algorithm.dpo, Algorithm.kto, Algorithm.orpo, Algorithm.simpo, Algorithm.reward)
 
 
 class AdapterType(str, Enum):
@@ -274,7 +276,7 @@ RL_ROLES = ("rollout", "learner", "reward")
 
 class RolesSpec(ApiModel):
     trainer: RoleSpec = Field(
-        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, kto, reward, distill)."
+        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, kto, orpo, simpo, reward, distill)."
     )
     rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
@@ -311,7 +313,8 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 
 class PostTrainingJobSpec(ApiModel):
     algorithm: Algorithm = Field(
-        description="Post-training algorithm: sft, dpo, kto, reward (reward-model training), distill, grpo or ppo.")
+        description="Post-training algorithm: sft, dpo, kto, orpo, simpo, reward (reward-model training), distill, "
+        "grpo or ppo.")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
@@ -323,7 +326,7 @@ class PostTrainingJobSpec(ApiModel):
     )
     rl: RLSpec | None = Field(None, description="Rollout, advantage and loss settings (grpo and ppo; defaults apply).")
     preference: PreferenceSpec | None = Field(
-        None, description="Loss and reference settings of dpo, kto and reward (defaults apply)."
+        None, description="Loss and reference settings of dpo, kto, orpo, simpo and reward (defaults apply)."
     )
     rewards: list[RewardSpec] = Field(
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
@@ -386,6 +389,11 @@ class PostTrainingJobSpec(ApiModel):
         if self.algorithm is Algorithm.reward and self.adapter.type.is_virtual_tokens():
             raise ValueError(f"@adapter.type: reward writes a whole scoring model, and {self.adapter.type.value} "
                              "tuning cannot be merged into one; use none, lora, qlora, dora or rslora")
+        if self.algorithm in (Algorithm.orpo, Algorithm.simpo) and self.adapter.type is AdapterType.prompt:
+            # TRL's experimental ORPO/CPO trainers compare logits with labels position by position, and prompt
+            # tuning prepends its virtual tokens to the logits.
+            raise ValueError(f"@adapter.type: TRL's {self.algorithm.value} trainer does not work with prompt tuning; "
+                             "use prefix, a LoRA type or none")
         if not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:

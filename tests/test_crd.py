@@ -114,7 +114,7 @@ def test_schema_inlines_enums_defaults_and_camel_case(schema):
     spec = schema["properties"]["spec"]
     assert spec["type"] == "object"
     assert set(spec["required"]) == {"algorithm", "model", "data", "training"}
-    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "kto", "reward", "distill", "grpo", "ppo"]
+    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "grpo", "ppo"]
     adapter = spec["properties"]["adapter"]["properties"]
     assert adapter["type"]["enum"][:2] == ["none", "lora"] and adapter["type"]["default"] == "none"
     assert adapter["r"] == {**adapter["r"], "type": "integer", "minimum": 0, "exclusiveMinimum": True, "default": 16}

@@ -37,6 +37,8 @@ def refusal(**spec) -> tuple[str, str]:
     ({"algorithm": "sft", "preference": {"beta": 0.2}}, "spec.preference", "remove it for sft"),
     # a reward model is written whole; virtual-token adapters cannot be merged into one
     ({"algorithm": "reward", "adapter": {"type": "prefix"}}, "spec.adapter.type", "use none, lora"),
+    ({"algorithm": "simpo", "adapter": {"type": "prompt"}}, "spec.adapter.type", "does not work with prompt tuning"),
+    ({"algorithm": "orpo", "preference": {"simpoGamma": 1.0}}, "spec.preference.simpoGamma", "applies to simpo"),
 ])
 def test_preference_settings_are_checked_naming_the_field(spec, path, text):
     got_path, message = refusal(**spec)
@@ -50,6 +52,9 @@ def test_preference_settings_reach_the_trl_config():
                                                      "beta": 0.3, "precomputeRefLogProbs": True}))
     assert METHODS["dpo"].options(job.spec) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.2],
                                                 "beta": 0.3, "label_smoothing": 0.0, "precompute_ref_log_probs": True}
+    simpo = parse_job(jobs.document("simpo", preference={"beta": 2.0, "simpoGamma": 1.0}))
+    assert METHODS["simpo"].options(simpo.spec) == {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0,
+                                                    "cpo_alpha": 0.0}
     kto = parse_job(jobs.document("kto", preference={"desirableWeight": 2.0}))
     assert METHODS["kto"].options(kto.spec)["loss_type"] == "kto"
     assert METHODS["kto"].options(kto.spec)["desirable_weight"] == 2.0
@@ -131,6 +136,8 @@ def one_process_group(monkeypatch):
     ("dpo", {"type": "prefix", "numVirtualTokens": 4}),
     ("kto", {"type": "prompt", "numVirtualTokens": 4}),
     ("reward", {"type": "rslora", "r": 4}),
+    ("orpo", {"type": "prefix", "numVirtualTokens": 4}),
+    ("simpo", {"type": "lora", "r": 4}),
 ])
 def test_each_adapter_takes_a_step_with_the_preference_trainers(algorithm, adapter, tmp_path, tiny_model,
                                                                 one_process_group):
@@ -148,7 +155,8 @@ def test_each_adapter_takes_a_step_with_the_preference_trainers(algorithm, adapt
     trainer = build_trainer(job.spec, cfg, str(tiny_model), load_tokenizer(str(tiny_model)), world=1, callbacks=[])
     result = trainer.train()
     assert trainer.state.global_step == 1 and math.isfinite(result.training_loss)
-    assert type(trainer).__name__ == {"dpo": "DPOTrainer", "kto": "KTOTrainer", "reward": "RewardTrainer"}[algorithm]
+    assert type(trainer).__name__ == {"dpo": "DPOTrainer", "kto": "KTOTrainer", "reward": "RewardTrainer",
+                                      "orpo": "ORPOTrainer", "simpo": "CPOTrainer"}[algorithm]
 
 
 def test_preference_metrics_reach_progress_and_prometheus():

@@ -20,7 +20,9 @@ ALGORITHMS: Registry[Any] = Registry("algorithm")
 ALGORITHMS.add("sft", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("grpo", "posttrain.jobs.algorithms.rl:run")
 ALGORITHMS.add("ppo", "posttrain.jobs.algorithms.rl:run")
-# dpo, kto and reward run on the SFT path with their own TRL trainer (see `methods.METHODS`).
+# dpo, kto, orpo, simpo and reward run on the SFT path with their own TRL trainer (see `methods.METHODS`).
 ALGORITHMS.add("dpo", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("kto", "posttrain.jobs.algorithms.sft:run")
+ALGORITHMS.add("orpo", "posttrain.jobs.algorithms.sft:run")
+ALGORITHMS.add("simpo", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("reward", "posttrain.jobs.algorithms.sft:run")

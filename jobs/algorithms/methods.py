@@ -1,4 +1,4 @@
-"""What differs between the TRL trainers that run on our Ray Train workers (sft, dpo, kto, reward).
+"""What differs between the TRL trainers that run on our Ray Train workers (sft, dpo, kto, orpo, simpo, reward).
 
     method = METHODS["dpo"]
     trainer_cls, config_cls = method.classes()
@@ -68,6 +68,15 @@ def _kto_options(spec: Any) -> dict[str, Any]:
             "undesirable_weight": p.undesirable_weight, "precompute_ref_log_probs": p.precompute_ref_log_probs}
 
 
+def _orpo_options(spec: Any) -> dict[str, Any]:
+    return {"beta": (spec.preference or PreferenceSpec()).beta}
+
+
+def _simpo_options(spec: Any) -> dict[str, Any]:
+    p = spec.preference or PreferenceSpec()
+    return {"loss_type": "simpo", "beta": p.beta, "simpo_gamma": p.simpo_gamma, "cpo_alpha": p.cpo_alpha}
+
+
 def _reward_options(spec: Any) -> dict[str, Any]:
     p = spec.preference or PreferenceSpec()
     return {"center_rewards_coefficient": p.center_rewards_coefficient}
@@ -93,5 +102,10 @@ METHODS = {
     "sft": Method("trl:SFTTrainer", "trl:SFTConfig", "causal", _no_options, "sft"),
     "dpo": Method("trl:DPOTrainer", "trl:DPOConfig", "causal", _dpo_options, "preference"),
     "kto": Method("trl:KTOTrainer", "trl:KTOConfig", "causal", _kto_options, "preference"),
+    # reference-free, from TRL's experimental package (both run with our pins; prompt tuning does not, see api.spec)
+    "orpo": Method("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig", "causal", _orpo_options,
+                   "preference"),
+    "simpo": Method("trl.experimental.cpo:CPOTrainer", "trl.experimental.cpo:CPOConfig", "causal", _simpo_options,
+                    "preference"),
     "reward": Method("trl:RewardTrainer", "trl:RewardConfig", "score", _reward_options, "preference"),
 }

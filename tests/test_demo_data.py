@@ -122,9 +122,10 @@ def test_summary_of_keeps_plain_first_paragraphs():
 
 # ---- examples/grpo/make_data.py: the GRPO demo's questions ----------------------------------------------
 
-def _load_grpo_make_data():
-    path = REPO / "examples" / "grpo" / "make_data.py"
-    spec = importlib.util.spec_from_file_location("grpo_make_data", path)
+def _load_grpo_make_data(demo: str = "grpo"):
+    """examples/<demo>/make_data.py as a module (examples/ is not a package)."""
+    path = REPO / "examples" / demo / "make_data.py"
+    spec = importlib.util.spec_from_file_location(f"{demo}_make_data", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -195,16 +196,7 @@ def test_grpo_job_reads_what_make_data_writes():
 
 # ---- examples/preference/make_data.py: preference pairs over the GRPO demo's questions -----------------
 
-def _load_preference_make_data():
-    path = REPO / "examples" / "preference" / "make_data.py"
-    spec = importlib.util.spec_from_file_location("preference_make_data", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pref = _load_preference_make_data()
+pref = _load_grpo_make_data("preference")
 
 
 def test_preference_pairs_choose_the_right_count_and_reject_a_wrong_one(tmp_path):

@@ -86,8 +86,15 @@ ONLY_FOR = {
 }
 
 
-def check_preference(algorithm: str, pref: PreferenceSpec | None) -> str | None:
-    """The first problem of `spec.preference` for `algorithm`, as "@field: message", or None."""
+def check_preference(algorithm: str, pref: PreferenceSpec | None, *, adapter: str) -> str | None:
+    """The first problem of `spec.preference` (or of `spec.adapter.type`) for `algorithm`, as "@field: message"."""
+    if algorithm == "reward" and adapter in ("prefix", "prompt"):
+        return (f"@adapter.type: reward writes a whole scoring model, and {adapter} tuning cannot be merged into "
+                "one; use none, lora, qlora, dora or rslora")
+    if algorithm in ("orpo", "simpo") and adapter == "prompt":
+        # TRL's experimental ORPO/CPO trainers compare logits with labels position by position, and prompt
+        # tuning prepends its virtual tokens to the logits.
+        return f"@adapter.type: TRL's {algorithm} trainer does not work with prompt tuning; use prefix, a LoRA type or none"
     if pref is None:
         return None
     if algorithm not in PREFERENCE_ALGORITHMS:

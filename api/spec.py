@@ -383,17 +383,9 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
-        problem = check_preference(self.algorithm.value, self.preference)
+        problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value)
         if problem:
             raise ValueError(problem)
-        if self.algorithm is Algorithm.reward and self.adapter.type.is_virtual_tokens():
-            raise ValueError(f"@adapter.type: reward writes a whole scoring model, and {self.adapter.type.value} "
-                             "tuning cannot be merged into one; use none, lora, qlora, dora or rslora")
-        if self.algorithm in (Algorithm.orpo, Algorithm.simpo) and self.adapter.type is AdapterType.prompt:
-            # TRL's experimental ORPO/CPO trainers compare logits with labels position by position, and prompt
-            # tuning prepends its virtual tokens to the logits.
-            raise ValueError(f"@adapter.type: TRL's {self.algorithm.value} trainer does not work with prompt tuning; "
-                             "use prefix, a LoRA type or none")
         if not self.algorithm.is_rl():
             for role in RL_ROLES:
                 if getattr(self.roles, role) is not None:

@@ -86,8 +86,15 @@ ONLY_FOR = {
 }
 
 
-def check_preference(algorithm: str, pref: PreferenceSpec | None, *, adapter: str) -> str | None:
-    """The first problem of `spec.preference` (or of `spec.adapter.type`) for `algorithm`, as "@field: message"."""
+def check_preference(algorithm: str, pref: PreferenceSpec | None, *, adapter: str,
+                     target_modules: str | list[str] = "all-linear", micro_batch: int = 2) -> str | None:
+    """The first problem of `spec.preference` (or of the adapter or batch it needs) for `algorithm`, as
+    "@field: message", or None. Refuses up front what TRL 1.16's trainers would refuse on the workers."""
+    if algorithm not in PREFERENCE_ALGORITHMS:
+        return f"@preference: is for {', '.join(PREFERENCE_ALGORITHMS)}; remove it for {algorithm}" if pref else None
+    if algorithm != "reward" and isinstance(target_modules, list) and "lm_head" in target_modules:
+        return ("@adapter.targetModules: an adapter on lm_head is never trained by the preference trainers "
+                "(they read lm_head's weight directly); remove lm_head")
     if algorithm == "reward" and adapter in ("prefix", "prompt"):
         return (f"@adapter.type: reward writes a whole scoring model, and {adapter} tuning cannot be merged into "
                 "one; use none, lora, qlora, dora or rslora")
@@ -95,10 +102,12 @@ def check_preference(algorithm: str, pref: PreferenceSpec | None, *, adapter: st
         # TRL's experimental ORPO/CPO trainers compare logits with labels position by position, and prompt
         # tuning prepends its virtual tokens to the logits.
         return f"@adapter.type: TRL's {algorithm} trainer does not work with prompt tuning; use prefix, a LoRA type or none"
-    if pref is None:
-        return None
-    if algorithm not in PREFERENCE_ALGORITHMS:
-        return f"@preference: is for {', '.join(PREFERENCE_ALGORITHMS)}; remove it for {algorithm}"
+    pref = pref or PreferenceSpec()
+    if algorithm == "kto" and (pref.loss_type or ["kto"])[0] == "kto" and micro_batch < 2:
+        return ("@training.microBatchSize: kto estimates its KL term from the other completions of a forward pass; "
+                "set microBatchSize to 2 or more")
+    if "exo_pair" in (pref.loss_type or []) and pref.label_smoothing == 0:
+        return "@preference.labelSmoothing: exo_pair needs a value above 0 (the EXO paper uses 1e-3)"
     defaults = PreferenceSpec()
     for field, info in PreferenceSpec.model_fields.items():
         wire = info.alias or field

@@ -383,7 +383,9 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
-        problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value)
+        problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value,
+                                   target_modules=self.adapter.target_modules,
+                                   micro_batch=self.training.micro_batch_size)
         if problem:
             raise ValueError(problem)
         if not self.algorithm.is_rl():

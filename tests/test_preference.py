@@ -39,6 +39,11 @@ def refusal(**spec) -> tuple[str, str]:
     ({"algorithm": "reward", "adapter": {"type": "prefix"}}, "spec.adapter.type", "use none, lora"),
     ({"algorithm": "simpo", "adapter": {"type": "prompt"}}, "spec.adapter.type", "does not work with prompt tuning"),
     ({"algorithm": "orpo", "preference": {"simpoGamma": 1.0}}, "spec.preference.simpoGamma", "applies to simpo"),
+    ({"algorithm": "kto", "training": {"maxSteps": 2, "globalBatchSize": 8, "microBatchSize": 1}},
+     "spec.training.microBatchSize", "2 or more"),
+    ({"preference": {"lossType": ["exo_pair"]}}, "spec.preference.labelSmoothing", "above 0"),
+    ({"adapter": {"type": "lora", "targetModules": ["q_proj", "lm_head"]}}, "spec.adapter.targetModules",
+     "remove lm_head"),
 ])
 def test_preference_settings_are_checked_naming_the_field(spec, path, text):
     got_path, message = refusal(**spec)

@@ -87,11 +87,17 @@ ONLY_FOR = {
 
 
 def check_preference(algorithm: str, pref: PreferenceSpec | None, *, adapter: str,
-                     target_modules: str | list[str] = "all-linear", micro_batch: int = 2) -> str | None:
+                     target_modules: str | list[str] = "all-linear", micro_batch: int = 2,
+                     formats: dict[str, str] | None = None) -> str | None:
     """The first problem of `spec.preference` (or of the adapter or batch it needs) for `algorithm`, as
     "@field: message", or None. Refuses up front what TRL 1.16's trainers would refuse on the workers."""
     if algorithm not in PREFERENCE_ALGORITHMS:
         return f"@preference: is for {', '.join(PREFERENCE_ALGORITHMS)}; remove it for {algorithm}" if pref else None
+    for where, fmt in (formats or {}).items():  # data field path -> its format
+        if fmt != "auto":
+            return (f"@{where}.format: {fmt} is an SFT record format; {algorithm} reads "
+                    f"{'{prompt, completion, label}' if algorithm == 'kto' else '{prompt, chosen, rejected}'} "
+                    "records (field names from data.*Field): remove format")
     if algorithm != "reward" and isinstance(target_modules, list) and "lm_head" in target_modules:
         return ("@adapter.targetModules: an adapter on lm_head is never trained by the preference trainers "
                 "(they read lm_head's weight directly); remove lm_head")

@@ -385,7 +385,9 @@ class PostTrainingJobSpec(ApiModel):
             )
         problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value,
                                    target_modules=self.adapter.target_modules,
-                                   micro_batch=self.training.micro_batch_size)
+                                   micro_batch=self.training.micro_batch_size, formats={
+                                       **{f"data.train[{i}]": d.format for i, d in enumerate(self.data.train)},
+                                       **({"data.eval": self.data.eval.format} if self.data.eval else {})})
         if problem:
             raise ValueError(problem)
         if not self.algorithm.is_rl():

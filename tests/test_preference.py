@@ -42,6 +42,8 @@ def refusal(**spec) -> tuple[str, str]:
     ({"algorithm": "kto", "training": {"maxSteps": 2, "globalBatchSize": 8, "microBatchSize": 1}},
      "spec.training.microBatchSize", "2 or more"),
     ({"preference": {"lossType": ["exo_pair"]}}, "spec.preference.labelSmoothing", "above 0"),
+    ({"data": {"train": [{"source": "a.jsonl"}, {"source": "b.jsonl", "format": "messages"}]}},
+     "spec.data.train[1].format", "reads {prompt, chosen, rejected} records"),
     ({"adapter": {"type": "lora", "targetModules": ["q_proj", "lm_head"]}}, "spec.adapter.targetModules",
      "remove lm_head"),
 ])

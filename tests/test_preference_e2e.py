@@ -37,12 +37,15 @@ def workdir(tmp_path, tiny_model, cache_dir) -> Path:
     return tmp_path
 
 
-def run(workdir: Path, algorithm: str, *, source: str = "pairs.jsonl", **spec) -> dict:
+def run(workdir: Path, algorithm: str, *, source: str = "pairs.jsonl", progress: list | None = None, **spec) -> dict:
+    """Run a job on the tiny model; `progress` collects GET /progress's body after every event."""
     spec.setdefault("training", dict(TRAINING))
     doc = jobs.document(algorithm, name=f"tiny-{algorithm}", data={"train": [{"source": source}], "evalFraction": 0.25},
                         **spec)
     out = workdir / f"out-{algorithm}"
-    return driver.run(parse_job(doc, require_available=True), driver.RunOptions(output=str(out), base_dir=workdir))
+    on_event = (lambda state, event: progress.append(state.progress())) if progress is not None else None
+    return driver.run(parse_job(doc, require_available=True),
+                      driver.RunOptions(output=str(out), base_dir=workdir, on_event=on_event))
 
 
 def lines(out: Path) -> list[dict]:
@@ -50,7 +53,9 @@ def lines(out: Path) -> list[dict]:
 
 
 def test_dpo_lora_learns_the_preference_and_reports_it(workdir, ray_local):
-    summary = run(workdir, "dpo", adapter=jobs.LORA, preference={"lossType": ["sigmoid"], "beta": 0.5})
+    progress: list[dict] = []
+    summary = run(workdir, "dpo", adapter=jobs.LORA, preference={"lossType": ["sigmoid"], "beta": 0.5},
+                  progress=progress)
     assert summary["status"] == "succeeded" and summary["steps"] == 8
     # the bad records are counted by reason and left out: 48 good of 51
     assert summary["data"]["bad"] == {"identical": 1, "missing_chosen": 1, "missing_rejected": 1}
@@ -64,6 +69,13 @@ def test_dpo_lora_learns_the_preference_and_reports_it(workdir, ray_local):
     assert summary["eval_rewards_margin_before"] == 0.0 and summary["eval_loss_before"] == pytest.approx(0.6931, abs=1e-3)
     assert summary["eval_rewards_margin_after"] > 0.5 and summary["eval_rewards_accuracy_after"] >= 0.9
     assert summary["artifact"]["kind"] == "adapter"
+    # what /progress (and so the CR status) says at the end: the last step and the last evaluation
+    assert progress[-1]["preference"] == {"rewardsChosen": metrics[-1]["rewards_chosen"],
+                                          "rewardsRejected": metrics[-1]["rewards_rejected"],
+                                          "rewardsMargin": metrics[-1]["rewards_margin"],
+                                          "rewardsAccuracy": metrics[-1]["rewards_accuracy"],
+                                          "evalRewardsMargin": summary["eval_rewards_margin_after"],
+                                          "evalRewardsAccuracy": summary["eval_rewards_accuracy_after"]}
 
 
 def test_dpo_full_fine_tuning_with_a_weighted_hinge_and_sft_loss(workdir, ray_local):

@@ -178,3 +178,14 @@ def test_preference_metrics_reach_progress_and_prometheus():
     text = generate_latest(Metrics(state).registry).decode()
     assert 'posttrain_rewards_accuracy{algorithm="dpo",job="j"} 0.75' in text
     assert 'posttrain_eval_rewards_accuracy{algorithm="dpo",job="j"} 1.0' in text
+
+
+def test_the_run_summary_table_shows_preference_accuracy_and_margin_when_measured():
+    from posttrain.jobs.cli import summary_table
+
+    dpo = summary_table({"status": "succeeded", "algorithm": "dpo", "eval_loss_before": 0.69, "eval_loss_after": 0.5,
+                         "eval_rewards_accuracy_before": 0.0, "eval_rewards_accuracy_after": 0.9,
+                         "eval_rewards_margin_before": 0.0, "eval_rewards_margin_after": 1.2})
+    assert "eval preference accuracy before -> after  0.0000 -> 0.9000" in dpo
+    assert "eval reward margin before -> after        0.0000 -> 1.2000" in dpo
+    assert "preference" not in summary_table({"status": "succeeded", "algorithm": "sft", "eval_loss_before": 0.6})

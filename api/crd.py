@@ -28,6 +28,9 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Reward", "type": "number", "jsonPath": ".status.progress.reward"},
+    # dpo/reward: preference accuracy on the eval pairs; the latest step's reward margin with -o wide
+    {"name": "Accuracy", "type": "number", "jsonPath": ".status.progress.evalRewardsAccuracy"},
+    {"name": "Margin", "type": "number", "jsonPath": ".status.progress.rewardsMargin", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -22,6 +22,7 @@ from posttrain.api import refs
 from posttrain.api.base import ApiModel, check_template
 from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.generate import GenerateSpec, check_generate_job
+from posttrain.api.preference import PreferenceSpec, check_preference
 from posttrain.api.rl import RewardSpec, RLSpec
 from posttrain.api.tracking import TrackingSpec
 
@@ -36,12 +37,15 @@ GENERATE_ROLES = ("rollout", "reward")  # the policy samples on rollout, the jud
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "grpo", "ppo", "generate"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "ppo", "generate"})
 
 
 class Algorithm(str, Enum):
     sft = "sft"
     dpo = "dpo"
+    kto = "kto"
+    orpo = "orpo"
+    simpo = "simpo"
     reward = "reward"
     distill = "distill"
     generate = "generate"
@@ -56,6 +60,10 @@ class Algorithm(str, Enum):
         if self.is_rl():
             return RL_ROLES
         return GENERATE_ROLES if self is Algorithm.generate else ("trainer",)
+
+    def is_preference(self) -> bool:
+        """Learns from preference data ({prompt, chosen, rejected}, or labelled completions for kto)."""
+        return self in (Algorithm.dpo, Algorithm.kto, Algorithm.orpo, Algorithm.simpo, Algorithm.reward)
 
 
 class AdapterType(str, Enum):
@@ -181,6 +189,16 @@ class DataSpec(ApiModel):
     messages_field: str = Field("messages", description="Field holding a chat as a list of {role, content}.")
     reasoning_field: str = Field("reasoning", description="Field holding the chain of thought (cot format).")
     answer_field: str = Field("answer", description="Field holding the final answer (cot format).")
+    chosen_field: str = Field("chosen", description="Field holding the preferred completion (dpo, reward).")
+    rejected_field: str = Field("rejected", description="Field holding the dispreferred completion (dpo, reward).")
+    label_field: str = Field(
+        "label", description="Field holding whether a completion is desirable, true or false (kto; the completion "
+        "is in completionField)."
+    )
+    margin_field: str = Field(
+        "margin", description="Optional field with how much better chosen is than rejected; when the set has it, "
+        "the reward model's Bradley-Terry loss subtracts it (reward)."
+    )
     cot_template: str = Field(
         "<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>",
         description="How a cot record's reasoning and answer become one target; must contain {reasoning} and {answer}.",
@@ -257,7 +275,7 @@ class RoleSpec(ApiModel):
 
 class RolesSpec(ApiModel):
     trainer: RoleSpec = Field(
-        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, reward, distill)."
+        default_factory=RoleSpec, description="Workers of supervised algorithms (sft, dpo, kto, orpo, simpo, reward, distill)."
     )
     rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo, generate).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
@@ -294,7 +312,8 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 
 class PostTrainingJobSpec(ApiModel):
     algorithm: Algorithm = Field(
-        description="Post-training algorithm: sft, dpo, reward, distill, grpo, ppo, or generate (writes a data set).")
+        description="Post-training algorithm: sft, dpo, kto, orpo, simpo, reward (reward-model training), distill, "
+        "grpo, ppo, or generate (writes a data set).")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
@@ -307,6 +326,9 @@ class PostTrainingJobSpec(ApiModel):
         description="grpo/ppo: each role on its own worker group, or rollout and learner sharing devices.",
     )
     rl: RLSpec | None = Field(None, description="Rollout, advantage and loss settings (grpo and ppo; defaults apply).")
+    preference: PreferenceSpec | None = Field(
+        None, description="Loss and reference settings of dpo, kto, orpo, simpo and reward (defaults apply)."
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
@@ -365,6 +387,13 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
+        problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value,
+                                   target_modules=self.adapter.target_modules,
+                                   micro_batch=self.training.micro_batch_size, formats={
+                                       **{f"data.train[{i}]": d.format for i, d in enumerate(self.data.train)},
+                                       **({"data.eval": self.data.eval.format} if self.data.eval else {})})
+        if problem:
+            raise ValueError(problem)
         if self.algorithm is not Algorithm.generate:
             if self.training.max_steps is None and self.training.epochs is None:
                 raise ValueError("@training.maxSteps: set maxSteps or epochs (for example maxSteps: 100)")

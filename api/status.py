@@ -40,6 +40,13 @@ class Progress(ApiModel):
     loss: float | None = Field(None, description="Latest training loss.")
     reward: float | None = Field(None, description="Latest mean reward (RL algorithms).")
     tokens_per_second: float | None = Field(None, description="Training throughput.")
+    rewards_accuracy: float | None = Field(
+        None, description="dpo, kto, reward: fraction of the latest step's pairs whose chosen completion out-scores "
+        "the rejected one.")
+    rewards_margin: float | None = Field(
+        None, description="dpo, kto, reward: mean reward margin, chosen minus rejected, of the latest step.")
+    eval_rewards_accuracy: float | None = Field(
+        None, description="dpo, reward: preference (pairwise) accuracy on the evaluation pairs, latest evaluation.")
 
 
 class PostTrainingJobStatus(ApiModel):

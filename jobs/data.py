@@ -47,6 +47,7 @@ class DataStats:
     eval_examples: int = 0
     truncated: int = 0
     dropped: int = 0
+    bad: dict[str, int] = field(default_factory=dict)  # preference records left out, by reason
 
 
 def read_source(src: DataSource, where: str, *, base: Path | None = None):

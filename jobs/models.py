@@ -175,13 +175,13 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
     return tok
 
 
-def _peft_config(adapter: AdapterSpec):
+def _peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
     import peft
 
     t = adapter.type
     if t.is_lora_family():
         return peft.LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=adapter.r,
             lora_alpha=adapter.alpha,
             lora_dropout=adapter.dropout,
@@ -196,10 +196,22 @@ def _peft_config(adapter: AdapterSpec):
     raise ValueError(f"no PEFT config for adapter type {t.value}")
 
 
-def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec) -> Any:
-    """The model to train: full weights, or the base wrapped in its PEFT adapter."""
+# A model's head -> (the transformers auto class, PEFT's task type). "score": one output per sequence (a reward model).
+HEADS = {"causal": ("AutoModelForCausalLM", "CAUSAL_LM"), "score": ("AutoModelForSequenceClassification", "SEQ_CLS")}
+
+
+def auto_class(head: str):
+    import transformers
+
+    return getattr(transformers, HEADS[head][0])
+
+
+def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec, *, head: str = "causal") -> Any:
+    """The model to train: full weights, or the base wrapped in its PEFT adapter.
+
+    head "score" loads a sequence-classification model with one label (a new, randomly initialised
+    `score` layer on the base; PEFT trains it in full beside the adapter)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(model.dtype),
@@ -217,7 +229,9 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec) -> An
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["dtype"] = compute
-    net = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if head == "score":
+        kwargs["num_labels"] = 1
+    net = auto_class(head).from_pretrained(source, **kwargs)
     if adapter.type is AdapterType.none:
         if model.gradient_checkpointing:
             net.gradient_checkpointing_enable()
@@ -229,7 +243,7 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec) -> An
     elif model.gradient_checkpointing:
         net.gradient_checkpointing_enable()
         net.enable_input_require_grads()
-    return peft.get_peft_model(net, _peft_config(adapter))
+    return peft.get_peft_model(net, _peft_config(adapter, HEADS[head][1]))
 
 
 def provenance(*, kind: str, model: ModelSpec, base: str | Path | None) -> bytes:

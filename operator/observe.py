@@ -144,6 +144,10 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else None
 
 
+# The preference values of /progress's `preference` the status keeps (flat, beside loss).
+PREFERENCE_PROGRESS = ("rewardsAccuracy", "rewardsMargin", "evalRewardsAccuracy")
+
+
 def sanitize_progress(raw: Any) -> dict[str, Any] | None:
     """The fields of a /progress answer the status keeps, type-checked; None when it is unusable.
 
@@ -154,6 +158,8 @@ def sanitize_progress(raw: Any) -> dict[str, Any] | None:
     {'step': 3, 'totalSteps': 10}
     >>> sanitize_progress({"step": "3"}) is None
     True
+    >>> sanitize_progress({"step": 2, "preference": {"rewardsMargin": 0.5, "evalRewardsAccuracy": "x"}})
+    {'step': 2, 'rewardsMargin': 0.5}
     """
     if not isinstance(raw, dict) or _count(raw.get("step")) is None:
         return None
@@ -163,6 +169,11 @@ def sanitize_progress(raw: Any) -> dict[str, Any] | None:
     for key in ("loss", "reward", "tokensPerSecond"):
         if _number(raw.get(key)) is not None:
             out[key] = raw[key]
+    preference = raw.get("preference")  # dpo, kto, reward
+    if isinstance(preference, dict):
+        for key in PREFERENCE_PROGRESS:
+            if _number(preference.get(key)) is not None:
+                out[key] = preference[key]
     checkpoint = raw.get("lastCheckpoint")
     if isinstance(checkpoint, str) and 0 < len(checkpoint) <= MAX_URI and checkpoint.isprintable():
         out["lastCheckpoint"] = checkpoint

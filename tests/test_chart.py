@@ -420,6 +420,7 @@ def test_prometheusrule_passes_promtool_check_rules(tmp_path):
     groups = _rule_groups("monitoring-on", ())
     alerts = {r.get("alert") for g in groups for r in g["rules"]}
     assert alerts == {"PostTrainingJobFailed", "PostTrainingJobStalled", "PostTrainingJobRestartsExhausted",
+                      "PostTrainingJobPreferenceMarginNegative",
                       "PostTrainingOperatorDown", "PostTrainingOperatorNoLeader", "PostTrainingOperatorReconcileErrors",
                       "PostTrainingJobSlow"}
     assert all(r["labels"]["team"] == "ml-platform" for g in groups for r in g["rules"] if r["alert"] != "PostTrainingJobSlow")
@@ -432,9 +433,10 @@ def test_prometheusrule_passes_promtool_check_rules(tmp_path):
 
 def test_alerts_switch_off_one_by_one_without_leaving_an_empty_group(tmp_path):
     off = tuple(f"monitoring.prometheusRule.{k}.enabled=false"
-                for k in ("jobFailed", "jobStalled", "restartsExhausted", "operatorDown", "reconcileErrors"))
+                for k in ("jobFailed", "jobStalled", "restartsExhausted", "preferenceMarginNegative", "operatorDown",
+                          "reconcileErrors"))
     assert not find(render(sets=("monitoring.prometheusRule.enabled=true", *off), api=True), "PrometheusRule")
-    groups = _rule_groups("default", ("monitoring.prometheusRule.enabled=true", *off[:3]))
+    groups = _rule_groups("default", ("monitoring.prometheusRule.enabled=true", *off[:4]))
     assert [g["name"] for g in groups] == ["posttrain.operator"]
     promtool_check(tmp_path, groups)
 
@@ -469,6 +471,14 @@ def test_alerts_fire_on_synthetic_series(tmp_path):
             {"eval_time": "4m", "alertname": "PostTrainingJobFailed", "exp_alerts": []},
             {"eval_time": "10m", "alertname": "PostTrainingJobFailed", "exp_alerts": [
                 {"exp_labels": {"severity": "warning", "name": "dpo", **job}}]}]},
+        {"interval": "1m", "input_series": [  # a dpo job's margin is negative from 10m; an sft job has none
+            {"series": 'posttrain_rewards_margin{job="pref",algorithm="dpo",namespace="team-a"}',
+             "values": "0.1x9 -0.2x60"},
+            {"series": 'posttrain_loss{job="sft",algorithm="sft",namespace="team-a"}', "values": "1x60"}],
+         "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "PostTrainingJobPreferenceMarginNegative", "exp_alerts": []},
+            {"eval_time": "45m", "alertname": "PostTrainingJobPreferenceMarginNegative", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "job": "pref", **job}}]}]},
         {"interval": "1m", "input_series": [  # the only replica goes down at 11m and its leader gauge with it
             _series("up", "1x10 0x30", instance="a"),
             _series("posttrain_operator_leader", "1x10 0x30", instance="a")],
@@ -559,7 +569,8 @@ def test_grafana_dashboard_covers_what_operators_look_for():
     for metric in ("posttrain_operator_job_phase", "posttrain_operator_jobs", "posttrain_operator_job_step",
                    "posttrain_reward_mean", "posttrain_kl", "posttrain_loss", "posttrain_tokens_per_second",
                    "posttrain_operator_job_restarts", "posttrain_operator_restarts_total",
-                   "posttrain_operator_reconcile_duration_seconds_bucket"):
+                   "posttrain_operator_reconcile_duration_seconds_bucket", "posttrain_rewards_accuracy",
+                   "posttrain_eval_rewards_accuracy", "posttrain_rewards_margin"):
         assert metric in used, metric
     for x, w in ((p["gridPos"]["x"], p["gridPos"]["w"]) for p in panels):
         assert 0 <= x and x + w <= 24

@@ -114,7 +114,7 @@ def test_schema_inlines_enums_defaults_and_camel_case(schema):
     spec = schema["properties"]["spec"]
     assert spec["type"] == "object"
     assert set(spec["required"]) == {"algorithm", "model", "data"}  # training defaults (generate trains nothing)
-    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "reward", "distill", "generate", "grpo", "ppo"]
+    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "generate", "grpo", "ppo"]
     adapter = spec["properties"]["adapter"]["properties"]
     assert adapter["type"]["enum"][:2] == ["none", "lora"] and adapter["type"]["default"] == "none"
     assert adapter["r"] == {**adapter["r"], "type": "integer", "minimum": 0, "exclusiveMinimum": True, "default": 16}
@@ -138,7 +138,7 @@ def test_every_field_has_a_description(schema):
 
 def test_printer_columns(version):
     columns = version["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Algorithm", "Model", "Phase", "Step", "Reward", "Age"]
+    assert [c["name"] for c in columns] == ["Algorithm", "Model", "Phase", "Step", "Reward", "Accuracy", "Margin", "Age"]
     by_name = {c["name"]: c for c in columns}
     assert by_name["Algorithm"]["jsonPath"] == ".spec.algorithm"
     assert by_name["Model"]["jsonPath"] == ".spec.model.source"
@@ -146,6 +146,9 @@ def test_printer_columns(version):
     assert (by_name["Step"]["jsonPath"], by_name["Step"]["type"]) == (".status.progress.step", "integer")
     assert (by_name["Reward"]["jsonPath"], by_name["Reward"]["type"]) == (".status.progress.reward", "number")
     assert (by_name["Age"]["jsonPath"], by_name["Age"]["type"]) == (".metadata.creationTimestamp", "date")
+    # dpo/reward: the eval preference accuracy in `kubectl get ptj`, the reward margin with -o wide
+    assert by_name["Accuracy"]["jsonPath"] == ".status.progress.evalRewardsAccuracy"
+    assert (by_name["Margin"]["jsonPath"], by_name["Margin"]["priority"]) == (".status.progress.rewardsMargin", 1)
 
 
 def test_status_subresource(version, schema):

@@ -122,9 +122,10 @@ def test_summary_of_keeps_plain_first_paragraphs():
 
 # ---- examples/grpo/make_data.py: the GRPO demo's questions ----------------------------------------------
 
-def _load_grpo_make_data():
-    path = REPO / "examples" / "grpo" / "make_data.py"
-    spec = importlib.util.spec_from_file_location("grpo_make_data", path)
+def _load_grpo_make_data(demo: str = "grpo"):
+    """examples/<demo>/make_data.py as a module (examples/ is not a package)."""
+    path = REPO / "examples" / demo / "make_data.py"
+    spec = importlib.util.spec_from_file_location(f"{demo}_make_data", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -191,3 +192,34 @@ def test_grpo_job_reads_what_make_data_writes():
     assert [r.function for r in job.spec.rewards] == ["posttrain.jobs.rewards.builtin:exact_answer"]
     # every training prompt is new: the run never sees a question twice
     assert job.spec.training.max_steps * job.spec.rl.prompts_per_step <= grpo.N_TRAIN
+
+
+# ---- examples/preference/make_data.py: preference pairs over the GRPO demo's questions -----------------
+
+pref = _load_grpo_make_data("preference")
+
+
+def test_preference_pairs_choose_the_right_count_and_reject_a_wrong_one(tmp_path):
+    train, held = pref.build(n_train=64, n_eval=16, seed=3)
+    assert (train, held) == pref.build(n_train=64, n_eval=16, seed=3)  # same seed, same pairs
+    questions, _ = grpo.build(n_train=64, n_eval=16, seed=3)
+    assert [p["prompt"] for p in train] == [q["prompt"] for q in questions]
+    others = 0
+    for p in train + held:
+        text = p["prompt"][-1]["content"]
+        assert p["chosen"] == str(_solve(text)) and p["rejected"] != p["chosen"]
+        others += p["rejected"] in re.findall(r"\d+", text)
+    assert 0.3 < others / len(train + held) < 0.7  # about half reject with the sentence's other count
+    assert pref.main(["--out", str(tmp_path), "--train", "8", "--eval", "2"]) == 0
+    kto = [json.loads(line) for line in (tmp_path / "kto.jsonl").read_text().splitlines()]
+    assert len(kto) == 16 and [r["label"] for r in kto[:2]] == [True, False]
+
+
+@pytest.mark.parametrize("name", ["dpo-lora", "kto", "reward-model"])
+def test_preference_examples_read_what_make_data_writes(name):
+    from posttrain.api.load import load_job
+
+    path = REPO / "examples" / f"{name}.yaml"
+    job = load_job(str(path))
+    source = (path.parent / job.spec.data.train[0].source).resolve()
+    assert source.parent == pref.DEFAULT_OUT and source.name in ("pairs.jsonl", "kto.jsonl")

@@ -64,6 +64,17 @@ def test_running_copies_progress_and_sets_start_time():
     assert p.status["startTime"] == NOW
 
 
+def test_running_copies_preference_progress_into_the_status_fields_printer_columns_read():
+    from posttrain.api.status import PostTrainingJobStatus
+
+    progress = {"step": 5, "loss": 0.4, "preference": {"rewardsAccuracy": 0.75, "rewardsMargin": 1.5,
+                                                       "evalRewardsAccuracy": 0.9, "rewardsChosen": 0.2}}
+    p = plan(make_job(), [rayjob(0, "Running", "RUNNING")], progress=progress)
+    assert p.status["progress"] == {"step": 5, "loss": 0.4, "rewardsAccuracy": 0.75, "rewardsMargin": 1.5,
+                                    "evalRewardsAccuracy": 0.9}
+    assert PostTrainingJobStatus.model_validate(p.status).progress.eval_rewards_accuracy == 0.9
+
+
 def test_progress_is_kept_when_the_driver_does_not_answer():
     prev = {"phase": "Running", "progress": {"step": 7}, "startTime": "2026-11-27T11:00:00Z"}
     p = plan(make_job(), [rayjob(0, "Running", "RUNNING")], status=prev, progress=None)

@@ -92,7 +92,7 @@ BAD_INPUTS = [
     (lambda s: s["training"].update(maxStep=3), 2, "spec.training.maxStep"),
     (lambda s: s.update(adapter={"type": "lorra"}), 2, "spec.adapter.type"),
     (lambda s: s["model"].update(source="no-such-model"), 2, "spec.model.source"),
-    (lambda s: s.update(algorithm="dpo"), 2, "not available in this version"),
+    (lambda s: s.update(algorithm="distill"), 2, "not available in this version"),
 ]
 
 

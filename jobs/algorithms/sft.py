@@ -1,11 +1,15 @@
-"""`algorithm: sft`: supervised fine-tuning (incl. chain-of-thought data) on Ray Train's TorchTrainer.
+"""`algorithm: sft` (supervised fine-tuning, incl. chain-of-thought data), and through the same path `dpo`,
+`kto` and `reward`: a TRL trainer on Ray Train's TorchTrainer.
 
     posttrain run examples/sft-lora.yaml --output out/
+    posttrain run examples/dpo-lora.yaml --output out/
 
-The driver side of SFT: read and tokenize the data (bad input fails before anything is written),
-start `roles.trainer` as Ray Train workers running TRL's SFTTrainer (`sft_worker.train_loop`: DDP
-over gloo on CPU, FSDP on several GPUs), and turn the workers' events (logs, evaluations,
-checkpoints, the saved result) into the run's metrics, progress and summary through the context.
+The driver side: read the data (`data.build` tokenizes SFT examples; `preference_data` checks and
+normalizes preference records, which TRL tokenizes; bad input fails before anything is written),
+start `roles.trainer` as Ray Train workers running the algorithm's TRL trainer
+(`sft_worker.train_loop` with `methods.METHODS`: DDP over gloo on CPU, FSDP on several GPUs), and
+turn the workers' events (logs, evaluations, checkpoints, the saved result) into the run's metrics,
+progress and summary through the context.
 """
 
 from __future__ import annotations
@@ -16,19 +20,22 @@ from typing import Any
 
 from posttrain.api import runtime
 from posttrain.jobs import data as data_mod
+from posttrain.jobs import preference_data
+from posttrain.jobs.algorithms.methods import EVALUATED, LOGGED, METHODS, flat_metrics
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
-
-# Values of a worker's log event that go into metrics.jsonl.
-LOGGED = ("loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "tokens_seen")
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
     spec = ctx.spec
     ctx.prepare()
     tokenizer = ctx.tokenizer()
-    train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
-                                              max_len=spec.training.max_seq_length, base=ctx.base_dir)
+    if METHODS[spec.algorithm.value].data == "preference":
+        train_ds, eval_ds, stats = preference_data.build_preference(spec.data, algorithm=spec.algorithm.value,
+                                                                    seed=spec.training.seed, base=ctx.base_dir)
+    else:
+        train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
+                                                  max_len=spec.training.max_seq_length, base=ctx.base_dir)
 
     def history(folder: storage.Location) -> list[dict[str, Any]]:  # HF's own log of the checkpoint's steps
         return ctx.ckpts.read_json(folder, "trainer_state.json").get("log_history", [])
@@ -36,7 +43,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     resume = ctx.begin(total_steps=spec.training.max_steps, history_of=history, summary={
         "workers": spec.trainer_workers(),
         "data": {"train_examples": stats.train_examples, "eval_examples": stats.eval_examples,
-                 "truncated": stats.truncated, "dropped": stats.dropped, "sets": stats.sets},
+                 "truncated": stats.truncated, "dropped": stats.dropped, "sets": stats.sets,
+                 **({"bad": stats.bad} if stats.bad else {})},
     })
     losses = [m["loss"] for m in ctx.history if m.get("loss") is not None]
     relay = Relay(ctx, first_loss=losses[0] if losses else None)
@@ -67,9 +75,22 @@ def run(ctx: RunContext) -> dict[str, Any]:
         tokens_per_second=round(tokens / runtime_s, 2) if runtime_s and tokens else ctx.state.tokens_per_second,
         first_loss=relay.first_loss,
         last_loss=next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None),
-        eval_loss_before=ctx.run_info.get("eval_loss_before"),
-        eval_loss_after=ctx.state.eval_loss if eval_ds is not None and not error else None,
+        **evaluations(ctx.run_info, relay.after if eval_ds is not None and not error else {}),
     )
+
+
+def evaluations(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The summary's eval_<name>_before/_after: eval_loss always (None when not measured), the rest when measured.
+
+    >>> evaluations({"eval_loss_before": 2.0, "eval_rewards_accuracy_before": 0.5}, {"eval_loss": 1.0})
+    {'eval_loss_before': 2.0, 'eval_loss_after': 1.0, 'eval_rewards_accuracy_before': 0.5, 'eval_rewards_accuracy_after': None}
+    """
+    out: dict[str, Any] = {}
+    for name in EVALUATED:
+        key = f"eval_{name}"
+        if name == "loss" or f"{key}_before" in before or key in after:
+            out[f"{key}_before"], out[f"{key}_after"] = before.get(f"{key}_before"), after.get(key)
+    return out
 
 
 class Relay:
@@ -78,6 +99,7 @@ class Relay:
     def __init__(self, ctx: RunContext, first_loss: float | None) -> None:
         self.ctx, self.first_loss = ctx, first_loss
         self.train_metrics: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}  # the evaluation after training
 
     def __call__(self, event: dict[str, Any]) -> None:
         ctx, kind = self.ctx, event["type"]
@@ -87,22 +109,25 @@ class Relay:
         elif kind == "phase":
             ctx.phase(event["phase"])
         elif kind == "log":
-            step = event["step"]
+            step, logs = event["step"], flat_metrics(event)
             # a training step's values; the Trainer's closing log (train_runtime, epoch, no loss) is not a step
-            values = {k: event[k] for k in LOGGED if k in event} if "loss" in event else {}
-            if "loss" in event and self.first_loss is None:
-                self.first_loss = event["loss"]
-            if "eval_loss" in event and step > 0:  # the evaluation before training goes to run.json instead
-                values["eval_loss"] = event["eval_loss"]
+            values = {k: logs[k] for k in LOGGED if k in logs} if "loss" in logs else {}
+            if "loss" in logs and self.first_loss is None:
+                self.first_loss = logs["loss"]
+            if "eval_loss" in logs and step > 0:  # the evaluation before training goes to run.json instead
+                values.update({f"eval_{k}": logs[f"eval_{k}"] for k in EVALUATED if f"eval_{k}" in logs})
             if values:
                 ctx.log(step, values, flush=False)  # evaluations of the same step join its line
         elif kind == "eval_before":
-            ctx.state.eval_loss = event["eval_loss"]
-            ctx.record(eval_loss_before=event["eval_loss"])
-            ctx.event("eval_before", eval_loss=event["eval_loss"])
+            found = {k: v for k, v in event.items() if k.startswith("eval_")}
+            ctx.state.eval_loss = found.get("eval_loss")
+            ctx.state.preference.update({k: v for k, v in found.items() if k != "eval_loss"})
+            ctx.record(**{f"{k}_before": v for k, v in found.items()})
+            ctx.event("eval_before", **found)
         elif kind == "eval_after":
-            ctx.log(event["step"], {"eval_loss": event["eval_loss"]}, flush=False, announce=False)
-            ctx.event("eval_after", step=event["step"], eval_loss=event["eval_loss"])
+            self.after = {k: v for k, v in event.items() if k.startswith("eval_")}
+            ctx.log(event["step"], self.after, flush=False, announce=False)
+            ctx.event("eval_after", step=event["step"], **self.after)
         elif kind == "checkpoint":
             ctx.checkpoint_saved(event["step"], event["path"])
         elif kind == "train_done":

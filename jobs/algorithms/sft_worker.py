@@ -1,4 +1,7 @@
-"""Supervised fine-tuning on one Ray Train worker: TRL's SFTTrainer with our glue (`algorithms.sft` drives it).
+"""One Ray Train worker running a TRL trainer with our glue (`algorithms.sft` drives it).
+
+The trainer is the one `algorithms.methods.METHODS` names for the job's algorithm: SFTTrainer (sft),
+DPOTrainer (dpo), KTOTrainer (kto) or RewardTrainer (reward); the glue below is the same for all.
 
 `train_loop(config)` runs on every worker of the `TorchTrainer`; Ray Train has
 already joined the workers into one torch.distributed group (gloo on CPU,
@@ -26,6 +29,7 @@ from typing import Any
 
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
 from posttrain.jobs import models
+from posttrain.jobs.algorithms.methods import EVALUATED, METHODS, flat_metrics
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.checkpoints import PREFIX, Checkpoints
 
@@ -91,14 +95,9 @@ def _staging(address: str, rank: int) -> Path:
     return storage.cache_root() / "staging" / digest / f"rank-{rank}"
 
 
-def _sft_config(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool):
-    from trl import SFTConfig
-
-    return SFTConfig(**sft_arguments(spec, cfg, world=world, has_eval=has_eval))
-
-
 def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int, has_eval: bool) -> dict[str, Any]:
-    """The keyword arguments of TRL's SFTConfig for this job (building the config joins the process group)."""
+    """The keyword arguments every TRL config takes for this job (SFTConfig, DPOConfig, ...: building the
+    config joins the process group); `METHODS[algorithm].options` adds the algorithm's own."""
     import torch
 
     t = spec.training
@@ -143,7 +142,6 @@ def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int,
 def train_loop(cfg: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
     import ray.train
-    from trl import SFTTrainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -174,31 +172,38 @@ def train_loop(cfg: dict[str, Any]) -> None:
     from transformers import set_seed
 
     set_seed(spec.training.seed)  # adapter initialisation is part of what the seed decides
-    net = models.load_for_training(model_source, spec.model, spec.adapter)
-    train_ds, eval_ds = cfg["train"], cfg["eval"]
+    eval_ds = cfg["eval"]
     callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
-    trainer = SFTTrainer(
-        model=net,
-        args=_sft_config(spec, cfg, world=world, has_eval=eval_ds is not None),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
+    trainer = build_trainer(spec, cfg, model_source, tokenizer, world=world, callbacks=[callback])
     if eval_ds is not None and resume_from is None:
         callback.push({"type": "phase", "phase": "evaluating"})
-        before = trainer.evaluate()
-        callback.push({"type": "eval_before", "eval_loss": before["eval_loss"]})
+        callback.push({"type": "eval_before", **_evaluation(trainer)})
     callback.push({"type": "phase", "phase": "training"})
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
     if eval_ds is not None:
         callback.push({"type": "phase", "phase": "evaluating"})
-        after = trainer.evaluate()
-        callback.push({"type": "eval_after", "step": trainer.state.global_step, "eval_loss": after["eval_loss"]})
+        callback.push({"type": "eval_after", "step": trainer.state.global_step, **_evaluation(trainer)})
     callback.push({"type": "phase", "phase": "saving"})
     _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback,
           base=base)
+
+
+def build_trainer(spec: PostTrainingJobSpec, cfg: dict[str, Any], model_source: str, tokenizer: Any, *, world: int,
+                  callbacks: list[Any]) -> Any:
+    """The algorithm's TRL trainer (`METHODS`) over the model (with its adapter) and `cfg`'s train/eval sets."""
+    method = METHODS[spec.algorithm.value]
+    trainer_cls, config_cls = method.classes()
+    net = models.load_for_training(model_source, spec.model, spec.adapter, head=method.head)
+    args = sft_arguments(spec, cfg, world=world, has_eval=cfg["eval"] is not None)
+    return trainer_cls(model=net, args=config_cls(**args, **method.options(spec)), train_dataset=cfg["train"],
+                       eval_dataset=cfg["eval"], processing_class=tokenizer, callbacks=callbacks)
+
+
+def _evaluation(trainer: Any) -> dict[str, float]:
+    """The EVALUATED values of one evaluation (`eval_loss`, and `eval_rewards_accuracy`... where the trainer has them)."""
+    found = flat_metrics(trainer.evaluate())
+    return {f"eval_{k}": found[f"eval_{k}"] for k in EVALUATED if f"eval_{k}" in found}
 
 
 def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.Location, model_source: str, *,
@@ -218,7 +223,8 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
         dest = out.child(kind)
         storage.publish_tree(staging, dest)
         event = {"type": "saved", "kind": kind, "path": dest.uri}
-        if kind == "adapter" and spec.output.merge_adapter:
+        # A reward model is always written whole: `rewards: [{model: <output>/model}]` loads it as is.
+        if kind == "adapter" and (spec.output.merge_adapter or METHODS[spec.algorithm.value].head == "score"):
             # The adapter stays beside the merged model: small, and what a serving stack may want.
             merged = staging.parent / f"{staging.name}-merged"
             _merge_into(staging, merged, model_source, spec)
@@ -235,10 +241,11 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
 def _merge_into(adapter_dir: Path, dest: Path, base_source: str, spec: PostTrainingJobSpec) -> None:
     """Reload the base in full precision, apply the adapter, merge, save a standalone model."""
     import peft
-    from transformers import AutoModelForCausalLM
 
     dtype = models.torch_dtype(spec.model.dtype)
-    base = AutoModelForCausalLM.from_pretrained(base_source, dtype=dtype, revision=models.hub_revision(spec.model),
-                                                trust_remote_code=spec.model.trust_remote_code)
+    head = METHODS[spec.algorithm.value].head
+    extra = {"num_labels": 1} if head == "score" else {}
+    base = models.auto_class(head).from_pretrained(base_source, dtype=dtype, revision=models.hub_revision(spec.model),
+                                                   trust_remote_code=spec.model.trust_remote_code, **extra)
     merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(dest)

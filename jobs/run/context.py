@@ -36,7 +36,7 @@ from posttrain.api import runtime
 from posttrain.api.spec import PostTrainingJob
 from posttrain.jobs.run import outputs, storage, tracking
 from posttrain.jobs.run.checkpoints import Checkpoints
-from posttrain.jobs.run.progress import Metrics, ProgressServer, RunState
+from posttrain.jobs.run.progress import PREFERENCE_GAUGES, Metrics, ProgressServer, RunState
 
 log = logging.getLogger("posttrain")
 
@@ -193,6 +193,7 @@ class RunContext:
                 setattr(self.state, attr, values[key])
         if values.get("tokens_seen") is not None:
             self.state.tokens_seen = values["tokens_seen"]
+        self.state.preference.update({k: v for k, v in values.items() if k in PREFERENCE_GAUGES and v is not None})
         self.writer.add(step, values)
         if flush:
             self.writer.flush()

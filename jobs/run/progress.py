@@ -34,6 +34,15 @@ RL_GAUGES = {
     "staleness": "Policy steps between the rollout weights and the learner (async: at most 1).",
 }
 RL_PHASE_TIMES = ("generate", "reward", "train", "sync")
+# dpo/kto/reward values of a metrics.jsonl line served as gauges `posttrain_<name>` and in /progress.
+PREFERENCE_GAUGES = {
+    "rewards_chosen": "Mean reward of the chosen completions (dpo/kto: implicit reward; reward: the model's score).",
+    "rewards_rejected": "Mean reward of the rejected completions (latest step).",
+    "rewards_margin": "Mean reward margin, chosen minus rejected (latest step).",
+    "rewards_accuracy": "Fraction of pairs whose chosen completion out-scores the rejected one (latest step).",
+    "eval_rewards_margin": "Mean reward margin on the evaluation pairs (latest evaluation).",
+    "eval_rewards_accuracy": "Preference accuracy on the evaluation pairs (latest evaluation).",
+}
 
 
 @dataclass
@@ -55,6 +64,7 @@ class RunState:
     started: float = field(default_factory=time.time)
     rl: dict[str, float] = field(default_factory=dict)  # grpo/ppo: the latest step's RL_GAUGES values
     reward_functions: dict[str, float] = field(default_factory=dict)  # label -> mean of the latest step
+    preference: dict[str, float] = field(default_factory=dict)  # dpo/kto/reward: the latest PREFERENCE_GAUGES values
 
     def progress(self) -> dict[str, Any]:
         """The JSON body of GET /progress (camelCase, like the status it feeds)."""
@@ -71,7 +81,13 @@ class RunState:
             "lastCheckpoint": self.last_checkpoint,
             "elapsedSeconds": round(time.time() - self.started, 3),
             **({"rl": dict(self.rl), "rewardFunctions": dict(self.reward_functions)} if self.rl else {}),
+            **({"preference": {_camel(k): v for k, v in self.preference.items()}} if self.preference else {}),
         }
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 class Metrics:
@@ -100,6 +116,7 @@ class Metrics:
         self.rl = {name: g(f"posttrain_{name}", doc) for name, doc in RL_GAUGES.items()}
         self.phase_seconds = Gauge("posttrain_phase_seconds", "Seconds the latest step spent in each RL phase.",
                                    labels + ["phase"], registry=self.registry)
+        self.preference = {name: g(f"posttrain_{name}", doc) for name, doc in PREFERENCE_GAUGES.items()}
         self.reward_fn = Gauge("posttrain_reward_function_mean", "Latest step's mean of each reward function.",
                                labels + ["function"], registry=self.registry)
         self._key = {"job": state.job, "algorithm": state.algorithm}
@@ -124,6 +141,9 @@ class Metrics:
         for name, gauge in self.rl.items():
             if name in s.rl:
                 gauge.labels(**k).set(s.rl[name])
+        for name, gauge in self.preference.items():
+            if name in s.preference:
+                gauge.labels(**k).set(s.preference[name])
         for phase in RL_PHASE_TIMES:
             if f"time_{phase}" in s.rl:
                 self.phase_seconds.labels(**k, phase=phase).set(s.rl[f"time_{phase}"])

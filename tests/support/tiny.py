@@ -75,3 +75,24 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def pair_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs over `arith_records`: the right sum is chosen, a wrong one in other words rejected
+    (the wording makes the preference learnable by a tiny random model in a few steps)."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in arith_records(n, seed):
+        right = int(r["completion"].rsplit(" ", 1)[1])
+        out.append({"prompt": r["prompt"], "chosen": r["completion"],
+                    "rejected": f" so value {right + rng.choice([-3, -2, -1, 1, 2, 3])} then"})
+    return out
+
+
+def unpaired_records(n: int, seed: int = 0) -> list[dict]:
+    """KTO records: each pair of `pair_records` as a desirable and an undesirable completion."""
+    out: list[dict] = []
+    for r in pair_records(n, seed):
+        out.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        out.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return out

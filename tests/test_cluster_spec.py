@@ -207,3 +207,17 @@ def test_known_fields_drops_and_reports_what_this_version_does_not_know():
     assert parse_job(clean).spec.training.max_steps == 4
     with pytest.raises(InvalidJob):
         parse_job(doc)  # a file a person wrote stays strict
+
+
+@pytest.mark.parametrize("folder, order", [("rlhf", ["rlhf-sft", "rlhf-reward", "rlhf-ppo"]),
+                                           ("rlaif", ["rlaif-pairs", "rlaif-dpo"])])
+def test_pipeline_examples_are_a_valid_set_in_dependency_order(folder, order):
+    from posttrain.api import refs
+    from posttrain.jobs import pipeline
+
+    files = sorted(str(p) for p in (REPO / "examples" / folder).glob("*.yaml"))
+    entries = pipeline.load(files, [])  # valid one by one and as a set: every ptj:// names a job here
+    specs = {e.job.metadata.name: e.job.spec.wire() for e in entries}
+    assert refs.order(sorted(specs), refs.graph(specs)) == order
+    assert all(cluster_errors(e.job) == [] for e in entries)
+    assert cli_main(["validate", "--cluster", *files]) == 0

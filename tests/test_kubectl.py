@@ -127,7 +127,7 @@ def test_get_shows_the_crds_printer_columns(k8s, kubectl):
     listed = kubectl("get", "ptj")
     assert listed.stderr == ""  # `ptj` names one resource: discovery lists posttrainingjobs/status without names
     header, row = listed.stdout.splitlines()
-    assert header.split() == ["NAME", "ALGORITHM", "MODEL", "PHASE", "STEP", "REWARD", "AGE"]
+    assert header.split() == ["NAME", "ALGORITHM", "MODEL", "PHASE", "STEP", "REWARD", "ACCURACY", "AGE"]
     assert row.split()[:6] == [JOB, "sft", "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "Running", "42", "0.61"]
     assert row.split()[6].endswith("s")  # an age: "0s", "1s"
     k8s.create(dict(example(), metadata={"name": "fresh"}))

@@ -205,7 +205,7 @@ def test_invalid_spec_fails_and_creates_nothing(k8s):
 
 def test_an_algorithm_this_version_cannot_run_is_an_invalid_spec(k8s):
     with operator(k8s):
-        k8s.create(job(algorithm="dpo"))
+        k8s.create(job(algorithm="distill"))
         k8s.wait_for(phase_is(k8s, "Failed"))
         failed = next(c for c in ptj(k8s)["status"]["conditions"] if c["type"] == "Failed")
         assert failed["reason"] == "InvalidSpec" and "not available in this version" in failed["message"]

@@ -65,6 +65,12 @@ def _callback_class():
                 self._last = (now, tokens)
             self.push(event)
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            # `eval_on_start`: the evaluation before training runs inside train(), once the model is
+            # prepared with its optimizer (FSDP2 refuses to prepare a model alone for evaluate())
+            if state.global_step == 0 and metrics:
+                self.push({"type": "eval_before", **evaluated(metrics)})
+
         def on_save(self, args, state, control, **kwargs):
             step = state.global_step
             local = Path(args.output_dir) / f"{PREFIX}{step}"
@@ -122,6 +128,9 @@ def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        # the eval loss before training, measured inside train() (not by evaluate() first: under FSDP2
+        # accelerate prepares a model only together with its optimizer); a resumed run measured it already
+        eval_on_start=has_eval and not cfg.get("resume_step"),
         eval_steps=t.eval_steps,
         save_strategy="steps" if ckpt.every_steps else "no",
         save_steps=ckpt.every_steps or 500,
@@ -175,15 +184,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
     eval_ds = cfg["eval"]
     callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
     trainer = build_trainer(spec, cfg, model_source, tokenizer, world=world, callbacks=[callback])
-    if eval_ds is not None and resume_from is None:
-        callback.push({"type": "phase", "phase": "evaluating"})
-        callback.push({"type": "eval_before", **_evaluation(trainer)})
     callback.push({"type": "phase", "phase": "training"})
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
     if eval_ds is not None:
         callback.push({"type": "phase", "phase": "evaluating"})
-        callback.push({"type": "eval_after", "step": trainer.state.global_step, **_evaluation(trainer)})
+        callback.push({"type": "eval_after", "step": trainer.state.global_step, **evaluated(trainer.evaluate())})
     callback.push({"type": "phase", "phase": "saving"})
     _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback,
           base=base)
@@ -200,9 +206,10 @@ def build_trainer(spec: PostTrainingJobSpec, cfg: dict[str, Any], model_source: 
                        eval_dataset=cfg["eval"], processing_class=tokenizer, callbacks=callbacks)
 
 
-def _evaluation(trainer: Any) -> dict[str, float]:
-    """The EVALUATED values of one evaluation (`eval_loss`, and `eval_rewards_accuracy`... where the trainer has them)."""
-    found = flat_metrics(trainer.evaluate())
+def evaluated(metrics: dict[str, Any]) -> dict[str, float]:
+    """The EVALUATED values of one evaluation's metrics (`eval_loss`, and `eval_rewards_accuracy`... where the
+    trainer has them)."""
+    found = flat_metrics(metrics)
     return {f"eval_{k}": found[f"eval_{k}"] for k in EVALUATED if f"eval_{k}" in found}
 
 

@@ -157,3 +157,16 @@ def test_on_a_gpu_machine_a_cpu_rollout_actor_stays_on_the_cpu(ray_local, model_
     finally:
         ray.kill(cpu_actor), ray.kill(gpu_actor)
     assert (on_cpu["device"], on_gpu["device"]) == ("cpu", "cuda")
+
+
+def test_supervised_half_precision_keeps_fp32_masters_for_full_fine_tuning():
+    """SFT and the preference trainers: on one GPU nothing upcast a bf16 model, so AdamW ran in bf16."""
+    from posttrain.api.spec import AdapterType
+    from posttrain.jobs.algorithms.sft_worker import precision
+
+    bf16 = {"bf16": True, "fp16": False}
+    assert precision("auto", AdapterType.none, on_gpu=True) == ("float32", bf16)
+    assert precision("bfloat16", AdapterType.none, on_gpu=False) == ("float32", bf16)  # CPU autocast
+    assert precision("auto", AdapterType.lora, on_gpu=True) == ("auto", bf16)  # frozen base in bf16
+    assert precision("float16", AdapterType.none, on_gpu=True) == ("float32", {"bf16": False, "fp16": True})
+    assert precision("auto", AdapterType.none, on_gpu=False) == ("auto", {"bf16": False, "fp16": False})

@@ -140,7 +140,7 @@ def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int,
         disable_tqdm=True,
         use_cpu=not on_gpu,
         ddp_backend=None if on_gpu else "gloo",
-        bf16=on_gpu and spec.model.dtype in ("auto", "bfloat16"),
+        **precision(spec.model.dtype, spec.adapter.type, on_gpu=on_gpu)[1],
         include_num_input_tokens_seen="non_padding",
         gradient_checkpointing=spec.model.gradient_checkpointing,
         dataset_num_proc=None,
@@ -195,12 +195,36 @@ def train_loop(cfg: dict[str, Any]) -> None:
           base=base)
 
 
+def precision(dtype: str, adapter: AdapterType, *, on_gpu: bool) -> tuple[str, dict[str, bool]]:
+    """(dtype the weights load in, the Trainer's `bf16`/`fp16` flags) for a `model.dtype`.
+
+    Half precision trains with fp32 master weights: full fine-tuning loads fp32 and the Trainer autocasts
+    the forward and backward (pure bf16 AdamW rounds updates below 2^-8 of a weight to nothing, and on one
+    GPU nothing upcasts them); an adapter's frozen base loads in half (PEFT keeps the adapter in fp32).
+    fp16 autocast needs a GPU: on CPU a float16 model trains as it loads.
+
+    >>> precision("auto", AdapterType.none, on_gpu=True)
+    ('float32', {'bf16': True, 'fp16': False})
+    >>> precision("bfloat16", AdapterType.lora, on_gpu=False)
+    ('bfloat16', {'bf16': True, 'fp16': False})
+    """
+    compute = ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+    flags = {"bf16": compute == "bfloat16", "fp16": compute == "float16" and on_gpu}
+    if (flags["bf16"] or flags["fp16"]) and adapter is AdapterType.none:
+        return "float32", flags
+    return dtype, flags
+
+
 def build_trainer(spec: PostTrainingJobSpec, cfg: dict[str, Any], model_source: str, tokenizer: Any, *, world: int,
                   callbacks: list[Any]) -> Any:
     """The algorithm's TRL trainer (`METHODS`) over the model (with its adapter) and `cfg`'s train/eval sets."""
     method = METHODS[spec.algorithm.value]
     trainer_cls, config_cls = method.classes()
-    net = models.load_for_training(model_source, spec.model, spec.adapter, head=method.head)
+    import torch
+
+    load_dtype, _ = precision(spec.model.dtype, spec.adapter.type, on_gpu=torch.cuda.is_available())
+    net = models.load_for_training(model_source, spec.model.model_copy(update={"dtype": load_dtype}), spec.adapter,
+                                   head=method.head)
     args = sft_arguments(spec, cfg, world=world, has_eval=cfg["eval"] is not None)
     return trainer_cls(model=net, args=config_cls(**args, **method.options(spec)), train_dataset=cfg["train"],
                        eval_dataset=cfg["eval"], processing_class=tokenizer, callbacks=callbacks)

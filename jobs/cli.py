@@ -2,6 +2,7 @@
 
     posttrain validate [--cluster] job.yaml [more.yaml ...]
     posttrain run job.yaml [--output DIR] [--set training.maxSteps=5] [--metrics-port 8080] [--overwrite]
+    posttrain eval --model SRC [--model NAME=SRC::ADAPTER]... --data FILE [--method NAME]... [--samples 1,4,16]
 
 `validate` needs only the API package; `run` imports the training stack
 lazily, so `validate` works in the operator image too.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from typing import Any
 from posttrain.api import runtime
 from posttrain.api.cluster import cluster_errors
 from posttrain.api.load import InvalidJob, load_job, parse_job, read_documents
+
+
+NAMED = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")  # `posttrain eval --model base=path/to/model`
 
 
 def _print_errors(exc: InvalidJob) -> None:
@@ -115,6 +120,9 @@ def summary_table(summary: dict[str, Any]) -> str:
                                         ("actors", "engine", "judge", "mode", "verdict")))
               for name, info in (summary.get("roles") or {}).items()),
         ]
+    elif summary.get("algorithm") == "evaluate":
+        rows += [(f"{model}: {key}", f"{score:.3f}") for model, scores in (summary.get("evaluation") or {}).items()
+                 for key, score in scores.items()]
     elif "roles" in summary:  # grpo / ppo
         roles = summary.get("roles") or {}
         rows += [
@@ -147,6 +155,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     except InvalidJob as exc:
         _print_errors(exc)
         return runtime.EXIT_BAD_INPUT
+    return execute(job, args, base_dir=Path(args.file).resolve().parent)
+
+
+def eval_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The `algorithm: evaluate` job `posttrain eval` runs: records {prompt, answer} from --data, every
+    --model (`SRC`, `SRC::ADAPTER_FOLDER`, optionally `NAME=` in front) compared side by side."""
+    models = []
+    for i, text in enumerate(args.model):
+        named = NAMED.match(text)
+        name, rest = (named[1], named[2]) if named else (None, text)
+        source, _, adapter = rest.partition("::")
+        models.append({"source": source, **({"adapter": adapter} if adapter else {}),
+                       "name": name or f"model-{i}"})
+    evaluation: dict[str, Any] = {"models": models, "methods": args.method or ["direct"],
+                                  "maxNewTokens": args.max_new_tokens, "seed": args.seed,
+                                  "answer": {"extract": args.extract}}
+    if args.samples:
+        try:
+            evaluation["samples"] = [int(n) for n in args.samples.split(",")]
+        except ValueError:
+            evaluation["samples"] = args.samples  # the API names the field and what it expects
+    for key, value in (("temperature", args.temperature), ("maxPrompts", args.max_prompts)):
+        if value is not None:
+            evaluation[key] = value
+    spec: dict[str, Any] = {
+        "algorithm": "evaluate", "model": {"source": models[0]["source"] if models else ""},
+        "data": {"train": [{"source": args.data}]}, "evaluation": evaluation,
+    }
+    if args.reward:
+        spec["rewards"] = [{"function": f} for f in args.reward]
+    if args.engine:
+        spec["roles"] = {"rollout": {"engine": args.engine}}
+    return {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "metadata": {"name": args.name},
+            "spec": spec}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.api.load import apply_overrides
+
+    try:
+        job = parse_job(apply_overrides(eval_document(args), args.set), source="posttrain eval",
+                        require_available=True)
+    except InvalidJob as exc:
+        _print_errors(exc)
+        return runtime.EXIT_BAD_INPUT
+    if args.output is None:
+        args.output = f"posttrain-output/{args.name}"
+    return execute(job, args, base_dir=Path.cwd())
+
+
+def execute(job: Any, args: argparse.Namespace, *, base_dir: Path) -> int:
+    """Run `job` on an embedded Ray with the progress display; the exit code (0, 1 failed, 2 bad input)."""
     from posttrain.jobs import driver
     from posttrain.jobs.data import DataError
     from posttrain.jobs.models import ModelSourceError
@@ -156,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     display = Display(job.metadata.name)
     opts = driver.RunOptions(
         output=args.output,
-        base_dir=Path(args.file).resolve().parent,
+        base_dir=base_dir,
         metrics_port=args.metrics_port,
         overwrite=args.overwrite,
         on_event=display,
@@ -197,6 +257,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="also print summary.json")
     r.add_argument("--verbose", "-v", action="store_true")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("eval", help="evaluate models side by side with test-time scaling methods (algorithm evaluate)")
+    e.add_argument("--model", action="append", required=True, metavar="[NAME=]SRC[::ADAPTER]",
+                   help="a model (same forms as spec.model.source), optionally with a PEFT adapter folder (repeatable)")
+    e.add_argument("--data", required=True, help="records {prompt, answer} (.jsonl, .json, .parquet, .csv, ...)")
+    e.add_argument("--method", action="append", metavar="NAME",
+                   help="direct (default), cot, self_consistency, best_of_n, refine (repeatable)")
+    e.add_argument("--samples", help="N values of self_consistency / best_of_n, e.g. 1,2,4,8,16")
+    e.add_argument("--extract", default="last_number",
+                   help="answer extraction: last_number, answer_tag, full, or module:function (regex: --set)")
+    e.add_argument("--reward", action="append", metavar="MODULE:FUNCTION", help="best_of_n's reward (repeatable)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--temperature", type=float)
+    e.add_argument("--max-prompts", type=int)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    e.add_argument("--name", default="eval", help="the job's name (default eval)")
+    e.add_argument("--output", "-o", help="output folder (default posttrain-output/<name>)")
+    e.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field, e.g. --set evaluation.refineRounds=3 (repeatable)")
+    e.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
+    e.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    e.add_argument("--json", action="store_true", help="also print summary.json")
+    e.add_argument("--verbose", "-v", action="store_true")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -180,3 +180,44 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec) -> An
 def write_provenance(dest: Path, *, kind: str, base_model: str) -> None:
     """`posttrain.json` beside a written model: what it is and what it was trained from."""
     (dest / "posttrain.json").write_text(json.dumps({"kind": kind, "base_model": base_model}, indent=2) + "\n")
+
+
+def adapter_on_this_pod(source: str, *, base: Path | None = None, where: str = "adapter") -> str:
+    """A PEFT adapter folder (path, pvc://, object storage) as a local folder on this pod; `where` names the
+    field in errors."""
+    loc = storage.resolve(source, base=base)
+    if loc.is_hub:
+        raise ModelSourceError(f"{where}: {source}: give the adapter as a folder (path, pvc:// or object storage)")
+    try:
+        path = storage.fetch(loc)
+    except FileNotFoundError:
+        raise ModelSourceError(f"{where}: {loc.uri} does not exist") from None
+    if not (path / "adapter_config.json").is_file():
+        raise ModelSourceError(f"{where}: {path} has no adapter_config.json; it is not a PEFT adapter folder")
+    return str(path)
+
+
+def merged_on_this_pod(model_folder: str, adapter_folder: str) -> str:
+    """`model_folder` with the adapter at `adapter_folder` merged into its weights, written once per pod into
+    the cache (keyed by both paths and the adapter's files), with the base's tokenizer: a plain folder any
+    engine loads (vLLM and transformers alike)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = Path(adapter_folder)
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter.iterdir()) if p.is_file()]
+    key = hashlib.sha256(json.dumps([model_folder, str(adapter.resolve()), stamp]).encode()).hexdigest()[:16]
+    dest = storage.cache_root() / "merged" / f"{adapter.name}-{key}"
+    with storage.file_lock(dest.with_suffix(".lock")):
+        if not (dest / "config.json").exists():
+            import peft
+
+            log.info("merging adapter %s into %s at %s (once per pod)", adapter, model_folder, dest)
+            net = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+            merged = peft.PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(model_folder).save_pretrained(tmp)
+            tmp.rename(dest)
+    return str(dest)

@@ -183,6 +183,9 @@ def check_training_evaluation(spec: Any) -> None:
     if ev.models:
         raise ValueError(f"@evaluation.models: a {spec.algorithm.value} job evaluates spec.model and the model it "
                          "trains; list models only in an algorithm evaluate job")
+    if spec.adapter.type.is_virtual_tokens():
+        raise ValueError(f"@evaluation: evaluates a merged model; a {spec.adapter.type.value} adapter cannot be "
+                         "merged (use lora or full fine-tuning, or evaluate it in your own code)")
     if ev.data is None and spec.data.eval is None:
         raise ValueError("@evaluation.data: give the held-out prompts ({prompt, answer} records) here or in "
                          "data.eval")

@@ -386,6 +386,8 @@ class PostTrainingJobSpec(ApiModel):
             check_evaluate_job(self)
         elif not self.algorithm.is_rl():
             for role in RL_ROLES:
+                if role == "rollout" and self.evaluation is not None:
+                    continue  # the evaluation at the end samples on rollout actors
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
             if self.rl is not None:
@@ -433,6 +435,8 @@ class PostTrainingJobSpec(ApiModel):
         roles = self.algorithm.roles()
         if self.algorithm is Algorithm.evaluate and not (self.evaluation and self.evaluation.needs_rewards()):
             roles = tuple(r for r in roles if r != "reward")
+        if self.evaluation is not None and "trainer" in roles:
+            roles += ("rollout",)  # a supervised job's evaluation at the end
         return roles
 
     def trainer_workers(self) -> int:

@@ -82,6 +82,9 @@ class Display:
                 reward = f" reward {state.reward:.3f}" if state.reward is not None else ""
                 print(f"[{self.name}] step {state.step}/{total}{reward} loss {state.loss:.4f}{tps}",
                       file=sys.stderr, flush=True)
+        elif kind == "evaluated" or (kind == "log" and "method" in event):
+            where = f"step {event['step']}/{state.total_steps} " if kind == "log" else ""
+            self._say(f"{where}{event['model']}: {event['method']} score {event['score']:.3f}")
         elif kind == "saved":
             self._say(f"wrote {event['kind']} to {event['path']}")
 
@@ -140,6 +143,8 @@ def summary_table(summary: dict[str, Any]) -> str:
              f"{fmt(summary.get('eval_loss_before'))} -> {fmt(summary.get('eval_loss_after'))}"),
             ("tokens/s", fmt(summary.get("tokens_per_second"))),
         ]
+    rows += [(f"eval {key}: base -> trained", f"{fmt(before)} -> {fmt(after)}")
+             for key, (before, after) in (summary.get("evaluation_before_after") or {}).items()]
     rows += [
         ("wall seconds", fmt(summary.get("wall_seconds"))),
         ("written", f"{artifact.get('kind')}: {artifact.get('path')}" if artifact else "-"),

@@ -110,3 +110,47 @@ def test_two_models_every_method_and_the_result_files(workdir, ray_local, monkey
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert [m["method"] for m in metrics[:5]] == ["direct", "cot", "self_consistency", "best_of_n", "refine"]
     assert {m["model"] for m in metrics} == {"base", "tuned"}
+
+
+def test_a_training_jobs_evaluation_is_checked_with_the_job():
+    from posttrain.api.load import InvalidJob, parse_job
+    from support import jobs
+
+    ok = jobs.document("sft", evaluation={"methods": ["direct"], "data": "held.jsonl"},
+                       roles={"rollout": {"engine": "transformers"}})
+    assert parse_job(ok).spec.ray_roles() == ("trainer", "rollout")
+    cases = [
+        (jobs.document("sft", evaluation={"methods": ["direct"]}), "spec.evaluation.data: give the held-out"),
+        (jobs.document("sft", evaluation={"data": "h.jsonl", "models": [{"source": "m"}]}), "spec.evaluation.models"),
+        (jobs.document("sft", evaluation={"data": "h.jsonl"}, adapter={"type": "prefix"}), "cannot be merged"),
+        (jobs.document("sft", evaluation={"data": "h.jsonl", "methods": ["best_of_n"]}), "spec.rewards"),
+        (jobs.document("sft", roles={"rollout": {}}), "spec.roles.rollout: is for grpo and ppo"),
+    ]
+    for doc, message in cases:
+        with pytest.raises(InvalidJob) as err:
+            parse_job(doc)
+        assert message in str(err.value), (message, str(err.value))
+
+
+@pytest.mark.slow
+def test_grpo_with_evaluation_reports_base_and_trained(workdir, ray_local, monkeypatch):
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import driver
+    from support import jobs
+
+    tiny.write_jsonl(workdir / "train.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in tasks(8, 1)])
+    doc = jobs.document("grpo", name="grpo-eval", adapter=jobs.LORA,
+                        evaluation={"methods": ["direct", "self_consistency"], "samples": [1, 2],
+                                    "data": "tasks.jsonl", "maxNewTokens": 4})
+    doc["spec"]["training"]["maxSteps"] = 2
+    doc["spec"]["rl"] = {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4}
+    summary = driver.run(parse_job(doc, require_available=True),
+                         driver.RunOptions(output=str(workdir / "grpo"), base_dir=workdir))
+    assert summary["status"] == "succeeded" and summary["steps"] == 2
+    assert set(summary["evaluation"]) == {"base", "trained"}
+    assert set(summary["evaluation_before_after"]) == {"direct", "self_consistency@1", "self_consistency@2"}
+    doc = json.loads((workdir / "grpo" / "eval" / "eval.json").read_text())
+    assert [m["name"] for m in doc["models"]] == ["base", "trained"] and doc["prompts"] == 5
+    assert doc["models"][1]["adapter"].endswith("adapter")  # base + the trained LoRA adapter
+    # the training's metrics.jsonl has its steps only
+    assert [m["step"] for m in read_lines(workdir / "grpo" / "metrics.jsonl")] == [1, 2]

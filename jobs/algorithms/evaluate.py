@@ -55,6 +55,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         with ctx.ray():
             ctx.phase("evaluating")
             doc = evaluate(ctx, ev, models, prepared)
+            ctx.summary["roles"] = doc["roles"]
             ctx.phase("saving")
             ctx.saved(kind="evaluation", path=write_results(ctx, doc, prepared["samples"]))
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
@@ -113,11 +114,13 @@ def read_items(ctx: RunContext, ev: EvaluationSpec, sources: list[DataSource], *
 
 
 def evaluate(ctx: RunContext, ev: EvaluationSpec, models: list[EvalModel], prepared: dict[str, Any], *,
-             step: int = 0) -> dict[str, Any]:
-    """Every method on every model (Ray is up); returns eval.json's document and fills prepared["samples"]."""
+             log_steps: bool = True) -> dict[str, Any]:
+    """Every method on every model (Ray is up); returns eval.json's document and fills prepared["samples"].
+    `log_steps`: one metrics.jsonl line per (model, method) (an evaluate job; a training job's lines are its
+    steps')."""
     import ray
 
-    items, results = prepared["items"], []
+    items, results, step = prepared["items"], [], 0
     rewards = _start_rewards(ctx) if ev.needs_rewards() else None
     roles: dict[str, Any] = {}
     try:
@@ -139,6 +142,9 @@ def evaluate(ctx: RunContext, ev: EvaluationSpec, models: list[EvalModel], prepa
                                                     **sample})
                     step += 1
                     seconds = sum(r["seconds"] for r in rows)
+                    if not log_steps:
+                        ctx.event("evaluated", model=m.name, method=method, score=rows[-1]["score"])
+                        continue
                     ctx.log(step, {"model": m.name, "method": method, "score": rows[-1]["score"],
                                    "tokens": rows[-1]["tokens"], "extraction_failures": rows[-1]["extraction_failures"],
                                    "tokens_per_second": round(rows[-1]["tokens"] / seconds, 2) if seconds else None,
@@ -152,8 +158,7 @@ def evaluate(ctx: RunContext, ev: EvaluationSpec, models: list[EvalModel], prepa
     if rewards:
         roles["reward"] = {"actors": len(rewards), "rewards": [r.name or r.function or "reward"
                                                               for r in ctx.spec.rewards]}
-    ctx.summary["roles"] = roles
-    return {"job": ctx.job.metadata.name, "models": [m.model_dump(exclude_none=True) for m in models],
+    return {"roles": roles, "job": ctx.job.metadata.name, "models": [m.model_dump(exclude_none=True) for m in models],
             "methods": list(ev.methods), "samples": list(ev.samples), "prompts": len(items),
             "metric": ev.answer.metric, "extract": ev.answer.extract, "seed": ev.seed,
             "max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature, "engine": roles["rollout"]["engine"],
@@ -183,6 +188,38 @@ def headline(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
         key = r["method"] if r["method"] in ("direct", "cot") else f"{r['method']}@{r['n']}"
         out.setdefault(r["model"], {})[key] = r["score"]
     return out
+
+
+# ---- after training ----------------------------------------------------------------------------------
+
+def training_preflight(ctx: RunContext) -> dict[str, Any] | None:
+    """A training job's `spec.evaluation`, checked before the first write (the base model, the extractor, the
+    prompts of evaluation.data or data.eval); None when the job has none."""
+    ev, spec = ctx.spec.evaluation, ctx.spec
+    if ev is None:
+        return None
+    sources = [DataSource(source=ev.data)] if ev.data else [spec.data.eval]
+    return prepare(ctx, ev, [EvalModel(source=spec.model.source, name="base")], sources=sources,
+                   where="spec.evaluation.data" if ev.data else "spec.data.eval")
+
+
+def after_training(ctx: RunContext, prepared: dict[str, Any] | None) -> None:
+    """The same evaluation on the base model and the trained result (an adapter on the base, or the written
+    model), inside `ctx.ray()` once the training actors are gone: `<output>/eval/`, and the summary's
+    `evaluation` (per model) and `evaluation_before_after` (method -> [base, trained])."""
+    ev = ctx.spec.evaluation
+    if prepared is None or ev is None or not ctx.artifact.get("path"):
+        return
+    art, source = ctx.artifact, ctx.spec.model.source
+    trained = (EvalModel(source=source, adapter=art["path"], name="trained") if art.get("kind") == "adapter"
+               else EvalModel(source=art["path"], name="trained"))
+    prepared["tokenizers"].append(prepared["tokenizers"][0])  # the trained model keeps the base's tokenizer
+    ctx.phase("evaluating")
+    doc = evaluate(ctx, ev, [EvalModel(source=source, name="base"), trained], prepared, log_steps=False)
+    path = write_results(ctx, doc, prepared["samples"])
+    scores = headline(doc)
+    ctx.summary.update(evaluation=scores, evaluation_path=path, evaluation_before_after={
+        key: [value, scores["trained"].get(key)] for key, value in scores["base"].items()})
 
 
 # ---- the actors ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def preflight(ctx: RunContext, method: Method) -> None:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
+    from posttrain.jobs.algorithms.evaluate import after_training, training_preflight
     from posttrain.jobs.rewards.score import RewardError, build_rewards
     from posttrain.jobs.rl.loop import RLRun, checkpoint, run_steps
     from posttrain.jobs.rl.workers.scorer import reward_function
@@ -52,6 +53,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
             except RewardError as exc:
                 raise ValueError(f"spec.rewards[{i}].function: {exc}") from None
     steps = batching.total_steps(spec, len(prompts))
+    evaluation = training_preflight(ctx)  # spec.evaluation's models and prompts, before anything is written
 
     resume = ctx.begin(total_steps=steps, summary={
         "placement": spec.placement,
@@ -79,6 +81,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 ctx.saved(**publish(run_, ctx.folder.loc))
             finally:
                 run_.shutdown()
+            after_training(ctx, evaluation)  # once the RL actors are gone
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = unwrap(exc)
     return ctx.finish(error, **results(ctx))

@@ -16,6 +16,7 @@ from typing import Any
 
 from posttrain.api import runtime
 from posttrain.jobs import data as data_mod
+from posttrain.jobs.algorithms.evaluate import after_training, training_preflight
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
 
@@ -29,6 +30,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     tokenizer = ctx.tokenizer()
     train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
                                               max_len=spec.training.max_seq_length, base=ctx.base_dir)
+    evaluation = training_preflight(ctx)  # spec.evaluation's models and prompts, before anything is written
 
     def history(folder: storage.Location) -> list[dict[str, Any]]:  # HF's own log of the checkpoint's steps
         return ctx.ckpts.read_json(folder, "trainer_state.json").get("log_history", [])
@@ -55,6 +57,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     try:
         with ctx.ray():
             fit(spec, cfg, relay, poll_seconds=ctx.opts.poll_seconds)
+            after_training(ctx, evaluation)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = exc
     final = ctx.metrics_lines()

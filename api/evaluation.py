@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.api.base import ApiModel, check_template
+from posttrain.api.base import ApiModel, check_template, check_trains_nothing
 
 METHODS = ("direct", "cot", "self_consistency", "best_of_n", "refine")
 EXTRACTORS = ("last_number", "answer_tag", "regex", "full")
@@ -113,6 +113,9 @@ class EvaluationSpec(ApiModel):
         None, min_length=1, description="The prompts: a data set of {prompt, answer} records (the forms of "
         "data.train[].source). Default: spec.data.train (evaluate), spec.data.eval (a training job).")
     plots: bool = Field(True, description="Write the PNG plots (matplotlib).")
+    engine: Literal["auto", "vllm", "transformers"] | None = Field(
+        None, description="The engine the models run on (default: roles.rollout.engine, else auto: vLLM where "
+        "installed, else transformers).")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluationSpec:
@@ -156,17 +159,10 @@ def check_evaluate_job(spec: Any) -> None:
     if ev is None:
         raise ValueError("@evaluation: algorithm evaluate needs it, e.g. {methods: [direct, self_consistency], "
                          "samples: [1, 4, 16]}")
-    if spec.roles.learner is not None:
-        raise ValueError("@roles.learner: evaluate trains nothing; it runs on roles.rollout (and roles.reward)")
-    if spec.roles.trainer != type(spec.roles.trainer)():
-        raise ValueError("@roles.trainer: evaluate runs on roles.rollout (the models) and roles.reward (rewards)")
+    check_trains_nothing(spec, runs_on="roles.rollout and roles.reward (with rewards)",
+                         adapter_hint="give a trained adapter as evaluation.models[].adapter")
     if spec.rl is not None:
         raise ValueError("@rl: is for grpo and ppo; evaluate takes its settings from spec.evaluation")
-    if spec.adapter.type.value != "none":
-        raise ValueError("@adapter.type: evaluate trains no adapter; give a trained adapter as "
-                         "evaluation.models[].adapter")
-    if spec.placement != "disaggregated":
-        raise ValueError("@placement: evaluate has no learner to share devices with; remove placement")
     if ev.needs_rewards() and not spec.rewards:
         what = "best_of_n" if "best_of_n" in ev.methods else "answer.metric rewards"
         raise ValueError(f"@rewards: {what} scores with spec.rewards; add one, e.g. "

@@ -244,6 +244,16 @@ def execute(job: Any, args: argparse.Namespace, *, base_dir: Path) -> int:
     return runtime.EXIT_OK
 
 
+def run_options(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """The options of every command that runs a job (run, eval)."""
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help=f"override a spec field, e.g. --set {example} (repeatable)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    parser.add_argument("--json", action="store_true", help="also print summary.json")
+    parser.add_argument("--verbose", "-v", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training jobs, locally or on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a PostTrainingJob on an embedded Ray")
     r.add_argument("file")
     r.add_argument("--output", "-o", help="output folder (default: spec.output.uri, else posttrain-output/<name>)")
-    r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a spec field, e.g. --set training.maxSteps=5 (repeatable)")
-    r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
-    r.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
-    r.add_argument("--json", action="store_true", help="also print summary.json")
-    r.add_argument("--verbose", "-v", action="store_true")
+    run_options(r, example="training.maxSteps=5")
     r.set_defaults(func=cmd_run)
     e = sub.add_parser("eval", help="evaluate models side by side with test-time scaling methods (algorithm evaluate)")
     e.add_argument("--model", action="append", required=True, metavar="[NAME=]SRC[::ADAPTER]",
@@ -279,12 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--engine", choices=["auto", "vllm", "transformers"])
     e.add_argument("--name", default="eval", help="the job's name (default eval)")
     e.add_argument("--output", "-o", help="output folder (default posttrain-output/<name>)")
-    e.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a spec field, e.g. --set evaluation.refineRounds=3 (repeatable)")
-    e.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
-    e.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
-    e.add_argument("--json", action="store_true", help="also print summary.json")
-    e.add_argument("--verbose", "-v", action="store_true")
+    run_options(e, example="evaluation.refineRounds=3")
     e.set_defaults(func=cmd_eval)
     return parser
 

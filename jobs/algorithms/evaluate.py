@@ -231,7 +231,7 @@ def _start_rollouts(ctx: RunContext, model: EvalModel) -> tuple[list[Any], dict[
 
     spec = ctx.spec
     actors, sized = role_actors(ctx, RolloutWorker, "rollout", per_gpu=True)
-    engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
+    engine = spec.evaluation.engine or (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
     wire = {**spec.model.wire(), "source": model.source, "tokenizer": None}
     wire = {k: v for k, v in wire.items() if v is not None}
     setups = ray.get([a.setup.remote(wire, engine=engine, seed=ctx.spec.evaluation.seed + i, threads=sized.threads,

@@ -154,3 +154,17 @@ def test_grpo_with_evaluation_reports_base_and_trained(workdir, ray_local, monke
     assert doc["models"][1]["adapter"].endswith("adapter")  # base + the trained LoRA adapter
     # the training's metrics.jsonl has its steps only
     assert [m["step"] for m in read_lines(workdir / "grpo" / "metrics.jsonl")] == [1, 2]
+
+
+def test_evaluation_scores_reach_progress_metrics_and_the_status():
+    from posttrain.jobs.run.progress import Metrics, RunState
+    from posttrain.operator.observe import sanitize_progress
+
+    state = RunState(job="ev", algorithm="evaluate", step=3, total_steps=10, score=0.625)
+    state.eval_scores[("base", "self_consistency")] = 0.625
+    body = state.progress()
+    assert body["score"] == 0.625 and sanitize_progress(body)["score"] == 0.625
+    text = Metrics(state).exposition().decode()
+    assert ('posttrain_eval_score{algorithm="evaluate",job="ev",method="self_consistency",model="base"} 0.625'
+            in text)
+    assert "score" not in RunState(job="t", algorithm="sft").progress()  # training jobs' /progress is unchanged

@@ -142,6 +142,7 @@ def evaluate(ctx: RunContext, ev: EvaluationSpec, models: list[EvalModel], prepa
                                                     **sample})
                     step += 1
                     seconds = sum(r["seconds"] for r in rows)
+                    ctx.state.eval_scores[(m.name or "model", method)] = rows[-1]["score"]  # /metrics
                     if not log_steps:
                         ctx.event("evaluated", model=m.name, method=method, score=rows[-1]["score"])
                         continue

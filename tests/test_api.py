@@ -53,7 +53,7 @@ def test_example_is_valid_and_runnable(path: Path):
     text = path.read_text()
     assert text.startswith("#"), "every example starts with a header comment"
     job = load_job(path)  # require_available=True: examples must be runnable in this version
-    assert job.spec.algorithm.value in ("sft", "grpo", "ppo", "generate")
+    assert job.spec.algorithm.value in ("sft", "grpo", "ppo", "generate", "evaluate")
     assert job.metadata.name == yaml.safe_load(text)["metadata"]["name"]
     # Round trip: what the model writes back reads as the same job.
     again = PostTrainingJob.model_validate({**yaml.safe_load(text), "spec": job.spec.wire()})
@@ -389,7 +389,7 @@ def test_cli_validate_good_files(capsys):
     assert cli_main(["validate", *map(str, EXAMPLES)]) == 0
     out = capsys.readouterr().out
     for path in EXAMPLES:
-        assert re.search(rf"{re.escape(str(path))}: ok \((sft|grpo|ppo|generate), ", out)
+        assert re.search(rf"{re.escape(str(path))}: ok \((sft|grpo|ppo|generate|evaluate), ", out)
 
 
 def test_cli_validate_lists_every_error(bad_file, capsys):
@@ -422,7 +422,7 @@ def test_cli_validate_subprocess(bad_file):
     good = subprocess.run([str(POSTTRAIN), "validate", *map(str, EXAMPLES)], capture_output=True, text=True,
                           cwd=REPO, timeout=60)
     assert good.returncode == 0, good.stderr
-    assert len(re.findall(r": ok \((?:sft|grpo|ppo|generate), ", good.stdout)) == len(EXAMPLES)
+    assert len(re.findall(r": ok \((?:sft|grpo|ppo|generate|evaluate), ", good.stdout)) == len(EXAMPLES)
     bad = subprocess.run([str(POSTTRAIN), "validate", str(bad_file)], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
     for path in BAD_FILE_PATHS:

@@ -13,8 +13,9 @@ Methods (`methods`; every model answers the same prompts with the same seeds):
   One sample set gives the whole scaling curve.
 - `best_of_n`: the same sample set, and for each N the first N samples' best by `spec.rewards`
   (the rewards GRPO uses: functions, reward models, verifiers, judges).
-- `refine`: the direct answer, then `refineRounds` rounds of critique (`critiqueTemplate`) and
-  revision (`reviseTemplate`) by the model itself, each round scored.
+- `refine`: the direct answer, then `refineRounds` rounds of critique (`critiqueTemplate`, or with
+  `refineFeedback: rewards` the verifier's score of the answer) and revision (`reviseTemplate`) by the
+  model itself, each round scored.
 
     >>> EvaluationSpec.model_validate({"methods": ["direct", "self_consistency"], "samples": [1, 4]}).samples
     [1, 4]
@@ -98,6 +99,9 @@ class EvaluationSpec(ApiModel):
     sample_with: Literal["direct", "cot"] = Field(
         "cot", description="The prompt self_consistency and best_of_n sample from: as it is, or the cot template.")
     refine_rounds: int = Field(2, ge=1, le=8, description="refine: critique-and-revise rounds after the first answer.")
+    refine_feedback: Literal["self", "rewards"] = Field(
+        "self", description="refine: the critique is the model's own reply to critiqueTemplate (self), or the "
+        "verifier's verdict: the weighted spec.rewards of the answer, as text (rewards).")
     cot_template: str = Field(DEFAULT_COT, description="cot: the prompt; {prompt} is the record's question.")
     critique_template: str = Field(DEFAULT_CRITIQUE, description="refine: asks for feedback; {prompt}, {answer}.")
     revise_template: str = Field(DEFAULT_REVISE,
@@ -142,8 +146,10 @@ class EvaluationSpec(ApiModel):
         return self
 
     def needs_rewards(self) -> bool:
-        """best_of_n picks by spec.rewards, and metric rewards scores by them: the job then has reward actors."""
-        return "best_of_n" in self.methods or self.answer.metric == "rewards"
+        """best_of_n picks by spec.rewards, metric rewards scores by them, refine with rewards feedback reads
+        them: the job then has reward actors."""
+        return ("best_of_n" in self.methods or self.answer.metric == "rewards"
+                or ("refine" in self.methods and self.refine_feedback == "rewards"))
 
     def model_list(self, spec: Any) -> list[EvalModel]:
         """The models of an evaluate job: `models`, else spec.model alone."""
@@ -164,13 +170,16 @@ def check_evaluate_job(spec: Any) -> None:
     if spec.rl is not None:
         raise ValueError("@rl: is for grpo and ppo; evaluate takes its settings from spec.evaluation")
     if ev.needs_rewards() and not spec.rewards:
-        what = "best_of_n" if "best_of_n" in ev.methods else "answer.metric rewards"
+        what = ("best_of_n" if "best_of_n" in ev.methods else "answer.metric rewards"
+                if ev.answer.metric == "rewards" else "refineFeedback rewards")
         raise ValueError(f"@rewards: {what} scores with spec.rewards; add one, e.g. "
                          "[{function: posttrain.jobs.rewards.builtin:exact_answer}]")
     if spec.rewards and not ev.needs_rewards():
-        raise ValueError("@rewards: evaluate uses rewards only for best_of_n or answer.metric rewards; remove them")
+        raise ValueError("@rewards: evaluate uses rewards only for best_of_n, answer.metric rewards or "
+                         "refineFeedback rewards; remove them")
     if spec.roles.reward is not None and not ev.needs_rewards():
-        raise ValueError("@roles.reward: no reward actors without best_of_n or answer.metric rewards")
+        raise ValueError("@roles.reward: no reward actors without best_of_n, answer.metric rewards or "
+                         "refineFeedback rewards")
 
 
 def check_training_evaluation(spec: Any) -> None:

@@ -172,6 +172,22 @@ def test_refine_runs_rounds_of_critique_and_revision():
     assert [r["answer"] for r in rounds] == ["6", "7", "9"] and rounds[1]["critique"] == "the sum is wrong"
 
 
+def test_refine_with_verifier_feedback_revises_on_the_rewards_score():
+    def script(text, k):
+        if text.startswith("REV"):
+            return "then 7" if "scored this answer 0.00" in text else "keep 5"
+        return "answer 6" if text == "q1" else "answer 5"
+
+    model = Scripted(script)
+    reward = lambda items, texts: [float(answers.last_number(t) == str(it.reference)) for it, t in zip(items, texts)]  # noqa: E731
+    task = task_for(model, methods=["refine"], refineRounds=1, refineFeedback="rewards",
+                    reviseTemplate="REV {prompt} {answer} {critique}", reward=reward)
+    res = run_method("refine", task, ITEMS[:1] + ITEMS[2:])
+    assert [r["scores"] for r in res.rows] == [[0.0, 1.0], [1.0, 1.0]]
+    assert [r["generations"] for r in res.rows] == [1, 2] and len(model.calls) == 2  # no critique generated
+    assert res.samples[0]["rounds"][1]["critique"].startswith("A verifier scored this answer 0.00")
+
+
 # ---- the spec's bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec, message", [

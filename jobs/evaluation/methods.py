@@ -16,8 +16,9 @@ item's reference, or the rewards); `reward(items, texts)` ranks best_of_n's samp
   first). The row's score is the voted answer's (a prompt with no answer at all scores 0);
 - best_of_n: the same sample set (shared when both methods run); for each N the first N samples' best by
   `reward` (ties: the earlier sample);
-- refine: round 0 is the direct answer; each round asks for a critique of the current answer and then
-  a revision given that critique, both greedy; every round is a row (n = the round).
+- refine: round 0 is the direct answer; each round asks for a critique of the current answer (or, with
+  `refineFeedback: rewards`, gives the verifier's score as the critique) and then a revision given that
+  critique, both greedy; every round is a row (n = the round).
 
 Token counts are the completions' tokens; seconds are generation time, split between a sample set's N
 in proportion to the tokens each N uses.
@@ -35,6 +36,7 @@ from .answers import vote_key
 from .stats import majority_vote
 
 Prompt = Any  # a string, or a list of chat messages {role, content}
+VERIFIER_FEEDBACK = "A verifier scored this answer {score:.2f} (1 is correct, 0 is wrong)."
 
 
 @dataclass
@@ -215,16 +217,23 @@ def refine(task: Task, items: list[Item]) -> MethodResult:
         answers = [task.extract(t) for t in texts]
         scores = task.score(items, texts, answers)
         missing = sum(a is None for a in answers)
-        rows.append(_row("refine", r, 1 + 2 * r, scores, tokens=tokens, seconds=seconds, failures=missing,
+        rows.append(_row("refine", r, 1 + per_round * r, scores, tokens=tokens, seconds=seconds, failures=missing,
                          unanswered=missing))
         for h, t, a, sc, c in zip(history, texts, answers, scores, critiques):
             h.append({"round": r, "critique": c, "text": t, "answer": a, "score": sc})
 
+    per_round = 1 if spec.refine_feedback == "rewards" else 2  # completions a round adds per prompt
     score_round(0, current, [None] * len(items))
     for r in range(1, spec.refine_rounds + 1):
-        asks = [fill(it.prompt, spec.critique_template, answer=cur) for it, cur in zip(items, current)]
-        crit, dt1 = _timed(task, asks, n=1, greedy=True)
-        critiques = [o[0].text for o in crit]
+        if spec.refine_feedback == "rewards":  # the verifier's verdict instead of the model's own critique
+            if task.reward is None:
+                raise ValueError("refine with refineFeedback rewards needs spec.rewards")
+            crit, dt1 = [], 0.0
+            critiques = [VERIFIER_FEEDBACK.format(score=r) for r in task.reward(items, current)]
+        else:
+            asks = [fill(it.prompt, spec.critique_template, answer=cur) for it, cur in zip(items, current)]
+            crit, dt1 = _timed(task, asks, n=1, greedy=True)
+            critiques = [o[0].text for o in crit]
         asks = [fill(it.prompt, spec.revise_template, answer=cur, critique=c)
                 for it, cur, c in zip(items, current, critiques)]
         rev, dt2 = _timed(task, asks, n=1, greedy=True)

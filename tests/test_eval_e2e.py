@@ -168,3 +168,20 @@ def test_evaluation_scores_reach_progress_metrics_and_the_status():
     assert ('posttrain_eval_score{algorithm="evaluate",job="ev",method="self_consistency",model="base"} 0.625'
             in text)
     assert "score" not in RunState(job="t", algorithm="sft").progress()  # training jobs' /progress is unchanged
+
+
+def test_posttrain_eval_builds_the_evaluate_job():
+    from posttrain.api.load import parse_job
+
+    args = cli.build_parser().parse_args([
+        "eval", "--model", "hf://org/base@v1", "--model", "tuned=/m/base::/runs/a/adapter", "--data", "t.jsonl",
+        "--method", "cot", "--method", "best_of_n", "--samples", "1,4", "--reward", "my.mod:check",
+        "--temperature", "0.5", "--engine", "vllm"])
+    job = parse_job(cli.eval_document(args), require_available=True)
+    ev = job.spec.evaluation
+    assert job.spec.algorithm.value == "evaluate" and job.spec.data.train[0].source == "t.jsonl"
+    assert [(m.name, m.source, m.adapter) for m in ev.models] == [
+        ("model-0", "hf://org/base@v1", None), ("tuned", "/m/base", "/runs/a/adapter")]
+    assert ev.methods == ["cot", "best_of_n"] and ev.samples == [1, 4] and ev.temperature == 0.5
+    assert [r.function for r in job.spec.rewards] == ["my.mod:check"] and job.spec.roles.rollout.engine == "vllm"
+    assert job.spec.ray_roles() == ("rollout", "reward")

@@ -1,7 +1,7 @@
 """Evaluation throughput: our vLLM engine (what `algorithm: evaluate` samples with) against a plain
 transformers `generate` loop (what an evaluation script without posttrain writes), same prompts.
 
-The prompts are the repo's task set (`examples/eval/make_data.py`: the counting and arithmetic questions,
+The prompts are the repo's task set (`examples/eval/make_tasks.py`: the counting and arithmetic questions,
 through the chat template). Two workloads, as an evaluation runs them: `greedy` (one answer per prompt:
 direct, cot, refine) and `sampled` (`--n` answers per prompt at temperature 0.7: self_consistency and
 best_of_n). The plain loop is `model.generate` over left-padded batches of `--batch-size` prompts with
@@ -38,11 +38,11 @@ WORKLOADS = {"greedy": {"n": 1, "temperature": 0.0}, "sampled": {"n": 8, "temper
 
 def task_prompts(folder: str, count: int) -> list[list[int]]:
     """The task set's first `count` prompts (counting, then arithmetic), as chat-templated token ids."""
-    import make_data
+    import make_tasks
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    counting, arith = make_data.build(n=max(1, count // 2 + count % 2))
+    counting, arith = make_tasks.build(n=max(1, count // 2 + count % 2))
     records = (counting + arith)[:count]
     if not getattr(tok, "chat_template", None):
         return [tok(r["prompt"][-1]["content"], add_special_tokens=False)["input_ids"] for r in records]

@@ -1,4 +1,4 @@
-"""The evaluation task set (examples/eval/make_data.py): offline, seeded, answers that check out.
+"""The evaluation task set (examples/eval/make_tasks.py): offline, seeded, answers that check out.
 
     .venv/bin/python -m pytest tests/test_eval_data.py -q
 """
@@ -22,7 +22,7 @@ def _load(name: str, path: Path):
     return module
 
 
-tasks = _load("eval_make_data", REPO / "examples" / "eval" / "make_data.py")
+tasks = _load("make_tasks", REPO / "examples" / "eval" / "make_tasks.py")
 grpo_data = sys.modules["make_data"]  # the GRPO demo's maker, which the eval maker imports
 
 

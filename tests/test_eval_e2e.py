@@ -185,3 +185,16 @@ def test_posttrain_eval_builds_the_evaluate_job():
     assert ev.methods == ["cot", "best_of_n"] and ev.samples == [1, 4] and ev.temperature == 0.5
     assert [r.function for r in job.spec.rewards] == ["my.mod:check"] and job.spec.roles.rollout.engine == "vllm"
     assert job.spec.ray_roles() == ("rollout", "reward")
+
+
+def test_a_cluster_must_reach_every_evaluated_model_and_adapter():
+    from posttrain.api.cluster import cluster_errors
+    from posttrain.api.load import parse_job
+    from support import jobs
+
+    doc = jobs.cluster_document("ev", training={}, evaluation={
+        "models": [{"source": "hf://org/m"}, {"source": "hf://org/m", "adapter": "runs/adapter"}],
+        "data": "held.jsonl"})
+    doc["spec"]["algorithm"] = "evaluate"
+    paths = [e.path for e in cluster_errors(parse_job(doc))]
+    assert "spec.evaluation.models[1].adapter" in paths and "spec.evaluation.data" in paths

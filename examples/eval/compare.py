@@ -39,14 +39,15 @@ METHODS = ("direct", "cot", "self_consistency", "refine")
 SAMPLES = "1,2,4,8,16"
 
 
-def evaluate(data: Path, model_file: Path, *, max_new_tokens: int) -> Path:
+def evaluate(data: Path, model_file: Path, *, max_new_tokens: int, samples: str, rounds: int) -> Path:
     """`posttrain eval` on the task set; returns its results folder."""
     from posttrain.jobs import cli
 
     run = OUT / "run"
     argv = ["eval", "--name", "eval-smollm2", "--model", f"base={model_file}",
             "--model", f"grpo={model_file}::{ADAPTER}", "--data", str(data),
-            *(x for m in METHODS for x in ("--method", m)), "--samples", SAMPLES,
+            *(x for m in METHODS for x in ("--method", m)), "--samples", samples,
+            "--set", f"evaluation.refineRounds={rounds}",
             "--max-new-tokens", str(max_new_tokens), "--temperature", "0.7", "--set", "evaluation.sampleWith=direct",
             "--output", str(run), "--overwrite"]
     if importlib.util.find_spec("vllm") is None:
@@ -84,13 +85,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="prompts per task")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--samples", default=SAMPLES, help="self_consistency's N values")
+    parser.add_argument("--rounds", type=int, default=2, help="refine's rounds")
     parser.add_argument("--publish", action="store_true", help="copy the report and plots to examples/eval/results/")
     args = parser.parse_args()
     if not (ADAPTER / "adapter_config.json").is_file():
         raise SystemExit(f"{ADAPTER} is missing: run `make demo` first (it trains the adapter)")
     files = make_tasks.write(OUT / "data", n=args.n)
     tasks = [json.loads(line)["task"] for line in files["tasks"].read_text().splitlines()]
-    folder = evaluate(files["tasks"], demo.gguf_path(), max_new_tokens=args.max_new_tokens)
+    folder = evaluate(files["tasks"], demo.gguf_path(), max_new_tokens=args.max_new_tokens, samples=args.samples,
+                      rounds=args.rounds)
     breakdown = per_task(folder, tasks)
     (folder / "per_task.md").write_text(breakdown)
     print((folder / "report.md").read_text())

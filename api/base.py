@@ -42,3 +42,17 @@ def check_template(template: str, *, required: set[str], allowed: set[str], fiel
         raise ValueError(f"@{field}: unknown placeholders {unknown}; only "
                          + ", ".join(f"{{{a}}}" for a in sorted(allowed))
                          + " are filled in (write literal braces as {{ and }})")
+
+
+def check_trains_nothing(spec: Any, *, runs_on: str, adapter_hint: str) -> None:
+    """The rules of a job that samples and trains nothing (generate, evaluate): no learner or trainer, no
+    adapter to train, no learner to share devices with; raises ValueError("@<field>: ...")."""
+    name = spec.algorithm.value
+    if spec.roles.learner is not None:
+        raise ValueError(f"@roles.learner: {name} trains nothing; it runs on {runs_on}")
+    if spec.roles.trainer != type(spec.roles.trainer)():
+        raise ValueError(f"@roles.trainer: {name} runs on {runs_on}")
+    if spec.adapter.type.value != "none":
+        raise ValueError(f"@adapter.type: {name} trains no adapter; {adapter_hint}")
+    if spec.placement != "disaggregated":
+        raise ValueError(f"@placement: {name} has no learner to share devices with; remove placement")

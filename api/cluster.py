@@ -38,6 +38,14 @@ def _inputs(spec: PostTrainingJobSpec) -> list[tuple[str, str]]:
     out += [(f"spec.rewards[{i}].judge.model", r.judge.model) for i, r in enumerate(spec.rewards) if r.judge]
     if spec.generate is not None and spec.generate.judge is not None:
         out.append(("spec.generate.judge.model", spec.generate.judge.model))
+    if spec.evaluation is not None:
+        ev = spec.evaluation
+        for i, m in enumerate(ev.models):
+            out.append((f"spec.evaluation.models[{i}].source", m.source))
+            if m.adapter:
+                out.append((f"spec.evaluation.models[{i}].adapter", m.adapter))
+        if ev.data:
+            out.append(("spec.evaluation.data", ev.data))
     # A reward file on a claim, e.g. /mnt/pvc/datasets/reward.py:fn, needs that claim mounted.
     for i, reward in enumerate(spec.rewards):
         module = (reward.function or "").rpartition(":")[0]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.api.base import ApiModel
+from posttrain.api.base import ApiModel, check_trains_nothing
 from posttrain.api.judge import JudgeSpec
 
 # task -> the fields it needs (a later task adds a line here and a function in the runtime's table)
@@ -65,15 +65,8 @@ def check_generate_job(spec: Any) -> None:
     if spec.generate is None:
         raise ValueError("@generate: algorithm generate needs it, e.g. {task: preference_pairs, candidates: 4, "
                          "judge: {model: hf://HuggingFaceTB/SmolLM2-135M-Instruct, mode: pairwise}}")
-    if spec.roles.learner is not None:
-        raise ValueError("@roles.learner: generate trains nothing; it runs on roles.rollout and roles.reward")
-    if spec.roles.trainer != type(spec.roles.trainer)():
-        raise ValueError("@roles.trainer: generate runs on roles.rollout (the policy) and roles.reward (the judge)")
+    check_trains_nothing(spec, runs_on="roles.rollout and roles.reward",
+                         adapter_hint="it samples from spec.model as it is; remove the adapter")
     for name in ("rl", "rewards"):
         if getattr(spec, name):
             raise ValueError(f"@{name}: is for grpo and ppo; generate takes its settings from spec.generate")
-    if spec.adapter.type.value != "none":
-        raise ValueError("@adapter.type: generate samples from spec.model as it is and trains no adapter; "
-                         "remove the adapter")
-    if spec.placement != "disaggregated":
-        raise ValueError("@placement: generate has no learner to share devices with; remove placement")

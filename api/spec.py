@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.api import refs
 from posttrain.api.base import ApiModel, check_template
 from posttrain.api.env import EnvFromSource, EnvVar
+from posttrain.api.evaluation import EvaluationSpec, check_evaluate_job, check_training_evaluation
 from posttrain.api.generate import GenerateSpec, check_generate_job
 from posttrain.api.preference import PreferenceSpec, check_preference
 from posttrain.api.rl import RewardSpec, RLSpec
@@ -34,10 +35,11 @@ SHORT_NAME = "ptj"
 
 RL_ROLES = ("rollout", "learner", "reward")
 GENERATE_ROLES = ("rollout", "reward")  # the policy samples on rollout, the judge runs on reward
+EVALUATE_ROLES = ("rollout", "reward")  # the models on rollout; reward only for best_of_n / metric rewards
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "ppo", "generate"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "ppo", "generate", "evaluate"})
 
 
 class Algorithm(str, Enum):
@@ -49,6 +51,7 @@ class Algorithm(str, Enum):
     reward = "reward"
     distill = "distill"
     generate = "generate"
+    evaluate = "evaluate"
     grpo = "grpo"
     ppo = "ppo"
 
@@ -56,14 +59,20 @@ class Algorithm(str, Enum):
         return self in (Algorithm.grpo, Algorithm.ppo)
 
     def roles(self) -> tuple[str, ...]:
-        """The Ray roles it runs: grpo/ppo the RL roles, generate rollout and reward, the rest the trainer."""
+        """The Ray roles it runs: grpo/ppo the RL roles, generate and evaluate rollout and reward (evaluate's
+        reward only when its spec uses rewards: see `PostTrainingJobSpec.ray_roles`), the rest the trainer."""
         if self.is_rl():
             return RL_ROLES
+        if self is Algorithm.evaluate:
+            return EVALUATE_ROLES
         return GENERATE_ROLES if self is Algorithm.generate else ("trainer",)
 
     def is_preference(self) -> bool:
         """Learns from preference data ({prompt, chosen, rejected}, or labelled completions for kto)."""
         return self in (Algorithm.dpo, Algorithm.kto, Algorithm.orpo, Algorithm.simpo, Algorithm.reward)
+
+    def trains(self) -> bool:
+        return self not in (Algorithm.generate, Algorithm.evaluate)
 
 
 class AdapterType(str, Enum):
@@ -313,13 +322,13 @@ MUTABLE_FIELDS = frozenset({"suspend", "maxRestarts", "preRunningDeadlineSeconds
 class PostTrainingJobSpec(ApiModel):
     algorithm: Algorithm = Field(
         description="Post-training algorithm: sft, dpo, kto, orpo, simpo, reward (reward-model training), distill, "
-        "grpo, ppo, or generate (writes a data set).")
+        "grpo, ppo, generate (writes a data set) or evaluate (compares models and test-time scaling methods).")
     model: ModelSpec = Field(description="The base model.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="Full fine-tuning or a PEFT adapter.")
     data: DataSpec = Field(description="Training and evaluation data.")
     training: TrainingSpec = Field(
         default_factory=TrainingSpec,
-        description="Optimization settings (generate uses only seed and maxSeqLength).")
+        description="Optimization settings (generate and evaluate use only seed and maxSeqLength).")
     roles: RolesSpec = Field(default_factory=RolesSpec, description="Where each Ray role runs and how many replicas.")
     placement: Literal["disaggregated", "colocated"] = Field(
         "disaggregated",
@@ -333,6 +342,9 @@ class PostTrainingJobSpec(ApiModel):
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
     generate: GenerateSpec | None = Field(None, description="What an algorithm: generate job writes (required there).")
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Evaluation and test-time scaling: what algorithm evaluate runs (required there), or, on a "
+        "training job, the evaluation of the base and the trained model at the end.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
     tracking: TrackingSpec = Field(
@@ -394,15 +406,23 @@ class PostTrainingJobSpec(ApiModel):
                                        **({"data.eval": self.data.eval.format} if self.data.eval else {})})
         if problem:
             raise ValueError(problem)
-        if self.algorithm is not Algorithm.generate:
+        if self.algorithm.trains():
             if self.training.max_steps is None and self.training.epochs is None:
                 raise ValueError("@training.maxSteps: set maxSteps or epochs (for example maxSteps: 100)")
-            if self.generate is not None:
-                raise ValueError(f"@generate: is for algorithm generate, not {self.algorithm.value}")
+            if self.evaluation is not None:
+                check_training_evaluation(self)
+        if self.algorithm is not Algorithm.generate and self.generate is not None:
+            raise ValueError(f"@generate: is for algorithm generate, not {self.algorithm.value}")
         if self.algorithm is Algorithm.generate:
             check_generate_job(self)
+            if self.evaluation is not None:
+                raise ValueError("@evaluation: is for algorithm evaluate and training jobs, not generate")
+        elif self.algorithm is Algorithm.evaluate:
+            check_evaluate_job(self)
         elif not self.algorithm.is_rl():
             for role in RL_ROLES:
+                if role == "rollout" and self.evaluation is not None:
+                    continue  # the evaluation at the end samples on rollout actors
                 if getattr(self.roles, role) is not None:
                     raise ValueError(f"@roles.{role}: is for grpo and ppo; {self.algorithm.value} runs on roles.trainer")
             if self.rl is not None:
@@ -444,6 +464,15 @@ class PostTrainingJobSpec(ApiModel):
                 "workers are roles.trainer.replicas x max(1, gpus))"
             )
         return self
+
+    def ray_roles(self) -> tuple[str, ...]:
+        """The roles this job's Ray cluster has: evaluate's reward role only when it uses spec.rewards."""
+        roles = self.algorithm.roles()
+        if self.algorithm is Algorithm.evaluate and not (self.evaluation and self.evaluation.needs_rewards()):
+            roles = tuple(r for r in roles if r != "reward")
+        if self.evaluation is not None and "trainer" in roles:
+            roles += ("rollout",)  # a supervised job's evaluation at the end
+        return roles
 
     def trainer_workers(self) -> int:
         """Training processes: one per GPU of every trainer replica (one per replica on CPU)."""

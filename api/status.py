@@ -39,6 +39,7 @@ class Progress(ApiModel):
     total_steps: int | None = Field(None, description="Steps the job will run.")
     loss: float | None = Field(None, description="Latest training loss.")
     reward: float | None = Field(None, description="Latest mean reward (RL algorithms).")
+    score: float | None = Field(None, description="Latest evaluation score (evaluate: the last model and method).")
     tokens_per_second: float | None = Field(None, description="Training throughput.")
     rewards_accuracy: float | None = Field(
         None, description="dpo, kto, reward: fraction of the latest step's pairs whose chosen completion out-scores "

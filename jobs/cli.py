@@ -5,6 +5,7 @@
 
 Several jobs (files, or documents of one file) run in the order their `ptj://<job>` references
 need (see `posttrain.jobs.pipeline`).
+    posttrain eval --model SRC [--model NAME=SRC::ADAPTER]... --data FILE [--method NAME]... [--samples 1,4,16]
 
 `validate` needs only the API package; `run` imports the training stack
 lazily, so `validate` works in the operator image too.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from posttrain.api import runtime
 from posttrain.api.cluster import cluster_errors
 from posttrain.api import refs
 from posttrain.api.load import InvalidJob, SpecError, parse_job, read_documents
+
+
+NAMED = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")  # `posttrain eval --model base=path/to/model`
 
 
 def _print_errors(exc: InvalidJob) -> None:
@@ -106,6 +111,9 @@ class Display:
                 reward = f" reward {state.reward:.3f}" if state.reward is not None else ""
                 print(f"[{self.name}] step {state.step}/{total}{reward} loss {state.loss:.4f}{tps}",
                       file=sys.stderr, flush=True)
+        elif kind == "evaluated" or (kind == "log" and "method" in event):
+            where = f"step {event['step']}/{state.total_steps} " if kind == "log" else ""
+            self._say(f"{where}{event['model']}: {event['method']} score {event['score']:.3f}")
         elif kind == "saved":
             self._say(f"wrote {event['kind']} to {event['path']}")
 
@@ -144,6 +152,9 @@ def summary_table(summary: dict[str, Any]) -> str:
                                         ("actors", "engine", "judge", "mode", "verdict")))
               for name, info in (summary.get("roles") or {}).items()),
         ]
+    elif summary.get("algorithm") == "evaluate":
+        rows += [(f"{model}: {key}", f"{score:.3f}") for model, scores in (summary.get("evaluation") or {}).items()
+                 for key, score in scores.items()]
     elif "roles" in summary:  # grpo / ppo
         roles = summary.get("roles") or {}
         rows += [
@@ -165,6 +176,8 @@ def summary_table(summary: dict[str, Any]) -> str:
               if f"eval_{key}_before" in summary),  # dpo, kto, orpo, simpo, reward
             ("tokens/s", fmt(summary.get("tokens_per_second"))),
         ]
+    rows += [(f"eval {key}: base -> trained", f"{fmt(before)} -> {fmt(after)}")
+             for key, (before, after) in (summary.get("evaluation_before_after") or {}).items()]
     rows += [
         ("wall seconds", fmt(summary.get("wall_seconds"))),
         ("written", f"{artifact.get('kind')}: {artifact.get('path')}" if artifact else "-"),
@@ -182,7 +195,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     except InvalidJob as exc:
         _print_errors(exc)
         return runtime.EXIT_BAD_INPUT
-    from posttrain.jobs import driver
+    return execute(entries, args)
+
+
+def eval_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The `algorithm: evaluate` job `posttrain eval` runs: records {prompt, answer} from --data, every
+    --model (`SRC`, `SRC::ADAPTER_FOLDER`, optionally `NAME=` in front) compared side by side."""
+    models = []
+    for i, text in enumerate(args.model):
+        named = NAMED.match(text)
+        name, rest = (named[1], named[2]) if named else (None, text)
+        source, _, adapter = rest.partition("::")
+        models.append({"source": source, **({"adapter": adapter} if adapter else {}),
+                       "name": name or f"model-{i}"})
+    evaluation: dict[str, Any] = {"models": models, "methods": args.method or ["direct"],
+                                  "maxNewTokens": args.max_new_tokens, "seed": args.seed,
+                                  "answer": {"extract": args.extract}}
+    if args.samples:
+        try:
+            evaluation["samples"] = [int(n) for n in args.samples.split(",")]
+        except ValueError:
+            evaluation["samples"] = args.samples  # the API names the field and what it expects
+    for key, value in (("temperature", args.temperature), ("maxPrompts", args.max_prompts)):
+        if value is not None:
+            evaluation[key] = value
+    spec: dict[str, Any] = {
+        "algorithm": "evaluate", "model": {"source": models[0]["source"] if models else ""},
+        "data": {"train": [{"source": args.data}]}, "evaluation": evaluation,
+    }
+    if args.reward:
+        spec["rewards"] = [{"function": f} for f in args.reward]
+    if args.engine:
+        spec["roles"] = {"rollout": {"engine": args.engine}}
+    return {"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "metadata": {"name": args.name},
+            "spec": spec}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.api.load import apply_overrides
+
+    try:
+        job = parse_job(apply_overrides(eval_document(args), args.set), source="posttrain eval",
+                        require_available=True)
+    except InvalidJob as exc:
+        _print_errors(exc)
+        return runtime.EXIT_BAD_INPUT
+    if args.output is None:
+        args.output = f"posttrain-output/{args.name}"
+    from posttrain.jobs import pipeline
+
+    return execute([pipeline.Entry(job, "posttrain eval", Path.cwd())], args)
+
+
+def execute(entries: list[Any], args: argparse.Namespace) -> int:
+    """Run the jobs on an embedded Ray with the progress display, in dependency order; the exit code (0, 1
+    failed, 2 bad input)."""
+    from posttrain.jobs import driver, pipeline
 
     driver.setup_logging(args.verbose)
     return pipeline.run_all(entries, output=args.output, run_one=lambda job, **kw: _run_one(job, args, **kw),
@@ -226,6 +294,16 @@ def _run_one(job: Any, args: argparse.Namespace, *, output: str | None, base_dir
     return runtime.EXIT_OK
 
 
+def run_options(parser: argparse.ArgumentParser, *, example: str) -> None:
+    """The options of every command that runs a job (run, eval)."""
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help=f"override a spec field, e.g. --set {example} (repeatable)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
+    parser.add_argument("--json", action="store_true", help="also print summary.json")
+    parser.add_argument("--verbose", "-v", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training jobs, locally or on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,13 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("files", nargs="+", metavar="file")
     r.add_argument("--output", "-o", help="output folder (default: spec.output.uri, else posttrain-output/<name>); "
                                           "with several jobs each writes to <output>/<job-name>")
-    r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a spec field of every job, e.g. --set training.maxSteps=5 (repeatable)")
-    r.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
-    r.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
-    r.add_argument("--json", action="store_true", help="also print summary.json")
-    r.add_argument("--verbose", "-v", action="store_true")
+    run_options(r, example="training.maxSteps=5")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("eval", help="evaluate models side by side with test-time scaling methods (algorithm evaluate)")
+    e.add_argument("--model", action="append", required=True, metavar="[NAME=]SRC[::ADAPTER]",
+                   help="a model (same forms as spec.model.source), optionally with a PEFT adapter folder (repeatable)")
+    e.add_argument("--data", required=True, help="records {prompt, answer} (.jsonl, .json, .parquet, .csv, ...)")
+    e.add_argument("--method", action="append", metavar="NAME",
+                   help="direct (default), cot, self_consistency, best_of_n, refine (repeatable)")
+    e.add_argument("--samples", help="N values of self_consistency / best_of_n, e.g. 1,2,4,8,16")
+    e.add_argument("--extract", default="last_number",
+                   help="answer extraction: last_number, answer_tag, full, or module:function (regex: --set)")
+    e.add_argument("--reward", action="append", metavar="MODULE:FUNCTION", help="best_of_n's reward (repeatable)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--temperature", type=float)
+    e.add_argument("--max-prompts", type=int)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--engine", choices=["auto", "vllm", "transformers"])
+    e.add_argument("--name", default="eval", help="the job's name (default eval)")
+    e.add_argument("--output", "-o", help="output folder (default posttrain-output/<name>)")
+    run_options(e, example="evaluation.refineRounds=3")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -107,15 +107,20 @@ def _merged_adapter(path: Path, model: ModelSpec, *, base: Path | None) -> str:
                                "LoRA-family adapters of causal LMs or classifiers can be merged into their base to "
                                "train or serve on (train the source job with output.mergeAdapter or adapter lora)")
     base_spec = model.model_copy(update={"source": provenance["base_model"], "tokenizer": None})
-    base_folder = materialize(base_spec, base=base)
-    files = sorted(p for p in path.iterdir() if p.is_file())
+    return merged_into(path, materialize(base_spec, base=base), task=task)
+
+
+def merged_into(adapter: Path, base_folder: str, *, task: str = "CAUSAL_LM") -> str:
+    """The base folder with the adapter merged into its weights, written once per pod into the cache (keyed by
+    both and the adapter's files): a plain folder any engine loads (vLLM and transformers alike)."""
+    files = sorted(p for p in adapter.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    key = hashlib.sha256(f"{path.resolve()}|{base_folder}|{stamp}".encode()).hexdigest()[:16]
-    dest = storage.cache_root() / "models" / f"merged-{path.parent.name}-{key}"
+    key = hashlib.sha256(f"{adapter.resolve()}|{base_folder}|{stamp}".encode()).hexdigest()[:16]
+    dest = storage.cache_root() / "models" / f"merged-{adapter.parent.name}-{key}"
     with storage.file_lock(dest.with_suffix(".lock")):
         if not (dest / "config.json").exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _merge(path, base_folder, dest, task=task)
+            _merge(adapter, base_folder, dest, task=task)
     return str(dest)
 
 
@@ -259,3 +264,23 @@ def provenance(*, kind: str, model: ModelSpec, base: str | Path | None) -> bytes
 
 def write_provenance(dest: Path, *, kind: str, model: ModelSpec, base: str | Path | None) -> None:
     (dest / "posttrain.json").write_bytes(provenance(kind=kind, model=model, base=base))
+
+
+def adapter_on_this_pod(source: str, *, base: Path | None = None, where: str = "adapter") -> str:
+    """A PEFT adapter folder (path, pvc://, object storage) as a local folder on this pod; `where` names the
+    field in errors."""
+    loc = storage.resolve(source, base=base)
+    if loc.is_hub:
+        raise ModelSourceError(f"{where}: {source}: give the adapter as a folder (path, pvc:// or object storage)")
+    try:
+        path = storage.fetch(loc)
+    except FileNotFoundError:
+        raise ModelSourceError(f"{where}: {loc.uri} does not exist") from None
+    if not (path / "adapter_config.json").is_file():
+        raise ModelSourceError(f"{where}: {path} has no adapter_config.json; it is not a PEFT adapter folder")
+    return str(path)
+
+
+def merged_on_this_pod(model_folder: str, adapter_folder: str) -> str:
+    """`model_folder` with the adapter at `adapter_folder` merged in (see `merged_into`)."""
+    return merged_into(Path(adapter_folder), model_folder)

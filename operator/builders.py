@@ -70,11 +70,13 @@ def shm_size(memory: str | None) -> str:
 def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
     """The Ray roles a job runs, each with its settings (defaults where the spec is silent)."""
     if spec.algorithm.is_rl() or "trainer" not in spec.algorithm.roles():
-        # grpo/ppo: rollout, learner, reward; generate: rollout (the policy) and reward (the judge).
+        # grpo/ppo: rollout, learner, reward; generate: rollout (the policy) and reward (the judge);
+        # evaluate: rollout (the models), and reward only when best_of_n or metric rewards use spec.rewards.
         # colocated: the engines run on the learners' pods (one per learner worker), no rollout group
         skip = {"rollout"} if spec.placement == "colocated" else set()
-        return {name: getattr(spec.roles, name) or RoleSpec() for name in spec.algorithm.roles() if name not in skip}
-    return {"trainer": spec.roles.trainer}
+        return {name: getattr(spec.roles, name) or RoleSpec() for name in spec.ray_roles() if name not in skip}
+    extra = {"rollout": spec.roles.rollout or RoleSpec()} if "rollout" in spec.ray_roles() else {}
+    return {"trainer": spec.roles.trainer, **extra}  # rollout: spec.evaluation at the end
 
 
 def common_labels(job: str, component: str) -> dict[str, str]:

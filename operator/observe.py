@@ -166,7 +166,7 @@ def sanitize_progress(raw: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {"step": raw["step"]}
     if _count(raw.get("totalSteps")) is not None:
         out["totalSteps"] = raw["totalSteps"]
-    for key in ("loss", "reward", "tokensPerSecond"):
+    for key in ("loss", "reward", "score", "tokensPerSecond"):
         if _number(raw.get(key)) is not None:
             out[key] = raw[key]
     preference = raw.get("preference")  # dpo, kto, reward

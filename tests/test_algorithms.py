@@ -82,6 +82,6 @@ def test_a_toy_algorithm_is_one_function_and_one_table_entry(workdir):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["loss"]) for m in lines] == [(1, summary["mean_nll"]), (2, summary["mean_nll"] / 2)]
 
-    with pytest.raises(ValueError, match=r"spec.algorithm: unknown algorithm 'distill'; choose one of: dpo, generate, grpo, kto, orpo, ppo, reward, sft, simpo"):
+    with pytest.raises(ValueError, match=r"spec.algorithm: unknown algorithm 'distill'; choose one of: dpo, evaluate, generate, grpo, kto, orpo, ppo, reward, sft, simpo"):
         driver.run(job, driver.RunOptions(output=str(workdir / "again"), base_dir=workdir))
     assert not (workdir / "again").exists(), "a refused algorithm writes nothing"

@@ -23,6 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
+from posttrain.api.cluster import cluster_errors
 from posttrain.api.crd import to_jsonschema
 from posttrain.api.load import parse_job
 from posttrain.operator import builders, vocab
@@ -257,6 +258,30 @@ def test_generate_jobs_run_the_policy_on_rollout_and_the_judge_on_reward():
     # the judge's model claim is mounted, read-only, like every input
     assert {"name": "pvc-judges", "persistentVolumeClaim": {"claimName": "judges", "readOnly": True}} in \
         judge_pod["volumes"]
+
+
+EVALUATION = {"models": [{"source": "pvc://models/smollm2-135m", "name": "base"},
+                         {"source": "pvc://models/smollm2-135m", "adapter": "pvc://adapters/grpo/adapter",
+                          "name": "grpo"}],
+              "methods": ["direct", "self_consistency"], "samples": [1, 4, 16]}
+
+
+def test_evaluate_jobs_run_the_models_on_rollout_and_rewards_only_when_used():
+    job = make_job(algorithm="evaluate", evaluation=EVALUATION, training={}, checkpoint={},
+                   roles={"rollout": {"replicas": 2, "gpus": 1, "nodeSelector": {"pool": "l4"}}})
+    rj = builders.build_rayjob(job, run=0, owner_uid=UID, settings=SETTINGS)
+    groups = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert list(groups) == ["rollout"]  # direct and self_consistency need no reward actors
+    pod = groups["rollout"]["template"]["spec"]
+    assert groups["rollout"]["replicas"] == 2 and pod["nodeSelector"] == {"pool": "l4"}
+    # the adapter's claim is an input: mounted read-only like the model's
+    volumes = pod["volumes"]
+    assert {"name": "pvc-adapters", "persistentVolumeClaim": {"claimName": "adapters", "readOnly": True}} in volumes
+    best = make_job(algorithm="evaluate", training={}, checkpoint={}, rewards=REWARDS,
+                    evaluation={**EVALUATION, "methods": ["direct", "best_of_n"]})
+    rj = builders.build_rayjob(best, run=0, owner_uid=UID, settings=SETTINGS)
+    assert [g["groupName"] for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == ["rollout", "reward"]
+    assert cluster_errors(best) == []
 
 
 def test_suspend_and_kueue_label_pass_through():

@@ -19,7 +19,8 @@ from posttrain.api.load import InvalidJob, known_fields, load_job, parse_job
 from posttrain.jobs.cli import main as cli_main
 
 CLUSTER_READY = {"grpo-colocated-async", "grpo-gsm8k-gpu", "ppo-lora", "sft-dora-mixed", "sft-full",
-                 "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs"}
+                 "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs",
+                 "evaluate-models"}
 LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model"}  # relative data and output paths: `posttrain run` on one machine
 
 

@@ -114,7 +114,8 @@ def test_schema_inlines_enums_defaults_and_camel_case(schema):
     spec = schema["properties"]["spec"]
     assert spec["type"] == "object"
     assert set(spec["required"]) == {"algorithm", "model", "data"}  # training defaults (generate trains nothing)
-    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "generate", "grpo", "ppo"]
+    assert spec["properties"]["algorithm"]["enum"] == ["sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "generate",
+                                                         "evaluate", "grpo", "ppo"]
     adapter = spec["properties"]["adapter"]["properties"]
     assert adapter["type"]["enum"][:2] == ["none", "lora"] and adapter["type"]["default"] == "none"
     assert adapter["r"] == {**adapter["r"], "type": "integer", "minimum": 0, "exclusiveMinimum": True, "default": 16}

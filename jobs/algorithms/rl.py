@@ -32,6 +32,7 @@ def preflight(ctx: RunContext, method: Method) -> None:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
+    from posttrain.jobs.algorithms.evaluate import after_training, training_preflight
     from posttrain.jobs.rewards.score import RewardError, build_rewards
     from posttrain.jobs.rl.loop import RLRun, checkpoint, run_steps
     from posttrain.jobs.rl.workers.scorer import reward_function
@@ -54,6 +55,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 raise ValueError(f"spec.rewards[{i}].function: {exc}") from None
     check_judges(ctx)
     steps = batching.total_steps(spec, len(prompts))
+    evaluation = training_preflight(ctx)  # spec.evaluation's models and prompts, before anything is written
 
     resume = ctx.begin(total_steps=steps, summary={
         "placement": spec.placement,
@@ -81,6 +83,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 ctx.saved(**publish(run_, ctx.folder.loc, base_dir=ctx.base_dir))
             finally:
                 run_.shutdown()
+            after_training(ctx, evaluation)  # once the RL actors are gone
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = unwrap(exc)
     return ctx.finish(error, **results(ctx))

@@ -22,6 +22,7 @@ from posttrain.api import runtime
 from posttrain.jobs import data as data_mod
 from posttrain.jobs import preference_data
 from posttrain.jobs.algorithms.methods import EVALUATED, LOGGED, METHODS, flat_metrics
+from posttrain.jobs.algorithms.evaluate import after_training, training_preflight
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
 
@@ -36,6 +37,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     else:
         train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
                                                   max_len=spec.training.max_seq_length, base=ctx.base_dir)
+    evaluation = training_preflight(ctx)  # spec.evaluation's models and prompts, before anything is written
 
     def history(folder: storage.Location) -> list[dict[str, Any]]:  # HF's own log of the checkpoint's steps
         return ctx.ckpts.read_json(folder, "trainer_state.json").get("log_history", [])
@@ -63,6 +65,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     try:
         with ctx.ray():
             fit(spec, cfg, relay, poll_seconds=ctx.opts.poll_seconds)
+            after_training(ctx, evaluation)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = exc
     final = ctx.metrics_lines()

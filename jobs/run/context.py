@@ -42,7 +42,7 @@ log = logging.getLogger("posttrain")
 
 # Values of a step's line that also move the live state (and so /progress and the Prometheus gauges).
 STATE_KEYS = {"loss": "loss", "reward_mean": "reward", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
-              "tokens_per_second": "tokens_per_second", "eval_loss": "eval_loss"}
+              "tokens_per_second": "tokens_per_second", "eval_loss": "eval_loss", "score": "score"}
 
 
 class RunFailed(RuntimeError):

@@ -35,7 +35,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 DRIVER_FILES = (RUN_FILE, METRICS_FILE, SUMMARY_FILE)
-RESULT_FOLDERS = ("model", "adapter", "data", "checkpoints")
+RESULT_FOLDERS = ("model", "adapter", "data", "eval", "checkpoints")
 
 
 class OutputInUse(RuntimeError):

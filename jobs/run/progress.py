@@ -55,6 +55,7 @@ class RunState:
     loss: float | None = None
     eval_loss: float | None = None
     reward: float | None = None
+    score: float | None = None  # evaluate: the latest (model, method)'s score
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
@@ -65,6 +66,7 @@ class RunState:
     rl: dict[str, float] = field(default_factory=dict)  # grpo/ppo: the latest step's RL_GAUGES values
     reward_functions: dict[str, float] = field(default_factory=dict)  # label -> mean of the latest step
     preference: dict[str, float] = field(default_factory=dict)  # dpo/kto/reward: the latest PREFERENCE_GAUGES values
+    eval_scores: dict[tuple[str, str], float] = field(default_factory=dict)  # evaluation: (model, method) -> score
 
     def progress(self) -> dict[str, Any]:
         """The JSON body of GET /progress (camelCase, like the status it feeds)."""
@@ -76,6 +78,7 @@ class RunState:
             "loss": self.loss,
             "evalLoss": self.eval_loss,
             "reward": self.reward,
+            **({"score": self.score} if self.score is not None else {}),
             "learningRate": self.learning_rate,
             "tokensPerSecond": self.tokens_per_second,
             "lastCheckpoint": self.last_checkpoint,
@@ -119,6 +122,8 @@ class Metrics:
         self.preference = {name: g(f"posttrain_{name}", doc) for name, doc in PREFERENCE_GAUGES.items()}
         self.reward_fn = Gauge("posttrain_reward_function_mean", "Latest step's mean of each reward function.",
                                labels + ["function"], registry=self.registry)
+        self.eval_score = Gauge("posttrain_eval_score", "Evaluation score of each model and method (at the largest N).",
+                                labels + ["model", "method"], registry=self.registry)
         self._key = {"job": state.job, "algorithm": state.algorithm}
         self.started.labels(**self._key).set(state.started)
         self.refresh()
@@ -149,6 +154,8 @@ class Metrics:
                 self.phase_seconds.labels(**k, phase=phase).set(s.rl[f"time_{phase}"])
         for label, value in s.reward_functions.items():
             self.reward_fn.labels(**k, function=label).set(value)
+        for (model, method), value in s.eval_scores.items():
+            self.eval_score.labels(**k, model=model, method=method).set(value)
         for phase in PHASES:
             self.phase.labels(**k, phase=phase).set(1.0 if phase == s.phase else 0.0)
         if new_checkpoints:

@@ -12,6 +12,7 @@ The engine is picked by name through `ENGINES`; the worker knows only the `Rollo
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +28,18 @@ class RolloutWorker(ActorBase):
 
     def setup(self, model: str | dict[str, Any], *, engine: str = "auto", seed: int = 0, threads: int | None = None,
               colocated: bool = False, engine_kwargs: dict[str, Any] | None = None,
-              base_dir: str | None = None) -> dict[str, Any]:
+              base_dir: str | None = None, adapter: str | None = None) -> dict[str, Any]:
         """Load the engine from `model` (the job's `spec.model` in wire form, loaded on this pod, or a local
-        folder). `colocated`: a learner shares this device, so the engine takes a smaller share and sleeps."""
+        folder), with a PEFT `adapter` folder merged in when given (evaluate's models). `colocated`: a learner
+        shares this device, so the engine takes a smaller share and sleeps."""
         import torch
 
-        from posttrain.jobs.models import model_on_this_pod
+        from posttrain.jobs.models import adapter_on_this_pod, merged_on_this_pod, model_on_this_pod
 
         model_folder, _ = model_on_this_pod(model, base=base_dir)
+        if adapter:
+            base = Path(base_dir) if base_dir else None
+            model_folder = merged_on_this_pod(model_folder, adapter_on_this_pod(adapter, base=base))
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)  # transformers sampling draws from torch's generator

@@ -28,7 +28,6 @@ from support import jobs
 ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
-from posttrain.api.load import parse_job  # noqa: E402
 from posttrain.jobs import driver  # noqa: E402
 from posttrain.jobs.rl.workers.sharded import free_port  # noqa: E402
 
@@ -50,9 +49,7 @@ def grpo_job(**spec: object) -> dict:
     return jobs.document(algorithm, name="tiny-rl", **{"rewards": [{"function": "rl_rewards.py:digits"}], **spec})
 
 
-def run(doc: dict, root: Path, out: str, **opts):
-    job = parse_job(doc, require_available=True)
-    return driver.run(job, driver.RunOptions(output=str(root / out), base_dir=root, **opts))
+run = jobs.run_local
 
 
 def metrics(root: Path, out: str) -> list[dict]:

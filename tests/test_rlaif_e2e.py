@@ -36,9 +36,7 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def run(doc: dict, root: Path, out: str):
-    job = parse_job(doc, require_available=True)
-    return driver.run(job, driver.RunOptions(output=str(root / out), base_dir=root))
+run = jobs.run_local
 
 
 def lines(root: Path, out: str, name: str = "metrics.jsonl") -> list[dict]:

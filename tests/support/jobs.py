@@ -81,3 +81,12 @@ def pvc_document(name: str, **spec: Any) -> dict[str, Any]:
     doc = document("sft", name=name, **(fields | spec))
     doc["metadata"]["namespace"] = "default"
     return doc
+
+
+def run_local(doc: dict[str, Any], root: Path, out: str, **opts: Any) -> dict[str, Any]:
+    """Run a job document through the driver (embedded Ray), relative paths from `root`, output `root/out`."""
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import driver
+
+    job = parse_job(doc, require_available=True)
+    return driver.run(job, driver.RunOptions(output=str(root / out), base_dir=root, **opts))

@@ -11,8 +11,10 @@
    the same path a user takes: an embedded Ray with a vLLM rollout actor, a
    reward actor (exact match of the number) and a LoRA learner; its progress
    lines and summary table are the CLI's.
-3. Prints the reward of every step, and greedy answers of the base model and of
-   base + the trained adapter on held-out questions (accuracy and a few samples).
+3. Prints the reward of every step, and the held-out accuracy of the base model and
+   of base + the trained adapter with a few of their answers, from the evaluation
+   the job itself runs after training (job.yaml's `evaluation`, `posttrain`'s
+   evaluate machinery: greedy answers on a rollout actor, results in run/eval/).
 
 Sized to finish in about three minutes on 2 CPU cores; nothing is downloaded.
 """
@@ -121,47 +123,17 @@ def reward_table() -> None:
               f"  {m['time_step']:>7.1f}")
 
 
-def answers(model, tokenizer, records: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy completions of every record's chat prompt, in one left-padded batch."""
-    import torch
-
-    texts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in records]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return [" ".join(t.split()) for t in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                                                 skip_special_tokens=True)]
-
-
-def compare(model_file: Path, held: list[dict], max_new_tokens: int) -> tuple[float, float]:
-    """Greedy answers to the held-out questions, base model vs base + adapter; returns both accuracies."""
-    import logging
-
-    # peft imports bitsandbytes, which warns that its optional 4-bit CPU kernels are missing; no 4-bit here.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.api.spec import ModelSpec
-    from posttrain.jobs import models
-    from posttrain.jobs.rewards.builtin import exact_answer
-
-    base_dir = models.materialize(ModelSpec(source=str(model_file)))  # cached by the run: no second conversion
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    before = answers(model, tokenizer, held, max_new_tokens)
-    # from_pretrained wraps the same base weights, so "before" had to be generated first.
-    tuned = peft.PeftModel.from_pretrained(model, str(RUN / "adapter")).eval()
-    after = answers(tuned, tokenizer, held, max_new_tokens)
-    gold = [r["answer"] for r in held]
-    acc = [sum(exact_answer([], out, answer=gold)) / len(held) for out in (before, after)]
-    for record, b, a in list(zip(held, before, after))[:N_SHOW]:
+def compare(held: list[dict]) -> tuple[float, float]:
+    """The held-out accuracy of the base model and of base + adapter, from the evaluation the job ran after
+    training (job.yaml's `evaluation`: greedy answers on rollout actors, `<run>/eval/`), with a few answers."""
+    summary = json.loads((RUN / "summary.json").read_text())
+    before, after = summary["evaluation_before_after"]["direct"]
+    samples = [json.loads(line) for line in (RUN / "eval" / "samples.jsonl").read_text().splitlines()]
+    text = {(s["model"], s["index"]): " ".join(s["samples"][0]["text"].split()) for s in samples}
+    for i, record in enumerate(held[:N_SHOW]):
         print(f"\n  {make_data.question(record)}   (answer {record['answer']})")
-        print(f"    before  {b!r}\n    after   {a!r}")
-    return acc[0], acc[1]
+        print(f"    before  {text[('base', i)]!r}\n    after   {text[('trained', i)]!r}")
+    return before, after
 
 
 def main() -> int:
@@ -174,8 +146,7 @@ def main() -> int:
     print("\nshare of correct sampled answers per step (the reward):")
     reward_table()
     banner(f"3/3 {len(held)} held-out questions, greedy decoding: base model vs base + adapter")
-    max_new = json.loads((RUN / "run.json").read_text())["spec"]["rl"]["maxNewTokens"]
-    acc_before, acc_after = compare(model_file, held, max_new)
+    acc_before, acc_after = compare(held)
     banner("result")
     print(f"reward (mean of the first 3 steps -> last 3 steps): {summary['reward_first_steps_mean']:.3f} -> "
           f"{summary['reward_last_steps_mean']:.3f} over {summary['steps']} steps "

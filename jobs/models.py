@@ -171,6 +171,25 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def master_weights(dtype: str, *, full_weights: bool, on_gpu: bool) -> tuple[str, str | None]:
+    """(dtype to load the weights in, the half-precision compute dtype or None) for a `model.dtype`.
+
+    Half precision trains with fp32 master weights: full fine-tuning loads fp32 and computes in half (pure
+    bf16 AdamW rounds updates below 2^-8 of a weight to nothing); an adapter's frozen base loads in half
+    (PEFT keeps the adapter's weights in fp32). The RL learner turns the compute dtype into an FSDP2
+    mixed-precision policy, the Trainer-based algorithms into its bf16/fp16 autocast flags.
+
+    >>> master_weights("auto", full_weights=True, on_gpu=True)
+    ('float32', 'bfloat16')
+    >>> master_weights("bfloat16", full_weights=False, on_gpu=False)
+    ('bfloat16', 'bfloat16')
+    """
+    compute = ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
+    if compute not in ("bfloat16", "float16"):
+        return dtype, None
+    return ("float32" if full_weights else dtype), compute
+
+
 def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -196,23 +196,19 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
 
 def precision(dtype: str, adapter: AdapterType, *, on_gpu: bool) -> tuple[str, dict[str, bool]]:
-    """(dtype the weights load in, the Trainer's `bf16`/`fp16` flags) for a `model.dtype`.
-
-    Half precision trains with fp32 master weights: full fine-tuning loads fp32 and the Trainer autocasts
-    the forward and backward (pure bf16 AdamW rounds updates below 2^-8 of a weight to nothing, and on one
-    GPU nothing upcasts them); an adapter's frozen base loads in half (PEFT keeps the adapter in fp32).
-    fp16 autocast needs a GPU: on CPU a float16 model trains as it loads.
+    """(dtype the weights load in, the Trainer's `bf16`/`fp16` flags) for a `model.dtype`: fp32 masters
+    with half-precision autocast (`models.master_weights`; on one GPU nothing else upcasts them). fp16
+    autocast needs a GPU: on CPU a float16 model trains as it loads.
 
     >>> precision("auto", AdapterType.none, on_gpu=True)
     ('float32', {'bf16': True, 'fp16': False})
     >>> precision("bfloat16", AdapterType.lora, on_gpu=False)
     ('bfloat16', {'bf16': True, 'fp16': False})
     """
-    compute = ("bfloat16" if on_gpu else "float32") if dtype == "auto" else dtype
-    flags = {"bf16": compute == "bfloat16", "fp16": compute == "float16" and on_gpu}
-    if (flags["bf16"] or flags["fp16"]) and adapter is AdapterType.none:
-        return "float32", flags
-    return dtype, flags
+    load, compute = models.master_weights(dtype, full_weights=adapter is AdapterType.none, on_gpu=on_gpu)
+    if compute == "float16" and not on_gpu:
+        return dtype, {"bf16": False, "fp16": False}
+    return load, {"bf16": compute == "bfloat16", "fp16": compute == "float16"}
 
 
 def build_trainer(spec: PostTrainingJobSpec, cfg: dict[str, Any], model_source: str, tokenizer: Any, *, world: int,

@@ -73,20 +73,16 @@ def join_group(rank: int, world_size: int, master_addr: str, master_port: int) -
 
 
 def precision(dtype: str, *, full_weights: bool) -> tuple[str, Any]:
-    """(dtype to load the weights in, FSDP2 MixedPrecisionPolicy or None) for a `model.dtype`.
-
-    Half precision trains with fp32 masters: full fine-tuning loads fp32 and computes in half; an
-    adapter's frozen base stays in half (its trainable weights are fp32 already, as PEFT makes them).
-    """
+    """(dtype to load the weights in, FSDP2 MixedPrecisionPolicy or None) for a `model.dtype`
+    (`models.master_weights`: fp32 masters, half-precision compute)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from posttrain.jobs.models import torch_dtype
+    from posttrain.jobs.models import master_weights
 
-    compute = torch_dtype(dtype)
-    if compute not in (torch.bfloat16, torch.float16):
+    load, compute = master_weights(dtype, full_weights=full_weights, on_gpu=torch.cuda.is_available())
+    if compute is None:
         return dtype, None
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    return ("float32" if full_weights else dtype), policy
+    return load, MixedPrecisionPolicy(param_dtype=getattr(torch, compute), reduce_dtype=torch.float32)
 
 
 def train_without_dropout(model: torch.nn.Module) -> torch.nn.Module:

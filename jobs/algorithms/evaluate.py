@@ -28,7 +28,7 @@ from typing import Any
 from posttrain.api.evaluation import EvalModel, EvaluationSpec
 from posttrain.api.spec import DataSource, ModelSpec
 from posttrain.jobs import data as data_mod
-from posttrain.jobs.algorithms.generate import role_actors
+from posttrain.jobs.algorithms.generate import role_actors, start_rollouts
 from posttrain.jobs.algorithms.rl import unwrap
 from posttrain.jobs.evaluation import answers, report
 from posttrain.jobs.evaluation.methods import Completion, Item, Task, run_method
@@ -226,19 +226,11 @@ def after_training(ctx: RunContext, prepared: dict[str, Any] | None) -> None:
 # ---- the actors ---------------------------------------------------------------------------------------
 
 def _start_rollouts(ctx: RunContext, model: EvalModel) -> tuple[list[Any], dict[str, Any]]:
-    import ray
-
-    from posttrain.jobs.rl.workers.rollout import RolloutWorker
-
     spec = ctx.spec
-    actors, sized = role_actors(ctx, RolloutWorker, "rollout", per_gpu=True)
     engine = spec.evaluation.engine or (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
     wire = {**spec.model.wire(), "source": model.source, "tokenizer": None}
     wire = {k: v for k, v in wire.items() if v is not None}
-    setups = ray.get([a.setup.remote(wire, engine=engine, seed=ctx.spec.evaluation.seed + i, threads=sized.threads,
-                                     base_dir=str(ctx.base_dir), adapter=model.adapter)
-                      for i, a in enumerate(actors)])
-    return actors, {"actors": sized.count, "engine": setups[0]["engine"], "resources_per_actor": sized.resources()}
+    return start_rollouts(ctx, wire, engine=engine, seed=spec.evaluation.seed, adapter=model.adapter)
 
 
 def _start_rewards(ctx: RunContext) -> list[Any]:

@@ -114,19 +114,26 @@ def role_actors(ctx: RunContext, cls: type, role: str, *, per_gpu: bool) -> tupl
     return [ray.remote(cls).options(**options).remote() for _ in range(sized.count)], sized
 
 
-def _start_rollouts(ctx: RunContext) -> dict[str, Any]:
+def start_rollouts(ctx: RunContext, model: dict[str, Any], *, engine: str, seed: int,
+                   adapter: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """The rollout actors of `roles.rollout`, each with its engine loaded from `model` (wire form) and the
+    optional adapter; (actors, the summary's `rollout` entry)."""
     import ray
 
     from posttrain.jobs.rl.workers.rollout import RolloutWorker
 
-    spec = ctx.spec
     actors, sized = role_actors(ctx, RolloutWorker, "rollout", per_gpu=True)
-    engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
-    setups = ray.get([a.setup.remote(spec.model.wire(), engine=engine, seed=spec.training.seed + i,
-                                     threads=sized.threads, base_dir=str(ctx.base_dir))
+    setups = ray.get([a.setup.remote(model, engine=engine, seed=seed + i, threads=sized.threads,
+                                     base_dir=str(ctx.base_dir), adapter=adapter)
                       for i, a in enumerate(actors)])
-    return {"actors": actors, "info": {"actors": sized.count, "engine": setups[0]["engine"],
-                                       "resources_per_actor": sized.resources()}}
+    return actors, {"actors": sized.count, "engine": setups[0]["engine"], "resources_per_actor": sized.resources()}
+
+
+def _start_rollouts(ctx: RunContext) -> dict[str, Any]:
+    spec = ctx.spec
+    engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
+    actors, info = start_rollouts(ctx, spec.model.wire(), engine=engine, seed=spec.training.seed)
+    return {"actors": actors, "info": info}
 
 
 def _sampling(gen: Any, tokenizer: Any):

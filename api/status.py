@@ -48,6 +48,9 @@ class Progress(ApiModel):
         None, description="dpo, kto, reward: mean reward margin, chosen minus rejected, of the latest step.")
     eval_rewards_accuracy: float | None = Field(
         None, description="dpo, reward: preference (pairwise) accuracy on the evaluation pairs, latest evaluation.")
+    evaluation: dict[str, dict[str, float]] | None = Field(
+        None, description="Evaluation scores, model -> method -> score (at the largest N): an evaluate job's "
+        "models, or a training job's spec.evaluation on `base` and `trained` (before and after training).")
 
 
 class PostTrainingJobStatus(ApiModel):

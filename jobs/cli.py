@@ -269,6 +269,7 @@ def _run_one(job: Any, args: argparse.Namespace, *, output: str | None, base_dir
         output=output,
         base_dir=base_dir,
         metrics_port=args.metrics_port,
+        progress_linger=args.progress_linger,
         overwrite=args.overwrite,
         on_event=display,
     )
@@ -299,6 +300,9 @@ def run_options(parser: argparse.ArgumentParser, *, example: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help=f"override a spec field, e.g. --set {example} (repeatable)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
+    parser.add_argument("--progress-linger", type=float, default=30.0, metavar="SECONDS",
+                        help="with --metrics-port: at the end, wait up to this long for a poller of /progress (the "
+                        "operator) to read the final phase and figures (default 30; only when one is polling)")
     parser.add_argument("--overwrite", action="store_true", help="replace a finished run in the output folder")
     parser.add_argument("--json", action="store_true", help="also print summary.json")
     parser.add_argument("--verbose", "-v", action="store_true")

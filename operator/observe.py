@@ -146,6 +146,25 @@ def _count(value: Any) -> int | None:
 
 # The preference values of /progress's `preference` the status keeps (flat, beside loss).
 PREFERENCE_PROGRESS = ("rewardsAccuracy", "rewardsMargin", "evalRewardsAccuracy")
+# /progress's `evaluation` (model -> method -> score): at most this many models and methods each, names
+# shaped like Kubernetes labels; the rest is dropped (an evaluation has a handful of each).
+MAX_EVAL_MODELS, MAX_EVAL_METHODS = 8, 16
+_EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,62}")
+
+
+def _evaluation(raw: Any) -> dict[str, dict[str, float]] | None:
+    """model -> method -> score, names and numbers checked; None when nothing usable is left."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for model, methods in list(raw.items())[:MAX_EVAL_MODELS]:
+        if not (isinstance(model, str) and _EVAL_NAME.fullmatch(model) and isinstance(methods, dict)):
+            continue
+        scores = {m: v for m, v in list(methods.items())[:MAX_EVAL_METHODS]
+                  if isinstance(m, str) and _EVAL_NAME.fullmatch(m) and _number(v) is not None}
+        if scores:
+            out[model] = scores
+    return out or None
 
 
 def sanitize_progress(raw: Any) -> dict[str, Any] | None:
@@ -160,6 +179,8 @@ def sanitize_progress(raw: Any) -> dict[str, Any] | None:
     True
     >>> sanitize_progress({"step": 2, "preference": {"rewardsMargin": 0.5, "evalRewardsAccuracy": "x"}})
     {'step': 2, 'rewardsMargin': 0.5}
+    >>> sanitize_progress({"step": 4, "evaluation": {"base": {"direct": 0.3}, "trained": {"direct": 0.9, "x y": 1}}})
+    {'step': 4, 'evaluation': {'base': {'direct': 0.3}, 'trained': {'direct': 0.9}}}
     """
     if not isinstance(raw, dict) or _count(raw.get("step")) is None:
         return None
@@ -174,6 +195,9 @@ def sanitize_progress(raw: Any) -> dict[str, Any] | None:
         for key in PREFERENCE_PROGRESS:
             if _number(preference.get(key)) is not None:
                 out[key] = preference[key]
+    evaluation = _evaluation(raw.get("evaluation"))  # evaluate jobs; a training job's base and trained
+    if evaluation:
+        out["evaluation"] = evaluation
     checkpoint = raw.get("lastCheckpoint")
     if isinstance(checkpoint, str) and 0 < len(checkpoint) <= MAX_URI and checkpoint.isprintable():
         out["lastCheckpoint"] = checkpoint

@@ -45,6 +45,42 @@ def make_adapter(model: Path, dest: Path) -> Path:
     return dest
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Poller:
+    """Reads a driver's /progress every 0.2 s, as the operator does (every 10 s), keeping the last answer."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.last, self.stop = url, None, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self.stop.wait(0.2):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as answer:
+                    self.last = json.loads(answer.read())
+            except OSError:
+                pass  # not up yet, or gone
+
+    def __enter__(self) -> "Poller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -144,10 +180,18 @@ def test_grpo_with_evaluation_reports_base_and_trained(workdir, ray_local, monke
                                     "data": "tasks.jsonl", "maxNewTokens": 4})
     doc["spec"]["training"]["maxSteps"] = 2
     doc["spec"]["rl"] = {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4}
-    summary = driver.run(parse_job(doc, require_available=True),
-                         driver.RunOptions(output=str(workdir / "grpo"), base_dir=workdir))
+    port = free_port()
+    with Poller(f"http://127.0.0.1:{port}/progress") as poller:  # the operator's role
+        summary = driver.run(parse_job(doc, require_available=True),
+                             driver.RunOptions(output=str(workdir / "grpo"), base_dir=workdir, metrics_port=port,
+                                               metrics_host="127.0.0.1"))
     assert summary["status"] == "succeeded" and summary["steps"] == 2
     assert set(summary["evaluation"]) == {"base", "trained"}
+    # the driver waited until the poller had read the final phase and the before/after (the CR status's source)
+    assert poller.last["phase"] == "succeeded" and poller.last["step"] == 2
+    assert poller.last["evaluation"] == {  # each method at its largest N
+        name: {"direct": summary["evaluation"][name]["direct"],
+               "self_consistency": summary["evaluation"][name]["self_consistency@2"]} for name in ("base", "trained")}
     assert set(summary["evaluation_before_after"]) == {"direct", "self_consistency@1", "self_consistency@2"}
     doc = json.loads((workdir / "grpo" / "eval" / "eval.json").read_text())
     assert [m["name"] for m in doc["models"]] == ["base", "trained"] and doc["prompts"] == 5
@@ -168,6 +212,17 @@ def test_evaluation_scores_reach_progress_metrics_and_the_status():
     assert ('posttrain_eval_score{algorithm="evaluate",job="ev",method="self_consistency",model="base"} 0.625'
             in text)
     assert "score" not in RunState(job="t", algorithm="sft").progress()  # training jobs' /progress is unchanged
+    state.eval_scores[("trained", "self_consistency")] = 0.875
+    assert sanitize_progress(state.progress())["evaluation"] == {"base": {"self_consistency": 0.625},
+                                                                 "trained": {"self_consistency": 0.875}}
+
+
+def test_the_progress_server_closes_at_once_when_nobody_polls():
+    from posttrain.jobs.run.progress import Metrics, ProgressServer, RunState
+
+    server = ProgressServer(Metrics(RunState(job="t", algorithm="sft", phase="succeeded")), 0, "127.0.0.1")
+    assert server.close(linger=600) is True  # would wait ten minutes if it lingered without a poller
+    assert not server.final_read.is_set()
 
 
 def test_posttrain_eval_builds_the_evaluate_job():

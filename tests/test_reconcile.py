@@ -75,6 +75,19 @@ def test_running_copies_preference_progress_into_the_status_fields_printer_colum
     assert PostTrainingJobStatus.model_validate(p.status).progress.eval_rewards_accuracy == 0.9
 
 
+def test_the_evaluation_before_and_after_reaches_the_status_and_stays_once_the_job_succeeded():
+    from posttrain.api.status import PostTrainingJobStatus
+
+    evaluation = {"base": {"direct": 0.3125, "self_consistency": 0.5}, "trained": {"direct": 0.9219}}
+    progress = {"step": 16, "totalSteps": 16, "phase": "succeeded", "evaluation": evaluation}
+    running = plan(make_job(), [rayjob(0, "Running", "RUNNING")], progress=progress)
+    assert running.status["progress"] == {"step": 16, "totalSteps": 16, "evaluation": evaluation}
+    assert PostTrainingJobStatus.model_validate(running.status).progress.evaluation["trained"]["direct"] == 0.9219
+    # the driver has exited: the next pass keeps what the last poll read
+    done = plan(make_job(), [rayjob(0, "Complete", "SUCCEEDED")], status=running.status, progress=None)
+    assert done.status["phase"] == "Succeeded" and done.status["progress"]["evaluation"] == evaluation
+
+
 def test_progress_is_kept_when_the_driver_does_not_answer():
     prev = {"phase": "Running", "progress": {"step": 7}, "startTime": "2026-11-27T11:00:00Z"}
     p = plan(make_job(), [rayjob(0, "Running", "RUNNING")], status=prev, progress=None)

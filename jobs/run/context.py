@@ -59,6 +59,9 @@ class RunOptions:
     ray_address: str | None = None
     on_event: Callable[[RunState, dict[str, Any]], None] | None = None  # progress display hook
     poll_seconds: float = 0.5
+    # At the end, how long the driver may wait for a poller of /progress (the operator, every 10 s by default)
+    # to read the final phase and figures before it exits (only when one has been polling; see ProgressServer).
+    progress_linger: float = 30.0
     local_cpus: int = 8  # logical CPUs of an embedded Ray at least (RL roles hold one each)
 
 
@@ -253,8 +256,6 @@ class RunContext:
         driver's files, the trackers; then re-raise a failure as RunFailed (Ctrl-C stays KeyboardInterrupt)."""
         if self.writer is not None:
             self.writer.flush()
-        if self.server is not None:
-            self.server.close()
         newest = self.ckpts.latest()
         self.summary.update({"status": "failed" if error else "succeeded", "steps": self.state.step,
                              "total_steps": self.state.total_steps,
@@ -266,9 +267,17 @@ class RunContext:
         self.state.phase = "failed" if error else "succeeded"
         if self.metrics is not None:
             self.metrics.refresh()
-        outputs.write_json(self.folder.path(outputs.SUMMARY_FILE), self.summary)
-        self.folder.push()
-        self.trackers.finish(self.summary, artifact=self.artifact or None)
+        written = False
+        try:
+            outputs.write_json(self.folder.path(outputs.SUMMARY_FILE), self.summary)
+            self.folder.push()
+            self.trackers.finish(self.summary, artifact=self.artifact or None)
+            written = True
+        finally:
+            # Last, and only once the results are out: the poller reads the final phase and figures.
+            linger = self.opts.progress_linger if written else 0.0
+            if self.server is not None and not self.server.close(linger=linger):
+                log.warning("no poller read the final /progress within %.0f s", linger)
         if error:
             if isinstance(error, KeyboardInterrupt):
                 raise error

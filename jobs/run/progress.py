@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 PHASES = ("initializing", "evaluating", "training", "saving", "succeeded", "failed")
+FINAL_PHASES = ("succeeded", "failed")
 
 # grpo/ppo values of a metrics.jsonl line that are served as gauges `posttrain_<name>`
 # (reward_mean, loss, grad_norm, learning_rate and tokens_per_second have their own gauges above).
@@ -85,7 +86,16 @@ class RunState:
             "elapsedSeconds": round(time.time() - self.started, 3),
             **({"rl": dict(self.rl), "rewardFunctions": dict(self.reward_functions)} if self.rl else {}),
             **({"preference": {_camel(k): v for k, v in self.preference.items()}} if self.preference else {}),
+            **({"evaluation": self.evaluation()} if self.eval_scores else {}),
         }
+
+    def evaluation(self) -> dict[str, dict[str, float]]:
+        """model -> method -> score of the evaluations done so far (an evaluate job's models, or a training
+        job's `base` and `trained`: its before and after)."""
+        out: dict[str, dict[str, float]] = {}
+        for (model, method), score in dict(self.eval_scores).items():
+            out.setdefault(model, {})[method] = score
+        return out
 
 
 def _camel(name: str) -> str:
@@ -169,12 +179,21 @@ class Metrics:
 
 
 class ProgressServer:
-    """/metrics, /progress and /healthz on a background thread."""
+    """/metrics, /progress and /healthz on a background thread.
+
+    `close(linger=...)` at the end of a run waits, when a poller (the operator) has read /progress within the
+    last `linger` seconds, until it has read the final answer (phase succeeded or failed, the evaluation's
+    before and after) or `linger` seconds have passed: the driver's exit would otherwise take the run's
+    last figures with it, and the PostTrainingJob's status would keep the ones of a poll before.
+    """
 
     def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
         self.metrics = metrics
         lock = threading.Lock()
         self.lock = lock
+        self.last_read: float | None = None  # monotonic time of the latest /progress answer
+        self.final_read = threading.Event()  # a /progress answer carried a final phase
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -184,6 +203,9 @@ class ProgressServer:
                         body, ctype = metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
                     elif path == "/progress":
                         body, ctype = json.dumps(metrics.state.progress()).encode(), "application/json"
+                        server.last_read = time.monotonic()
+                        if metrics.state.phase in FINAL_PHASES:
+                            server.final_read.set()
                     elif path == "/healthz":
                         body, ctype = b"ok\n", "text/plain"
                     else:
@@ -203,9 +225,14 @@ class ProgressServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="posttrain-metrics", daemon=True)
         self.thread.start()
 
-    def close(self) -> None:
+    def close(self, *, linger: float = 0.0) -> bool:
+        """Stop serving; with `linger`, first wait (see the class) for a poller to read the final answer.
+        True when it did (or nobody was polling)."""
+        polled = self.last_read is not None and time.monotonic() - self.last_read <= linger
+        read = self.final_read.wait(linger) if polled else True
         self.httpd.shutdown()
         self.httpd.server_close()
+        return read
 
 
 def tracker_actor():

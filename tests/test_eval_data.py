@@ -47,3 +47,15 @@ def test_counting_is_the_grpo_demos_held_out_set_and_arith_checks_out(tmp_path):
     lines = [json.loads(x) for x in files["tasks"].read_text().splitlines()]
     assert [r["task"] for r in lines] == ["counting"] * 8 + ["arith"] * 8
     assert tasks.build(n=8, seed=0) == tasks.build(n=8, seed=0) != tasks.build(n=8, seed=1)
+
+
+def test_the_docstring_task_is_the_sft_demos_held_out_split_with_text_answers(tmp_path):
+    records = tasks.docstrings(n=6, seed=0)
+    maker = sys.modules["docstring_data"]
+    _, held = maker.build(n_train=maker.N_TRAIN, n_eval=maker.N_EVAL, seed=0)
+    assert [r["prompt"] for r in records] == [h["messages"][:2] for h in held[:6]]
+    assert [r["answer"] for r in records] == [h["messages"][2]["content"] for h in held[:6]]
+    assert all(r["task"] == "docstring" and r["prompt"][-1]["role"] == "user" and r["answer"] for r in records)
+    files = tasks.write(tmp_path, n=4, seed=0)
+    assert [json.loads(x)["answer"] for x in files["docstrings"].read_text().splitlines()] == \
+        [r["answer"] for r in records[:4]]

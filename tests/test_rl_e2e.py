@@ -131,11 +131,16 @@ def test_ppo_raises_reward_with_a_critic(workdir, ray_local):
 
 def test_async_rollouts_are_one_step_stale_and_still_learn(workdir, ray_local):
     doc = grpo_job()
-    doc["spec"]["rl"]["async"] = True
+    doc["spec"]["rl"].update({"async": True, "rolloutCorrection": "tis"})
     run(doc, workdir, "grpo-async")
     lines = metrics(workdir, "grpo-async")
     assert [m["staleness"] for m in lines] == [0] + [1] * 9
     rises(lines, margin=0.05)
+    # truncated importance sampling against the engines' logprobs: step 1 is on-policy (the same weights in
+    # the transformers engine, so only float noise), later steps sample with the previous step's weights
+    gaps = [m["rollout_logprob_gap"] for m in lines]
+    assert gaps[0] < 1e-3 and min(gaps[1:]) > gaps[0], gaps
+    assert all(0 <= m["rollout_corrected_fraction"] <= 1 and m["rollout_ratio_mean"] > 0 for m in lines)
 
 
 def test_killed_after_a_checkpoint_resumes_with_the_same_metrics(workdir, ray_local):
@@ -230,11 +235,14 @@ def test_grpo_with_vllm_rollouts_learns(workdir, ray_local):
     pytest.importorskip("vllm")
     _vllm_model(workdir)
     doc = grpo_job(model={"source": "model128"}, roles={"rollout": {"engine": "vllm"}})
+    doc["spec"]["rl"]["rolloutCorrection"] = "mis"
     summary = run(doc, workdir, "grpo-vllm")
     assert summary["roles"]["rollout"]["engine"] == "vllm"
     lines = metrics(workdir, "grpo-vllm")
     assert all(m["sync_bytes"] > 0 for m in lines)
     rises(lines, margin=0.05)
+    # vLLM's sampled-token logprobs reach the learner: close to the trainer's (same weights, other kernels)
+    assert all(0 <= m["rollout_logprob_gap"] < 0.05 for m in lines), [m["rollout_logprob_gap"] for m in lines]
 
 
 @pytest.mark.gpu

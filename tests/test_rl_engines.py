@@ -79,10 +79,11 @@ def _learner_greedy(model, tok, prompts) -> list[list[int]]:
     return out
 
 
-def _check_shapes(gens: list[Generation], prompts, n: int) -> None:
+def _check_shapes(gens: list[Generation], prompts, n: int, *, logprobs: bool = True) -> None:
     assert [g.prompt_token_ids for g in gens] == prompts
     for g in gens:
-        assert len(g.token_ids) == len(g.logprobs) == len(g.texts) == n
+        assert len(g.token_ids) == len(g.texts) == n
+        assert len(g.logprobs) == (n if logprobs else 0)  # none computed unless asked (rl.rolloutCorrection)
         for toks, lps in zip(g.token_ids, g.logprobs):
             assert 1 <= len(toks) <= MAX_NEW
             assert len(lps) == len(toks)
@@ -99,10 +100,11 @@ def _sync_roundtrip(engine, folder) -> None:
 
     engine.load_weights((name, p.detach().clone()) for name, p in learner.named_parameters())
     gens = engine.generate(prompts, greedy)
-    _check_shapes(gens, prompts, 1)
+    _check_shapes(gens, prompts, 1, logprobs=False)
     assert [g.token_ids[0] for g in gens] == want
 
-    sampled = engine.generate(prompts, Sampling(n=3, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9))
+    sampled = engine.generate(prompts, Sampling(n=3, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9,
+                                                logprobs=True))
     _check_shapes(sampled, prompts, 3)
 
 
@@ -141,7 +143,7 @@ def test_vllm_tied_model_is_stale_without_the_retie(tmp_path, monkeypatch):
 def test_transformers_greedy_logprobs_are_the_argmax(model_folder):
     engine = TransformersEngine(model_folder)
     prompt = _prompts(engine.tokenizer)[0]
-    gen = engine.generate([prompt], Sampling.greedy_decoding(max_new_tokens=4))[0]
+    gen = engine.generate([prompt], Sampling.greedy_decoding(max_new_tokens=4, logprobs=True))[0]
     ids = torch.tensor([prompt + gen.token_ids[0]])
     with torch.no_grad():
         logp = torch.log_softmax(engine.model(ids).logits[0].float(), -1)

@@ -154,6 +154,30 @@ def test_world_size_one_matches_two(ray_local, model_path, full_run):
     torch.testing.assert_close(after, full_run["after"], atol=1e-4, rtol=1e-4)
 
 
+def test_truncated_importance_weights_scale_the_step(ray_local, model_path, full_run):
+    """rl.rolloutCorrection tis: engines whose logprobs are log 2 below the trainer's give rho = 2 on every
+    token, truncated at the cap 1.5, so the first step's loss and gradient are 1.5 times the plain step's."""
+    import math
+
+    batch = full_run["batch"]
+    mask = torch.tensor(batch["completion_mask"])
+    rollout = torch.where(mask.bool(), full_run["before"] - math.log(2.0), 0.0)
+    rl = {**RL, "rolloutCorrection": "tis", "rolloutCorrectionCap": 1.5}
+    workers = start(1, model_path, FULL, rl)
+    try:
+        metrics = call(workers, "train_step", dict(batch, rollout_logprobs=rollout.tolist()))
+        with pytest.raises(ray.exceptions.RayTaskError, match="rolloutCorrection needs"):
+            call(workers, "train_step", batch)  # the engines sent no logprobs
+    finally:
+        stop(workers)
+    plain = full_run["metrics"]
+    assert metrics["loss"] == pytest.approx(1.5 * plain["loss"], rel=1e-4)
+    assert metrics["grad_norm"] == pytest.approx(1.5 * plain["grad_norm"], rel=1e-3)
+    assert metrics["rollout_ratio_mean"] == pytest.approx(2.0, rel=1e-4)
+    assert metrics["rollout_corrected_fraction"] == 1.0
+    assert metrics["rollout_logprob_gap"] == pytest.approx(math.log(2.0), rel=1e-4)
+
+
 def test_exported_weights_drive_engine(model_path, full_run, tok):
     from transformers import AutoModelForCausalLM
 

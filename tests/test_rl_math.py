@@ -451,3 +451,54 @@ def test_registry_rejects_duplicates_and_lists_choices_for_unknown_names():
         ADVANTAGE_ESTIMATORS.get("ppo")
     with pytest.raises(ValueError, match="unknown policy loss 'gspo'; choose one of: dapo, dr_grpo, grpo"):
         POLICY_LOSSES.get("gspo")
+
+
+# --- rollout correction (rl.rolloutCorrection) -------------------------------------------------------
+
+def test_rollout_correction_weights_hand_computed():
+    from posttrain.jobs.rl.math.algos import rollout_correction_weights
+
+    # rho = exp(old - rollout) per token: 2, 0.5, 4 on the first row; 1 on the second; padding last
+    old = torch.tensor([[math.log(2.0), math.log(0.5), math.log(4.0)], [0.0, -1.0, 9.0]], dtype=D)
+    rollout = torch.zeros_like(old)
+    rollout[1, 1] = -1.0
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    tis, m = rollout_correction_weights(old, rollout, mask, mode="tis", cap=3.0)
+    torch.testing.assert_close(tis, torch.tensor([[2.0, 0.5, 3.0], [1.0, 1.0, 0.0]], dtype=D))
+    assert m["rollout_corrected_fraction"].item() == pytest.approx(1 / 5)  # the 4 of five valid tokens
+    assert m["rollout_ratio_mean"].item() == pytest.approx((2 + 0.5 + 4 + 1 + 1) / 5)
+    assert m["rollout_logprob_gap"].item() == pytest.approx((2 * math.log(2) + math.log(4)) / 5)
+    mis, _ = rollout_correction_weights(old, rollout, mask, mode="mis", cap=3.0)
+    torch.testing.assert_close(mis, torch.tensor([[2.0, 0.5, 0.0], [1.0, 1.0, 0.0]], dtype=D))
+    with pytest.raises(ValueError, match="tis or mis"):
+        rollout_correction_weights(old, rollout, mask, mode="none", cap=3.0)
+
+
+def test_token_weights_scale_each_tokens_loss():
+    # on-policy (ratio 1): per-token loss -A * w; grpo's per-sequence mean of it
+    logp = torch.zeros((2, 2), dtype=D, requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]], dtype=D)
+    mask = torch.ones((2, 2))
+    w = torch.tensor([[2.0, 0.0], [0.5, 1.0]], dtype=D)
+    loss, _ = POLICY_LOSSES.get("grpo")(logp, logp.detach(), adv, mask, token_weights=w)
+    # sequence 0: mean(-2, 0) = -1; sequence 1: mean(0.5, 1) = 0.75; batch mean -0.125
+    assert loss.item() == pytest.approx(-0.125)
+    plain, _ = POLICY_LOSSES.get("grpo")(logp, logp.detach(), adv, mask)
+    assert plain.item() == pytest.approx(0.0)
+    for name in ("dr_grpo", "dapo"):  # every loss takes them
+        weighted, _ = POLICY_LOSSES.get(name)(logp, logp.detach(), adv, mask, token_weights=torch.zeros_like(w))
+        assert weighted.item() == 0.0
+
+
+def test_pad_batch_carries_the_engines_logprobs_only_when_every_sample_has_them():
+    from posttrain.jobs.rl.batch import pad_batch
+    from posttrain.jobs.rl.engines import Generation
+
+    gens = [Generation(prompt_token_ids=[5, 6], token_ids=[[7], [8, 9]], logprobs=[[-0.5], [-1.0, -2.0]],
+                       texts=["a", "b"])]
+    batch, generated = pad_batch(gens, pad_id=0)
+    assert generated == 3
+    torch.testing.assert_close(batch["rollout_logprobs"],
+                               torch.tensor([[0.0, 0.0, -0.5, 0.0], [0.0, 0.0, -1.0, -2.0]]))
+    gens[0].logprobs = []  # an engine asked for none
+    assert "rollout_logprobs" not in pad_batch(gens, pad_id=0)[0]

@@ -91,15 +91,20 @@ def merge_scores(parts: list[RewardBatch], *, step_rewards: bool) -> RewardBatch
 def pad_batch(gens: list[Any], pad_id: int) -> tuple[dict[str, Any], int]:
     """Learner rows (prompt + completion, right-padded) and the number of generated tokens.
 
-    Returns `input_ids`, `attention_mask`, `completion_mask`, each (B, L) long tensors.
+    Returns `input_ids`, `attention_mask`, `completion_mask`, each (B, L) long tensors, and, when the
+    engines returned every sampled token's logprob, `rollout_logprobs` (B, L) float32 aligned with
+    `input_ids` (0 off the completion): what `rl.rolloutCorrection` weighs against the trainer's.
     """
     import torch
 
-    rows, masks = [], []
+    rows, masks, logps = [], [], []
     for g in gens:
-        for toks in g.token_ids:
+        for i, toks in enumerate(g.token_ids):
             rows.append(list(g.prompt_token_ids) + list(toks))
             masks.append([0] * len(g.prompt_token_ids) + [1] * len(toks))
+            lp = g.logprobs[i] if i < len(g.logprobs) else None
+            logps.append([0.0] * len(g.prompt_token_ids) + list(lp) if lp is not None and len(lp) == len(toks)
+                         else None)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -108,7 +113,13 @@ def pad_batch(gens: list[Any], pad_id: int) -> tuple[dict[str, Any], int]:
         ids[i, :len(r)] = torch.tensor(r)
         attention[i, :len(r)] = 1
         completion[i, :len(m)] = torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}, int(completion.sum())
+    out = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+    if rows and all(lp is not None for lp in logps):
+        rollout = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, lp in enumerate(logps):
+            rollout[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        out["rollout_logprobs"] = rollout
+    return out, int(completion.sum())
 
 
 def line_end_tokens(token_ids: list[int], tokenizer: Any) -> list[int]:

@@ -168,7 +168,7 @@ class RLRun:
         rl = self.rl
         stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         return Sampling(n=rl.group_size, max_new_tokens=rl.max_new_tokens, temperature=rl.temperature,
-                        top_p=rl.top_p, stop_token_ids=tuple(stops))
+                        top_p=rl.top_p, stop_token_ids=tuple(stops), logprobs=rl.rollout_correction != "none")
 
     def launch_generate(self, step: int) -> tuple[list[Any], list[Any]]:
         """Send step `step`'s prompts to the rollout actors (split evenly); returns prompts and object refs."""

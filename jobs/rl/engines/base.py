@@ -2,7 +2,7 @@
 
 A rollout actor owns one engine and calls it through `RolloutEngine`:
 
-    gens = engine.generate([[12, 7, 99], [5, 6]], Sampling(n=8, max_new_tokens=64, temperature=1.0))
+    gens = engine.generate([[12, 7, 99], [5, 6]], Sampling(n=8, max_new_tokens=64, temperature=1.0, logprobs=True))
     gens[0].token_ids[3], gens[0].logprobs[3]                # sample 3 of prompt 0: ids, logprob of each id
     engine.load_weights(learner_model.named_parameters())    # weight sync after a learner step
     engine.sleep(); engine.wake()                            # colocated: hand the device to the learner
@@ -43,6 +43,9 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
+    # Return each sampled token's logprob (Generation.logprobs); off, the engine computes none (vLLM then
+    # skips its full-vocabulary log-softmax). rl.rolloutCorrection is what needs them.
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -60,13 +63,16 @@ class Sampling:
         return self.temperature == 0
 
     @classmethod
-    def greedy_decoding(cls, max_new_tokens: int = 64, stop_token_ids: Sequence[int] = ()) -> Sampling:
-        return cls(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
+    def greedy_decoding(cls, max_new_tokens: int = 64, stop_token_ids: Sequence[int] = (), *,
+                        logprobs: bool = False) -> Sampling:
+        return cls(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids),
+                   logprobs=logprobs)
 
 
 @dataclass
 class Generation:
-    """The `n` completions of one prompt. `token_ids[i]` and `logprobs[i]` have the same length."""
+    """The `n` completions of one prompt. `token_ids[i]` and `logprobs[i]` have the same length; `logprobs`
+    is empty unless the sampling asked for them (`Sampling.logprobs`)."""
 
     prompt_token_ids: list[int]
     token_ids: list[list[int]] = field(default_factory=list)

@@ -82,7 +82,7 @@ class TransformersEngine(RolloutEngine):
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.n,
             eos_token_id=stops or None, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_logits=True, top_k=0,
+            return_dict_in_generate=True, output_logits=sampling.logprobs, top_k=0,
         )
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None)
@@ -91,8 +91,10 @@ class TransformersEngine(RolloutEngine):
         with torch.no_grad():
             res = self.model.generate(input_ids=ids.to(self._device), attention_mask=mask.to(self._device), **kwargs)
         new = res.sequences[:, width:].cpu()                               # (batch * n, steps)
-        logits = torch.stack(res.logits, dim=1).float().cpu()              # (batch * n, steps, vocab), raw
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        lp = None
+        if sampling.logprobs:
+            logits = torch.stack(res.logits, dim=1).float().cpu()          # (batch * n, steps, vocab), raw
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
         stop_set = set(stops)
         gens = [Generation(prompt_token_ids=list(p)) for p in prompts]
         for row in range(new.shape[0]):
@@ -100,7 +102,8 @@ class TransformersEngine(RolloutEngine):
             end = next((i + 1 for i, t in enumerate(toks) if t in stop_set), len(toks))
             g = gens[row // sampling.n]
             g.token_ids.append(toks[:end])
-            g.logprobs.append(lp[row, :end].tolist())
+            if lp is not None:
+                g.logprobs.append(lp[row, :end].tolist())
             g.texts.append(self.tokenizer.decode(toks[:end], skip_special_tokens=True))
         return gens
 

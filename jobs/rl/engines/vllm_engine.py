@@ -186,7 +186,8 @@ class VLLMEngine(RolloutEngine):
         params = SamplingParams(
             n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p, top_k=0,
-            stop_token_ids=list(sampling.stop_token_ids), logprobs=0, detokenize=True,
+            stop_token_ids=list(sampling.stop_token_ids), logprobs=0 if sampling.logprobs else None,
+            detokenize=True,
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -196,7 +197,8 @@ class VLLMEngine(RolloutEngine):
             for comp in out.outputs:
                 toks = list(comp.token_ids)
                 g.token_ids.append(toks)
-                g.logprobs.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [])])
+                if sampling.logprobs:
+                    g.logprobs.append([float(step[t].logprob) for t, step in zip(toks, comp.logprobs or [])])
                 g.texts.append(comp.text)
             gens.append(g)
         return gens

@@ -6,7 +6,8 @@ registries (a duplicate name is an error, an unknown one lists the choices):
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.advantage)    # grpo, dr_grpo, rloo, gae, grpo_process
     advantages, returns = estimator(rewards, mask, group_size=G, values=values, gamma=..., lam=...)
     loss_fn = POLICY_LOSSES.get(cfg.loss)                  # grpo, dr_grpo, dapo
-    loss, metrics = loss_fn(logp, old_logp, advantages, mask, clip_low=..., clip_high=..., kl_penalty=...)
+    loss, metrics = loss_fn(logp, old_logp, advantages, mask, clip_low=..., clip_high=..., kl_penalty=...,
+                            token_weights=...)      # optional: rollout_correction_weights(...)
 
 Calling convention, the same for every entry so the loop never branches on
 the name: positional tensors, then keyword options; each entry takes the
@@ -234,9 +235,39 @@ def grpo_process_advantages(rewards: Tensor, mask: Tensor, *, group_size: int, s
 grpo_process_advantages.step_rewards = True  # type: ignore[attr-defined]
 
 
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+
+
+@torch.no_grad()
+def rollout_correction_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, mode: str,
+                               cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token importance weights for samples drawn by the rollout engine but trained as if drawn by the
+    trainer's policy before the step: rho = exp(old_logprobs - rollout_logprobs) (engine kernels, precision,
+    or async staleness make the two differ).
+
+    tis (truncated IS, Yao et al. 2025): min(rho, cap); mis (masked IS): rho, and 0 where rho > cap (the token
+    leaves the loss). All (B, T) -> weights (B, T), 0 off the mask, detached, and metrics over the mask:
+    rollout_ratio_mean (rho before the cap), rollout_corrected_fraction (tokens truncated or masked),
+    rollout_logprob_gap (mean |old - rollout|, the mismatch itself).
+    """
+    if mode not in ("tis", "mis"):
+        raise ValueError(f"rollout correction must be tis or mis, got {mode!r}")
+    m = mask.bool()
+    gap = torch.where(m, _float(old_logprobs) - _float(rollout_logprobs), 0.0)
+    rho = torch.exp(gap.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    over = m & (rho > cap)
+    weights = rho.clamp(max=cap) if mode == "tis" else torch.where(over, 0.0, rho)
+    metrics = {"rollout_ratio_mean": masked_mean(rho, mask),
+               "rollout_corrected_fraction": masked_mean(over.to(rho.dtype), mask),
+               "rollout_logprob_gap": masked_mean(gap.abs(), mask)}
+    return torch.where(m, weights, 0.0), metrics
+
+
 def _clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                       clip_low: float, clip_high: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-clip per-token loss max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(logp - logp_old).
+                       clip_low: float, clip_high: float,
+                       token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip per-token loss max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(logp - logp_old),
+    times `token_weights` (the rollout correction's, detached) when given.
 
     All (B, T) -> per-token loss (B, T), in at least float32, and detached scalar
     metrics over the mask: clip_fraction (share of tokens where the clipped term
@@ -252,6 +283,8 @@ def _clipped_surrogate(logprobs: Tensor, old_logprobs: Tensor, advantages: Tenso
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -273,7 +306,7 @@ def _with_kl(per_token: Tensor, kl_penalty: Tensor | None, mask: Tensor,
 @POLICY_LOSSES.register("grpo")
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               clip_low: float = 0.2, clip_high: float = 0.2, kl_penalty: Tensor | None = None,
-              **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
+              token_weights: Tensor | None = None, **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO objective (DeepSeekMath, arXiv:2402.03300, eq. 3): PPO-clip, mean over each
     sequence's tokens, then mean over sequences: 1/G sum_i 1/|o_i| sum_t l_it.
 
@@ -281,7 +314,8 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     optional): (B, T) -> (scalar loss, metrics). Sequences with no valid token
     are left out of the batch mean; an all-masked batch gives loss 0.
     """
-    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
+    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                            token_weights)
     per_token = _with_kl(per_token, kl_penalty, mask, metrics)
     lengths = masked_count(mask, dim=-1)
     per_sequence = masked_sum(per_token, mask, dim=-1) / lengths.clamp(min=1)
@@ -291,7 +325,8 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
 @POLICY_LOSSES.register("dr_grpo")
 def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  max_length: int | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
-                 kl_penalty: Tensor | None = None, **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
+                 kl_penalty: Tensor | None = None, token_weights: Tensor | None = None,
+                 **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """Dr. GRPO (Liu et al. 2025, arXiv:2503.20783): PPO-clip, each sequence's token *sum*
     divided by one constant, then mean over sequences: 1/B sum_i sum_t l_it / max_length.
 
@@ -300,7 +335,8 @@ def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mas
     same every step; None takes T, the padded width of this batch.
     Shapes and metrics as in `grpo_loss`.
     """
-    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
+    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                            token_weights)
     per_token = _with_kl(per_token, kl_penalty, mask, metrics)
     length = mask.shape[-1] if max_length is None else max_length
     if length < 1:
@@ -311,14 +347,15 @@ def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mas
 @POLICY_LOSSES.register("dapo")
 def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               clip_low: float = 0.2, clip_high: float = 0.28, kl_penalty: Tensor | None = None,
-              **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
+              token_weights: Tensor | None = None, **_: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO (Yu et al. 2025, arXiv:2503.14476): token-level mean over all valid tokens of the
     batch, sum_{i,t} l_it / sum_i |o_i|, with "clip-higher" ratio bounds [1 - clip_low, 1 + clip_high]
     (paper: 0.2 and 0.28) so low-probability tokens can rise further.
 
     Shapes and metrics as in `grpo_loss`.
     """
-    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high)
+    per_token, metrics = _clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                            token_weights)
     per_token = _with_kl(per_token, kl_penalty, mask, metrics)
     return masked_mean(per_token, mask), metrics
 

@@ -15,8 +15,9 @@ every rank (the methods run collectives, so all ranks must take part):
 Batch: `input_ids`, `attention_mask`, `completion_mask`, each (B, L) (lists or
 tensors; prompt and completion in one row, any padding side). `completion_mask`
 is 1 on the tokens the policy generated. `train_step` also takes `advantages`,
-(B,) or (B, L), and optionally `old_logprobs` (B, L) from the rollout (default:
-this policy's own logprobs at the start of the step, i.e. strictly on-policy).
+(B,) or (B, L), and optionally `old_logprobs` (B, L) (default: this policy's own logprobs at the
+start of the step) and `rollout_logprobs` (B, L), the engines' logprobs of the sampled tokens, which
+`rl.rolloutCorrection` (tis, mis) weighs each token's loss by (`math.algos.rollout_correction_weights`).
 Logprobs are aligned with `input_ids`: `logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])`,
 0 where `completion_mask` is 0. Rows are split contiguously across ranks; a
 batch whose size does not divide the world size is padded with empty rows.
@@ -52,10 +53,13 @@ import torch
 from torch import Tensor
 
 from ..engines.fused import Groups, unit_of
-from ..math.algos import POLICY_LOSSES
+from ..math.algos import POLICY_LOSSES, rollout_correction_weights
 from ..math.kl import entropy_from_logits, kl_penalty, uses_reference
 from ..math.masked import masked_mean
 from .sharded import ShardedWorker, position_ids, precision
+
+# train_step's metrics with rl.rolloutCorrection (see math.algos.rollout_correction_weights)
+CORRECTION_METRICS = ("rollout_ratio_mean", "rollout_corrected_fraction", "rollout_logprob_gap")
 
 if TYPE_CHECKING:
     from posttrain.api.spec import PostTrainingJob
@@ -175,26 +179,39 @@ class LearnerWorker(ShardedWorker):
             shard["ref_logprobs"] = self._logprobs(shard, reference=True)  # once per step
         clip_high = self.rl.clip_high if self.rl.clip_high is not None else self.rl.clip_low
 
+        correct = self.rl.rollout_correction != "none"
+        if correct and "rollout_logprobs" not in shard:
+            raise ValueError("rl.rolloutCorrection needs the rollout engines' logprobs (rollout_logprobs) in the "
+                             "batch; the engines returned none")
+        names = ("loss", "kl", "entropy", "clip_fraction") + (CORRECTION_METRICS if correct else ())
+
         def loss_of(mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             logp, logits = self._forward(self.model, mb)
             if not given_old and "old_logprobs" not in mb:
                 mb["old_logprobs"] = logp.detach()  # kept in the micro-batch dict for the next epochs
             penalty = kl_penalty(logp, mb.get("ref_logprobs"), mb["completion_mask"], beta=beta,
                                  estimator=self.rl.kl.estimator)
+            weights, corrected = None, {}
+            if correct:  # against the policy before the step (old), which the ratio's clipping is relative to
+                weights, corrected = rollout_correction_weights(
+                    mb["old_logprobs"], mb["rollout_logprobs"], mb["completion_mask"],
+                    mode=self.rl.rollout_correction, cap=self.rl.rollout_correction_cap)
             loss, metrics = self.loss_fn(logp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
                                          clip_low=self.rl.clip_low, clip_high=clip_high,
                                          max_length=self.rl.max_new_tokens,
-                                         kl_penalty=penalty if uses_reference(beta) else None)
+                                         kl_penalty=penalty if uses_reference(beta) else None,
+                                         token_weights=weights)
             with torch.no_grad():
                 mask = mb["completion_mask"]
                 entropy = masked_mean(entropy_from_logits(logits.detach(), mask), mask)
                 kl = masked_mean(penalty, mask) / beta if beta else torch.zeros(())
-                stats = torch.stack([loss.detach().double().cpu(), kl.double().cpu(), entropy.double().cpu(),
-                                     metrics["clip_fraction"].double().cpu()])
+                values = [loss.detach(), kl, entropy, metrics["clip_fraction"]] + [corrected[k] for k in
+                                                                                  names[4:]]
+                stats = torch.stack([v.double().cpu() for v in values])
             return loss, stats
 
         means, grad_norm = self.fit(self._micro(shard), loss_of)
-        totals = dict(zip(("loss", "kl", "entropy", "clip_fraction"), means))
+        totals = dict(zip(names, means))
         totals["grad_norm"] = grad_norm
         totals["lr"] = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()  # one schedule step per RL step

@@ -21,6 +21,7 @@ A task whose `finish` fails leaves no train.jsonl.
   `{prompt, reasoning, answer}` (sft with `format: cot`).
 - `instructions` (`generate_instructions.py`): self-instruct from seed records, deduplicated, with a
   diversity report; `{prompt, completion}` (sft).
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ with a blank line between seeds. Each request is sampled `candidates` times; a r
 instruction by keeping its text up to the first blank line or `Output:` line, without a leading
 `Instruction:` / `Task:` label or list marker. Then, in sampling order:
 
-- `empty`: nothing is left;
+- `empty`: nothing is left (a request too long for `training.maxSeqLength` is not sent and counted in
+  `requests_too_long`);
 - `duplicate`: equal to a seed or a kept instruction after normalisation (lowercase words);
 - `similar_to_seed` / `near_duplicate`: ROUGE-L F1 with a seed / a kept instruction above `maxSimilarity`;
 - otherwise it is kept and answered: `outputTemplate` filled with it, one sample; an empty answer is
@@ -34,7 +35,7 @@ from typing import Any
 
 from posttrain.jobs.algorithms import textstats
 
-COUNTS = ("requests", "generated", "empty", "duplicate", "similar_to_seed", "near_duplicate", "empty_outputs",
+COUNTS = ("requests", "requests_too_long", "generated", "empty", "duplicate", "similar_to_seed", "near_duplicate", "empty_outputs",
           "kept")
 LABEL = re.compile(r"^\s*(?:(?:new\s+)?(?:instruction|task)\s*\d*\s*[:.)-]|\d+\s*[.)]|[-*])\s*", re.IGNORECASE)
 OUTPUT_LINE = re.compile(r"^\s*(?:output|answer|response)\s*:", re.IGNORECASE)
@@ -116,6 +117,7 @@ class Instructions:
         gens = sampler.texts([self._as_prompt(self.request(u)) for u in units], sampling,
                              step_seed(self.seed, step, 0))
         self.counts["requests"] += len(units)
+        self.counts["requests_too_long"] += sum(1 for g in gens if not g.texts)  # not sent: see Sampler.texts
         new: list[str] = []
         for reply in (t for g in gens for t in g.texts):
             self.counts["generated"] += 1
@@ -139,14 +141,14 @@ class Instructions:
                 records.append({"prompt": instruction, "completion": output})
         self.counts["kept"] += len(records)
         self.kept.extend(records)
-        return records, {k: self.counts[k] - before[k] for k in COUNTS if k != "requests"}
+        return records, {k: self.counts[k] - before[k] for k in COUNTS if not k.startswith("requests")}
 
     def finish(self, records: list[dict[str, Any]]) -> None:
         """Nothing kept is a failure with the count; the job then writes no data set."""
         if records:
             return
         c = self.counts
-        why = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in COUNTS[2:-1] if c[k]) or "none generated"
+        why = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in COUNTS[1:-1] if c[k] and k != "generated")
         raise ValueError(f"spec.generate: 0 of {c['generated']} generated instructions kept: {why}; nothing was "
                          "written (check spec.model, generate.instructionTemplate, maxSimilarity and maxNewTokens)")
 

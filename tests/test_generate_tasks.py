@@ -265,3 +265,29 @@ def test_a_resolved_traces_or_instructions_spec_validates_again_and_has_no_rewar
     doc["spec"]["roles"] = {"reward": {"replicas": 1}}
     assert errors(doc) == [("spec.roles.reward", f"task {generate['task']} has no judge and runs on "
                                                  "roles.rollout only; remove roles.reward")]
+
+
+# ---- the chain-of-thought distillation example --------------------------------------------------
+
+def test_the_distill_cot_example_pairs_a_verified_traces_job_with_a_cot_student(tmp_path):
+    import importlib.util
+
+    from support import REPO
+
+    folder = REPO / "examples" / "distill-cot"
+    spec = importlib.util.spec_from_file_location("distill_cot_make_data", folder / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    train, heldout = make_data.build(n_train=40, n_heldout=20, seed=3)
+    assert (len(train), len(heldout)) == (40, 20)
+    assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in heldout}
+    assert all(isinstance(r["answer"], int) and r["answer"] >= 0 for r in train + heldout)
+    assert make_data.build(n_train=40, n_heldout=20, seed=3) == (train, heldout)
+
+    from posttrain.api.load import load_job
+
+    traces, student = load_job(folder / "traces.yaml").spec, load_job(folder / "sft.yaml").spec
+    assert traces.generate.task == "traces" and traces.generate.verify and traces.generate.keep_per_prompt == 2
+    assert traces.data.train[0].source.endswith("demo-output/distill-cot/train.jsonl")
+    assert student.data.train[0].source == "ptj://cot-traces" and student.data.train[0].format == "cot"
+    assert student.evaluation.data.endswith("demo-output/distill-cot/heldout.jsonl")

@@ -291,3 +291,14 @@ def test_the_distill_cot_example_pairs_a_verified_traces_job_with_a_cot_student(
     assert traces.data.train[0].source.endswith("demo-output/distill-cot/train.jsonl")
     assert student.data.train[0].source == "ptj://cot-traces" and student.data.train[0].format == "cot"
     assert student.evaluation.data.endswith("demo-output/distill-cot/heldout.jsonl")
+
+
+def test_the_readme_shows_the_default_templates():
+    from support import REPO
+
+    from posttrain.api.generate import DEFAULT_INSTRUCTION, DEFAULT_TRACE
+
+    readme = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
+    for template in (DEFAULT_TRACE, DEFAULT_INSTRUCTION):
+        lines = [line.strip() for line in template.splitlines()]
+        assert any(readme[i:i + len(lines)] == lines for i in range(len(readme))), template

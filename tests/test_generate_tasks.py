@@ -302,3 +302,8 @@ def test_the_readme_shows_the_default_templates():
     for template in (DEFAULT_TRACE, DEFAULT_INSTRUCTION):
         lines = [line.strip() for line in template.splitlines()]
         assert any(readme[i:i + len(lines)] == lines for i in range(len(readme))), template
+
+
+def test_an_extractor_that_does_not_import_names_the_generate_field():
+    with pytest.raises(ValueError, match=r"^spec.generate.answer.extract: "):
+        task(Traces, task="traces", answer={"extract": "no_such_module_x:fn"})

@@ -105,7 +105,8 @@ class Traces:
 
     def __init__(self, ctx: Any) -> None:
         self.gen, self.data, self.seed = ctx.spec.generate, ctx.spec.data, ctx.spec.training.seed
-        self.extract = answers.extractor(self.gen.answer, base_dir=getattr(ctx, "base_dir", None))
+        self.extract = answers.extractor(self.gen.answer, base_dir=getattr(ctx, "base_dir", None),
+                                         where="spec.generate.answer")
         self.match = answers.scorer(self.gen.answer)
         self.counts = dict.fromkeys(COUNTS, 0)
 

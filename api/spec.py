@@ -466,9 +466,12 @@ class PostTrainingJobSpec(ApiModel):
         return self
 
     def ray_roles(self) -> tuple[str, ...]:
-        """The roles this job's Ray cluster has: evaluate's reward role only when it uses spec.rewards."""
+        """The roles this job's Ray cluster has: evaluate's reward role only when it uses spec.rewards, generate's
+        only for a judge (preference_pairs)."""
         roles = self.algorithm.roles()
         if self.algorithm is Algorithm.evaluate and not (self.evaluation and self.evaluation.needs_rewards()):
+            roles = tuple(r for r in roles if r != "reward")
+        if self.algorithm is Algorithm.generate and self.generate is not None and not self.generate.uses_judge():
             roles = tuple(r for r in roles if r != "reward")
         if self.evaluation is not None and "trainer" in roles:
             roles += ("rollout",)  # a supervised job's evaluation at the end

@@ -128,6 +128,12 @@ class Display:
             self.bar.close()
 
 
+# the counts a generate job's table shows, those of its task (preference_pairs, traces, instructions)
+GENERATE_ROWS = ("pairs_written", "ties_dropped", "unjudged_prompts", "unparseable_verdicts",
+                 "traces", "kept", "keep_rate", "wrong", "no_answer", "generated", "duplicate", "near_duplicate",
+                 "similar_to_seed", "empty")
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -146,8 +152,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("algorithm") == "generate":
         rows += [
             ("task", summary.get("task")),
-            *((k.replace("_", " "), summary.get(k)) for k in ("pairs_written", "ties_dropped", "unjudged_prompts",
-                                                                "unparseable_verdicts") if k in summary),
+            *((k.replace("_", " "), summary.get(k)) for k in GENERATE_ROWS if k in summary),
             *((f"role {name}", ", ".join(f"{k}={v}" for k, v in info.items() if k in
                                         ("actors", "engine", "judge", "mode", "verdict")))
               for name, info in (summary.get("roles") or {}).items()),

@@ -251,30 +251,38 @@ def build(data: DataSpec, tokenizer, *, seed: int, max_len: int, base: Path | No
 
 @dataclass
 class Prompt:
-    """One RL prompt: its token ids, its text (what rewards see), and the record's other fields."""
+    """One RL prompt: its token ids, its text (what rewards see), the record's other fields, and the prompt as
+    the record gives it (a string, or chat messages without a trailing assistant answer)."""
 
     ids: list[int]
     text: str
     fields: dict[str, Any]
+    raw: Any = None
 
 
 def render_prompt(record: dict[str, Any], data: DataSpec, tokenizer) -> tuple[str, bool]:
     """(prompt text, templated) of an RL record: `messages` (every turn up to the last user turn, with the
     generation prompt) or `prompt` (a string as is; a list of messages through the chat template)."""
-    if data.messages_field in record and record[data.messages_field] is not None:
-        msgs = list(record[data.messages_field])
-        while msgs and msgs[-1]["role"] == "assistant":  # a reference answer is not part of the prompt
-            msgs.pop()
-        if not msgs:
-            raise DataError("a messages record has no turn before its assistant answer")
-        return _chat(tokenizer, msgs, generation_prompt=True), True
-    if data.prompt_field not in record:
+    if record.get(data.messages_field) is None and data.prompt_field not in record:
         raise DataError(f"an RL record needs a {data.prompt_field!r} or {data.messages_field!r} field "
                         f"(set data.promptField); it has {sorted(record)}")
-    prompt = record[data.prompt_field]
+    prompt = _raw_prompt(record, data)
     if isinstance(prompt, list):
+        if not prompt:
+            raise DataError("a messages record has no turn before its assistant answer")
         return _chat(tokenizer, prompt, generation_prompt=True), True
     return str(prompt), False
+
+
+def _raw_prompt(record: dict[str, Any], data: DataSpec) -> Any:
+    """The record's prompt as given: `messages` without the trailing assistant answer (a reference answer is
+    not part of the prompt), else the `prompt` field."""
+    if record.get(data.messages_field) is None:
+        return record[data.prompt_field]
+    msgs = list(record[data.messages_field])
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    return msgs
 
 
 def build_prompts(data: DataSpec, tokenizer, *, seed: int, max_prompt_len: int,
@@ -303,7 +311,8 @@ def build_prompts(data: DataSpec, tokenizer, *, seed: int, max_prompt_len: int,
             if not ids or len(ids) > max_prompt_len:
                 stats.dropped += 1
                 continue
-            pool.append(Prompt(ids=ids, text=text, fields={k: v for k, v in record.items() if k not in prompt_keys}))
+            pool.append(Prompt(ids=ids, text=text, fields={k: v for k, v in record.items() if k not in prompt_keys},
+                               raw=_raw_prompt(record, data)))
         pools.append(pool)
     prompts = mix(pools, [len(ds) for ds in loaded], data.train, seed, stats)
     if not prompts:

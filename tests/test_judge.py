@@ -174,7 +174,8 @@ def errors(doc) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("generate, path, text", [
-    ({"task": "instructions"}, "spec.generate.task", "unknown task 'instructions'; choose one of preference_pairs"),
+    ({"task": "pairs"}, "spec.generate.task",
+     "unknown task 'pairs'; choose one of instructions, preference_pairs, traces"),
     ({"candidates": 1}, "spec.generate.candidates", "must be at least 2"),
     ({"judge": None}, "spec.generate.judge", "task preference_pairs needs a judge"),
     ({"judge": {"model": "j", "mode": "pairwise", "template": "Is {a} better? {prompt}"}},

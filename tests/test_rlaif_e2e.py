@@ -83,7 +83,11 @@ def test_generate_writes_judge_labelled_pairs_a_preference_job_reads(workdir, ra
     out = f"s3://{s3.bucket()}/runs/pairs"
     summary = driver.run(parse_job(doc, require_available=True), driver.RunOptions(output=out, base_dir=workdir))
     assert summary["status"] == "succeeded"
-    assert summary["artifact"] == {"kind": "dataset", "path": f"{out}/data/train.jsonl", "records": summary["records"]}
+    assert summary["artifact"] == {"kind": "dataset", "path": f"{out}/data/train.jsonl", "records": summary["records"],
+                                   "manifest": f"{out}/data/manifest.json"}
+    manifest = json.loads(storage.read_text(storage.resolve(f"{out}/data/manifest.json")))
+    assert manifest["task"] == "preference_pairs" and manifest["records"] == summary["records"]
+    assert manifest["judge"]["mode"] == "pairwise" and manifest["counts"]["pairs_written"] == summary["records"]
     text = storage.read_text(storage.resolve(f"{out}/data/train.jsonl"))
     records = [json.loads(line) for line in text.splitlines()]
     assert summary["pairs_written"] == len(records) == summary["records"]

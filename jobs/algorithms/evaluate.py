@@ -28,7 +28,7 @@ from typing import Any
 from posttrain.api.evaluation import EvalModel, EvaluationSpec
 from posttrain.api.spec import DataSource, ModelSpec
 from posttrain.jobs import data as data_mod
-from posttrain.jobs.algorithms.generate import role_actors, start_rollouts
+from posttrain.jobs.algorithms.generate import Sampler, role_actors, start_rollouts
 from posttrain.jobs.algorithms.rl import unwrap
 from posttrain.jobs.evaluation import answers, report
 from posttrain.jobs.evaluation.methods import Completion, Item, Task, run_method
@@ -36,7 +36,6 @@ from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
 
 RESULTS = "eval"  # <output>/eval/: eval.json, samples.jsonl, report.md, *.png
-CHUNK = 32  # prompts per generate call of one actor: bounds a transformers engine's batch
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -244,30 +243,15 @@ def _start_rewards(ctx: RunContext) -> list[Any]:
 
 
 def _generator(ev: EvaluationSpec, actors: list[Any], tokenizer: Any, data: Any):
-    """`generate(prompts, n=, greedy=, seed=)` over the rollout actors: prompts rendered as GRPO renders them
-    (a chat through the chat template), split between the actors in chunks, decoded texts back."""
-    import ray
-
-    from posttrain.jobs.rl import batch as batching
-    from posttrain.jobs.rl.engines import Sampling
-
-    stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    """`generate(prompts, n=, greedy=, seed=)` over the rollout actors (generate's `Sampler`: prompts rendered as
+    GRPO renders them, split between the actors in chunks), decoded texts back."""
+    sampler = Sampler(actors, tokenizer, data)
 
     def generate(prompts: list[Any], *, n: int, greedy: bool, seed: int) -> list[list[Completion]]:
-        sampling = Sampling(n=n, max_new_tokens=ev.max_new_tokens, temperature=0.0 if greedy else ev.temperature,
-                            top_p=ev.top_p, stop_token_ids=stops)
-        ids = []
-        for p in prompts:
-            text, templated = data_mod.render_prompt({data.prompt_field: p}, data, tokenizer)
-            ids.append(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        out: list[list[Completion]] = []
-        for c, start in enumerate(range(0, len(ids), CHUNK * len(actors))):
-            parts = batching.split(ids[start:start + CHUNK * len(actors)], len(actors))
-            refs = [a.generate.remote(part, sampling, batching.step_seed(seed, c, i))
-                    for i, (a, part) in enumerate(zip(actors, parts)) if part]
-            for gen in (g for chunk in ray.get(refs) for g in chunk):
-                out.append([Completion(text=t, tokens=len(tok)) for t, tok in zip(gen.texts, gen.token_ids)])
-        return out
+        sampling = sampler.sampling(n=n, max_new_tokens=ev.max_new_tokens,
+                                    temperature=0.0 if greedy else ev.temperature, top_p=ev.top_p)
+        return [[Completion(text=t, tokens=len(tok)) for t, tok in zip(gen.texts, gen.token_ids)]
+                for gen in sampler.texts(prompts, sampling, seed)]
 
     return generate
 

@@ -1,19 +1,26 @@
 """`algorithm: generate`: a job that writes a data set with the policy `spec.model` (on the rollout role).
 
     posttrain run examples/generate-pairs.yaml --output out/pairs      # -> out/pairs/data/train.jsonl
+    posttrain run examples/distill-cot/traces.yaml --output out/traces
 
-`spec.generate.task` picks an entry of `TASKS`: a class built with the run context whose `start()`
-starts the task's own actors, `batch(prompts, generations)` turns one batch of prompts and their
-sampled candidates into records (and that batch's metrics), `summary()` gives its counts and
-`close()` stops its actors. The job around it is the same for every task: read the prompts
-(bad input fails before anything is written), start the rollout actors (vLLM or transformers engines,
-as in GRPO) and the task's actors, sample `candidates` completions per prompt in batches of
-`promptsPerBatch` (one logged step each), and write every record to `<output>/data/train.jsonl` at the
-end, whole (also on object storage), with the counts in summary.json.
+`spec.generate.task` picks an entry of `TASKS`: a class built with the run context whose `units(prompts)`
+gives the work items (the data's prompts, or for instructions one item per request), `start()` starts
+the task's own actors, `batch(items, sampler, step)` samples through the `Sampler` (the rollout actors)
+and turns one batch into records (and that batch's metrics), `finish(records)` refuses an unusable
+result, `summary()` and `manifest()` give its counts and settings, and `close()` stops its actors. The
+job around it is the same for every task: read the prompts (bad input fails before anything is
+written), start the rollout actors (vLLM or transformers engines, as in GRPO) and the task's actors,
+run the items in batches of `promptsPerBatch` (one logged step each), and write every record to
+`<output>/data/train.jsonl` at the end, whole, then `<output>/data/manifest.json` (task, model,
+templates, sampling settings, counts, time; also on object storage), with the counts in summary.json.
+A task whose `finish` fails leaves no train.jsonl.
 
-`preference_pairs` (`generate_pairs.py`): the judge (`spec.generate.judge`, on the reward role) scores
-the candidates; the best and the worst become `{prompt, chosen, rejected}`, which `dpo` and `reward`
-jobs read.
+- `preference_pairs` (`generate_pairs.py`): the judge (`spec.generate.judge`, on the reward role) scores
+  the candidates; the best and the worst become `{prompt, chosen, rejected}` (dpo, reward).
+- `traces` (`generate_traces.py`): reasoning traces, kept when their answer matches the record's;
+  `{prompt, reasoning, answer}` (sft with `format: cot`).
+- `instructions` (`generate_instructions.py`): self-instruct from seed records, deduplicated, with a
+  diversity report; `{prompt, completion}` (sft).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ from posttrain.jobs.run.context import RunContext
 
 TASKS: Registry[Any] = Registry("generate task")
 TASKS.add("preference_pairs", "posttrain.jobs.algorithms.generate_pairs:PreferencePairs")
+TASKS.add("traces", "posttrain.jobs.algorithms.generate_traces:Traces")
+TASKS.add("instructions", "posttrain.jobs.algorithms.generate_instructions:Instructions")
 DATA_FILE = tuple(refs.DATA_FILE.split("/"))  # where `ptj://<this job>` as a data source points
+MANIFEST = "manifest.json"  # beside DATA_FILE, written after it
+CHUNK = 32  # prompts per generate call of one actor (Sampler.texts): bounds a transformers engine's batch
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    from posttrain.jobs.rl import batch as batching
-
     spec, gen = ctx.spec, ctx.spec.generate
     assert gen is not None  # the API requires it for algorithm generate
     try:
@@ -48,48 +57,122 @@ def run(ctx: RunContext) -> dict[str, Any]:
     tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=gen.max_new_tokens,
                                              field="spec.generate.maxNewTokens")
     check_judges(ctx)
-    batches = math.ceil(len(prompts) / gen.prompts_per_batch)
+    task = task_cls(ctx)
+    units = task.units(prompts)
+    batches = math.ceil(len(units) / gen.prompts_per_batch)
+    started = time.time()
     ctx.begin(total_steps=batches, summary={
         "task": gen.task, "data": {"prompts": stats.train_examples, "dropped": stats.dropped, "sets": stats.sets}})
     error: BaseException | None = None
-    task: Any = None
     records: list[dict[str, Any]] = []
-    rollouts: dict[str, Any] = {"actors": []}
+    actors: list[Any] = []
     try:
         with ctx.ray():
             import ray
 
             try:
-                rollouts = _start_rollouts(ctx)
-                task = task_cls(ctx)
-                ctx.summary["roles"] = {"rollout": rollouts["info"], **task.start()}
+                actors, info = _start_rollouts(ctx)
+                sampler = Sampler(actors, tokenizer, spec.data, seed=spec.training.seed,
+                                  max_prompt_tokens=spec.training.max_seq_length - gen.max_new_tokens)
+                ctx.summary["roles"] = {"rollout": info, **task.start()}
                 ctx.phase("generating")
-                sampling = _sampling(gen, tokenizer)
                 for b in range(batches):
-                    part = prompts[b * gen.prompts_per_batch:(b + 1) * gen.prompts_per_batch]
                     t0 = time.perf_counter()
-                    chunks = batching.split(part, len(rollouts["actors"]))
-                    refs = [actor.generate.remote([p.ids for p in chunk], sampling,
-                                                  batching.step_seed(spec.training.seed, b, i))
-                            for i, (actor, chunk) in enumerate(zip(rollouts["actors"], chunks)) if chunk]
-                    gens = [g for chunk in ray.get(refs) for g in chunk]
-                    t_gen = time.perf_counter() - t0
-                    new, line = task.batch(part, gens)
+                    new, line = task.batch(units[b * gen.prompts_per_batch:(b + 1) * gen.prompts_per_batch],
+                                           sampler, b)
                     records.extend(new)
-                    ctx.log(b + 1, {**line, "records": len(records), "time_generate": round(t_gen, 4),
+                    ctx.log(b + 1, {**line, "records": len(records), "time_generate": round(sampler.seconds, 4),
                                     "time_step": round(time.perf_counter() - t0, 4)})
+                    sampler.seconds = 0.0
+                task.finish(records)
                 ctx.phase("saving")
                 dest = ctx.folder.loc.child(*DATA_FILE)
                 storage.write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                ctx.saved(kind="dataset", path=dest.uri, records=len(records))
+                book = ctx.folder.loc.child(*DATA_FILE[:-1], MANIFEST)
+                storage.write_text(book, json.dumps(manifest(ctx, task, records, started=started), indent=2,
+                                                    ensure_ascii=False) + "\n")
+                ctx.saved(kind="dataset", path=dest.uri, records=len(records), manifest=book.uri)
             finally:
-                for actor in rollouts["actors"]:
+                for actor in actors:
                     ray.kill(actor)
-                if task is not None:
-                    task.close()
+                task.close()
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
         error = unwrap(exc)
-    return ctx.finish(error, records=len(records), **(task.summary() if task is not None else {}))
+    return ctx.finish(error, records=len(records), **task.summary())
+
+
+def manifest(ctx: RunContext, task: Any, records: list[dict[str, Any]], *, started: float) -> dict[str, Any]:
+    """What `<output>/data/manifest.json` says about the data set: how it was made and what it holds."""
+    spec, gen = ctx.spec, ctx.spec.generate
+    return {
+        "task": gen.task, "file": DATA_FILE[-1], "records": len(records), "format": task.FORMAT,
+        "model": {"source": spec.model.source, "dtype": spec.model.dtype},
+        "data": [src.source for src in spec.data.train],
+        "sampling": {"candidates": gen.candidates, "maxNewTokens": gen.max_new_tokens,
+                     "temperature": gen.temperature, "topP": gen.top_p, "seed": spec.training.seed,
+                     "promptsPerBatch": gen.prompts_per_batch},
+        **task.manifest(), "counts": task.summary(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started, 3),
+    }
+
+
+class Sampler:
+    """Samples from the rollout actors: `ids(...)` for token ids, `texts(...)` for prompts given as strings or
+    chat messages (rendered as GRPO renders them, split between the actors in chunks of `CHUNK` each).
+    `seconds` adds up the time spent sampling (the caller resets it per step)."""
+
+    def __init__(self, actors: list[Any], tokenizer: Any, data: Any, *, seed: int = 0,
+                 max_prompt_tokens: int | None = None) -> None:
+        self.actors, self.tokenizer, self.data = actors, tokenizer, data
+        self.seed, self.max_prompt_tokens, self.seconds = seed, max_prompt_tokens, 0.0
+
+    def sampling(self, *, n: int, max_new_tokens: int, temperature: float, top_p: float):
+        from posttrain.jobs.rl.engines import Sampling
+
+        eos = self.tokenizer.eos_token_id
+        return Sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        stop_token_ids=(eos,) if eos is not None else ())
+
+    def ids(self, prompt_ids: list[list[int]], sampling: Any, step: int) -> list[Any]:
+        """One call per actor, seeded by (the job's seed, `step`, the actor)."""
+        import ray
+
+        from posttrain.jobs.rl import batch as batching
+
+        t0 = time.perf_counter()
+        chunks = batching.split(prompt_ids, len(self.actors))
+        refs = [actor.generate.remote(chunk, sampling, batching.step_seed(self.seed, step, i))
+                for i, (actor, chunk) in enumerate(zip(self.actors, chunks)) if chunk]
+        out = [g for chunk in ray.get(refs) for g in chunk]
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def texts(self, prompts: list[Any], sampling: Any, seed: int) -> list[Any]:
+        """A `Generation` per prompt; a prompt longer than `max_prompt_tokens` is not sent and gets one with
+        no texts."""
+        import ray
+
+        from posttrain.jobs import data as data_mod
+        from posttrain.jobs.rl import batch as batching
+        from posttrain.jobs.rl.engines import Generation
+
+        t0 = time.perf_counter()
+        ids = []
+        for p in prompts:
+            text, templated = data_mod.render_prompt({self.data.prompt_field: p}, self.data, self.tokenizer)
+            ids.append(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        sent = [i for i, x in enumerate(ids) if self.max_prompt_tokens is None or len(x) <= self.max_prompt_tokens]
+        out = [Generation(prompt_token_ids=x) for x in ids]
+        per_call = CHUNK * len(self.actors)
+        for c, start in enumerate(range(0, len(sent), per_call)):
+            parts = batching.split(sent[start:start + per_call], len(self.actors))
+            refs = [a.generate.remote([ids[i] for i in part], sampling, batching.step_seed(seed, c, k))
+                    for k, (a, part) in enumerate(zip(self.actors, parts)) if part]
+            done = [i for part in parts for i in part]
+            for i, g in zip(done, (g for chunk in ray.get(refs) for g in chunk)):
+                out[i] = g
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def actor_options(role: str, cpus: float, gpus: float) -> dict[str, Any]:
@@ -129,16 +212,7 @@ def start_rollouts(ctx: RunContext, model: dict[str, Any], *, engine: str, seed:
     return actors, {"actors": sized.count, "engine": setups[0]["engine"], "resources_per_actor": sized.resources()}
 
 
-def _start_rollouts(ctx: RunContext) -> dict[str, Any]:
+def _start_rollouts(ctx: RunContext) -> tuple[list[Any], dict[str, Any]]:
     spec = ctx.spec
     engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
-    actors, info = start_rollouts(ctx, spec.model.wire(), engine=engine, seed=spec.training.seed)
-    return {"actors": actors, "info": info}
-
-
-def _sampling(gen: Any, tokenizer: Any):
-    from posttrain.jobs.rl.engines import Sampling
-
-    stops = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-    return Sampling(n=gen.candidates, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                    top_p=gen.top_p, stop_token_ids=stops)
+    return start_rollouts(ctx, spec.model.wire(), engine=engine, seed=spec.training.seed)

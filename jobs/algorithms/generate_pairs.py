@@ -26,6 +26,8 @@ from posttrain.jobs.run.context import RunContext
 class PreferencePairs:
     """The task's actors and its per-batch work (see `posttrain.jobs.algorithms.generate`)."""
 
+    FORMAT = "preference"  # {prompt, chosen, rejected}: what dpo and reward jobs read
+
     def __init__(self, ctx: RunContext) -> None:
         self.ctx, self.gen = ctx, ctx.spec.generate
         self.judges: list[Any] = []
@@ -45,11 +47,17 @@ class PreferencePairs:
         return {"reward": {"actors": sized.count, "judge": self.gen.judge.model, **info,
                            "resources_per_actor": sized.resources()}}
 
-    def batch(self, prompts: list[Any], gens: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def units(self, prompts: list[Any]) -> list[Any]:
+        return prompts
+
+    def batch(self, prompts: list[Any], sampler: Any, step: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         import ray
 
         from posttrain.jobs.rl import batch as batching
 
+        gen = self.gen
+        gens = sampler.ids([p.ids for p in prompts], sampler.sampling(
+            n=gen.candidates, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p), step)
         items = [(p.text, list(g.texts)) for p, g in zip(prompts, gens)]
         parts = batching.split(items, len(self.judges))
         scored = [s for chunk in ray.get([j.candidate_scores.remote(part)
@@ -72,8 +80,15 @@ class PreferencePairs:
             self.counts[key] += n
         return records, {"pairs": len(records), "ties": ties, "unjudged": unjudged, "unparseable": unparseable}
 
+    def finish(self, records: list[dict[str, Any]]) -> None:
+        """Any number of pairs is a result (ties and unjudged prompts are counted in the summary)."""
+
     def summary(self) -> dict[str, Any]:
         return dict(self.counts)
+
+    def manifest(self) -> dict[str, Any]:
+        judge = self.gen.judge
+        return {"judge": judge.model_dump(mode="json", by_alias=True), "minMargin": self.gen.min_margin}
 
     def close(self) -> None:
         import ray

@@ -62,9 +62,10 @@ def regex_extractor(pattern: str) -> Extractor:
     return extract
 
 
-def extractor(spec: Any, *, base_dir: str | Path | None = None) -> Extractor:
-    """The extraction function of an `AnswerSpec` (`spec.extract`, `spec.pattern`); a `module:function` is
-    imported here, so a typo fails before anything is written (ValueError naming the field)."""
+def extractor(spec: Any, *, base_dir: str | Path | None = None, where: str = "spec.evaluation.answer") -> Extractor:
+    """The extraction function of an `AnswerSpec` (`spec.extract`, `spec.pattern`; `where` is its field path);
+    a `module:function` is imported here, so a typo fails before anything is written (ValueError naming the
+    field)."""
     name = spec.extract
     if name == "last_number":
         return last_number
@@ -82,15 +83,15 @@ def extractor(spec: Any, *, base_dir: str | Path | None = None) -> Extractor:
     try:
         fn = load_reward(name)
     except RewardError as exc:
-        raise ValueError(f"spec.evaluation.answer.extract: {exc.message}") from None
-    return _guarded(fn, spec.extract)
+        raise ValueError(f"{where}.extract: {exc.message}") from None
+    return _guarded(fn, spec.extract, where=where)
 
 
-def _guarded(fn: Callable[[str], Any], name: str) -> Extractor:
+def _guarded(fn: Callable[[str], Any], name: str, *, where: str) -> Extractor:
     def extract(text: str) -> str | None:
         out = fn(text)
         if out is not None and not isinstance(out, (str, int, float)):
-            raise TypeError(f"spec.evaluation.answer.extract: {name} returned {type(out).__name__}; "
+            raise TypeError(f"{where}.extract: {name} returned {type(out).__name__}; "
                             "return a string or None")
         return None if out is None else str(out)
 

@@ -426,6 +426,9 @@ class PostTrainingJobSpec(ApiModel):
         if self.model.keep_layers is not None and "trainer" not in self.algorithm.roles():
             raise ValueError(f"@model.keepLayers: is for algorithms that train on roles.trainer, not "
                              f"{self.algorithm.value}")
+        if self.model.keep_layers is not None and self.adapter.type is not AdapterType.none:
+            raise ValueError("@model.keepLayers: a layer-dropped model is a new model that no adapter's base matches; "
+                             "train it in full (adapter.type none), so the output is a standalone model")
         problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value,
                                    target_modules=self.adapter.target_modules,
                                    micro_batch=self.training.micro_batch_size, formats={

@@ -256,6 +256,10 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec, *, he
     if head == "score":
         kwargs["num_labels"] = 1
     net = auto_class(head).from_pretrained(source, **kwargs)
+    if model.keep_layers is not None:
+        from posttrain.jobs.distill.student import keep_layers
+
+        keep_layers(net, model.keep_layers)  # a layer-dropped model, before any adapter wraps it
     if adapter.type is AdapterType.none:
         if model.gradient_checkpointing:
             net.gradient_checkpointing_enable()

@@ -65,6 +65,8 @@ BAD = [
     (lambda s: s["teacher"].update(source="ptj://toy"), "spec.teacher.source", "refers to this job itself"),
     (lambda s: s.update(roles={"teacher": {"engine": "vllm"}}), "spec.roles.teacher.engine", "only roles.rollout"),
     (lambda s: s.update(adapter={"type": "prompt"}), "spec.adapter.type", "line up with the teacher"),
+    (lambda s: s.update(model={"source": "model", "keepLayers": [0]}, adapter={"type": "lora"}),
+     "spec.model.keepLayers", "train it in full"),
 ]
 
 

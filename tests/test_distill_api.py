@@ -106,3 +106,19 @@ def test_keep_indices_against_the_model():
     assert keep_indices([1, 2], 3) == [1, 2]
     with pytest.raises(ValueError, match=r"spec.model.keepLayers: layer 4 does not exist; the model has 4 decoder"):
         keep_indices([0, 4], 4)
+
+
+def test_on_a_cluster_the_teacher_is_an_input_and_the_cache_shared_storage():
+    from posttrain.api.cluster import cluster_errors, pvc_claims
+
+    doc = distill_doc(model={"source": "pvc://models/student"}, teacher={"source": "pvc://teachers/big"},
+                      data={"train": [{"source": "pvc://data/train.jsonl"}]}, output={"uri": "pvc://out/d"},
+                      distill={"cache": "/tmp/cache"})
+    job = parse_job(doc)
+    assert pvc_claims(job.spec)["teachers"] == "read"
+    found = [(e.path, e.message) for e in cluster_errors(job)]
+    assert [p for p, _ in found] == ["spec.distill.cache"] and "not shared storage" in found[0][1]
+    doc["spec"]["distill"]["cache"] = "pvc://out/teacher-cache"
+    doc["spec"]["teacher"]["source"] = "teacher"
+    assert [e.path for e in cluster_errors(parse_job(doc))] == ["spec.teacher.source"]  # relative: not on the pods
+    assert pvc_claims(parse_job(doc).spec)["out"] == "write"

@@ -122,3 +122,12 @@ def test_on_a_cluster_the_teacher_is_an_input_and_the_cache_shared_storage():
     doc["spec"]["teacher"]["source"] = "teacher"
     assert [e.path for e in cluster_errors(parse_job(doc))] == ["spec.teacher.source"]  # relative: not on the pods
     assert pvc_claims(parse_job(doc).spec)["out"] == "write"
+
+
+def test_the_module_examples_run():
+    import doctest
+
+    from posttrain.api import distill
+
+    result = doctest.testmod(distill)
+    assert result.attempted >= 2 and result.failed == 0

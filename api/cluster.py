@@ -38,6 +38,10 @@ def _inputs(spec: PostTrainingJobSpec) -> list[tuple[str, str]]:
     out += [(f"spec.rewards[{i}].judge.model", r.judge.model) for i, r in enumerate(spec.rewards) if r.judge]
     if spec.generate is not None and spec.generate.judge is not None:
         out.append(("spec.generate.judge.model", spec.generate.judge.model))
+    if spec.teacher is not None:
+        out.append(("spec.teacher.source", spec.teacher.source))
+        if spec.teacher.tokenizer:
+            out.append(("spec.teacher.tokenizer", spec.teacher.tokenizer))
     if spec.evaluation is not None:
         ev = spec.evaluation
         for i, m in enumerate(ev.models):
@@ -58,6 +62,8 @@ def _outputs(spec: PostTrainingJobSpec) -> list[tuple[str, str]]:
     out = [("spec.output.uri", spec.output.uri)] if spec.output.uri else []
     if spec.checkpoint.uri:
         out.append(("spec.checkpoint.uri", spec.checkpoint.uri))
+    if spec.distill is not None and spec.distill.cache:
+        out.append(("spec.distill.cache", spec.distill.cache))
     return out
 
 
@@ -102,6 +108,11 @@ def cluster_errors(job: PostTrainingJob) -> list[SpecError]:
         errors.append(SpecError("spec.checkpoint.uri", f"{uri!r} is not shared storage: every worker writes its "
                                 "shard and a restarted run reads them back; " + _SHARED_HINT
                                 + ", or leave it unset for <output>/checkpoints"))
+    cache = spec.distill.cache if spec.distill is not None else None
+    if cache is not None and not cache.startswith(SHARED_SCHEMES):
+        errors.append(SpecError("spec.distill.cache", f"{cache!r} is not shared storage: a restarted run (a new Ray "
+                                "cluster) reads the teacher's scores back from it; " + _SHARED_HINT
+                                + ", or leave it unset for <output>/teacher-cache"))
     for path, uri in _inputs(spec):
         if _is_relative(uri):
             errors.append(SpecError(path, f"relative path {uri!r} would resolve under the read-only spec "

@@ -51,7 +51,7 @@ def _wire_path(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("str", "list[str]", "function-after", "function-before"):
+        elif item in ("str", "list[str]", "list[int]", "KeepEvery", "function-after", "function-before"):
             continue  # union-member and validator tags, not fields
         else:
             parts.append(("." if parts else "") + str(item))

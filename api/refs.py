@@ -43,6 +43,8 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("data.train[].source", "data"),
     ("data.eval.source", "data"),
     ("rewards[].model", "model"),
+    ("teacher.source", "model"),
+    ("teacher.tokenizer", "model"),
 )
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # a PostTrainingJob's name (metadata.name)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api import refs
 from posttrain.api.base import ApiModel, check_template
+from posttrain.api.distill import DISTILL_ROLES, DistillSpec, KeepLayers, check_distill_job, check_keep_layers
 from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.evaluation import EvaluationSpec, check_evaluate_job, check_training_evaluation
 from posttrain.api.generate import GenerateSpec, check_generate_job
@@ -39,7 +40,8 @@ EVALUATE_ROLES = ("rollout", "reward")  # the models on rollout; reward only for
 
 # Algorithms whose runtime ships in this version; the others validate as
 # names but `validate` and `run` refuse them with a clear message.
-AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "grpo", "ppo", "generate", "evaluate"})
+AVAILABLE_ALGORITHMS = frozenset({"sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "grpo", "ppo", "generate",
+                                  "evaluate"})
 
 
 class Algorithm(str, Enum):
@@ -60,11 +62,14 @@ class Algorithm(str, Enum):
 
     def roles(self) -> tuple[str, ...]:
         """The Ray roles it runs: grpo/ppo the RL roles, generate and evaluate rollout and reward (evaluate's
-        reward only when its spec uses rewards: see `PostTrainingJobSpec.ray_roles`), the rest the trainer."""
+        reward only when its spec uses rewards: see `PostTrainingJobSpec.ray_roles`), distill the trainer (the
+        student) and the teacher, the rest the trainer."""
         if self.is_rl():
             return RL_ROLES
         if self is Algorithm.evaluate:
             return EVALUATE_ROLES
+        if self is Algorithm.distill:
+            return DISTILL_ROLES
         return GENERATE_ROLES if self is Algorithm.generate else ("trainer",)
 
     def is_preference(self) -> bool:
@@ -116,6 +121,19 @@ class ModelSpec(ApiModel):
     tokenizer: str | None = Field(
         None, description="Tokenizer source when it differs from `source` (same URI forms, `ptj://` included)."
     )
+    keep_layers: KeepLayers | None = Field(
+        None,
+        description="Train a smaller model made of some of this model's decoder layers, each initialised from that "
+        "layer's weights (layer dropping, e.g. a student for algorithm distill): a list of layer indices counted "
+        "from 0 such as [0, 2, 4], or {every: 2} for every second layer from layer 0. Embeddings, final norm and "
+        "head are kept. Training algorithms on roles.trainer only.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @model_validator(mode="after")
+    def _check_keep_layers(self) -> ModelSpec:
+        check_keep_layers(self.keep_layers)
+        return self
 
 
 class AdapterSpec(ApiModel):
@@ -289,6 +307,7 @@ class RolesSpec(ApiModel):
     rollout: RoleSpec | None = Field(None, description="Generation workers (grpo, ppo, generate).")
     learner: RoleSpec | None = Field(None, description="Policy learners (grpo, ppo).")
     reward: RoleSpec | None = Field(None, description="Reward scorers (grpo, ppo) and judges (generate).")
+    teacher: RoleSpec | None = Field(None, description="Teacher workers of distill (they score the data with spec.teacher).")
 
 
 class CheckpointSpec(ApiModel):
@@ -342,6 +361,10 @@ class PostTrainingJobSpec(ApiModel):
         default_factory=list, max_length=16, description="Reward functions, models or verifiers, combined by weight (grpo, ppo)."
     )
     generate: GenerateSpec | None = Field(None, description="What an algorithm: generate job writes (required there).")
+    teacher: ModelSpec | None = Field(
+        None, description="The teacher model of algorithm distill (required there); it must share the student's "
+        "tokenizer vocabulary. Same fields as spec.model; ptj:// names another job's model.")
+    distill: DistillSpec | None = Field(None, description="Distillation settings of algorithm distill (defaults apply).")
     evaluation: EvaluationSpec | None = Field(
         None, description="Evaluation and test-time scaling: what algorithm evaluate runs (required there), or, on a "
         "training job, the evaluation of the base and the trained model at the end.")
@@ -399,6 +422,13 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"
             )
+        check_distill_job(self)
+        if self.model.keep_layers is not None and "trainer" not in self.algorithm.roles():
+            raise ValueError(f"@model.keepLayers: is for algorithms that train on roles.trainer, not "
+                             f"{self.algorithm.value}")
+        if self.model.keep_layers is not None and self.adapter.type is not AdapterType.none:
+            raise ValueError("@model.keepLayers: a layer-dropped model is a new model that no adapter's base matches; "
+                             "train it in full (adapter.type none), so the output is a standalone model")
         problem = check_preference(self.algorithm.value, self.preference, adapter=self.adapter.type.value,
                                    target_modules=self.adapter.target_modules,
                                    micro_batch=self.training.micro_batch_size, formats={
@@ -449,10 +479,10 @@ class PostTrainingJobSpec(ApiModel):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"@env[{i}].name: {name} is set twice; keep one entry")
-        for role in ("trainer", "learner", "reward"):
+        for role in ("trainer", "learner", "reward", "teacher"):
             if (getattr(self.roles, role) or RoleSpec()).engine is not None:
                 raise ValueError(f"@roles.{role}.engine: only roles.rollout has an inference engine")
-        for role in ("trainer", "rollout", "reward"):
+        for role in ("trainer", "rollout", "reward", "teacher"):
             if (getattr(self.roles, role) or RoleSpec()).strategy is not None:
                 raise ValueError(f"@roles.{role}.strategy: only roles.learner has a sharding strategy")
         t = self.training

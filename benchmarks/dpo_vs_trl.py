@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sft_vs_trl beside this file
-from sft_vs_trl import bench_model, job_doc, run_ours, run_plain_trl  # noqa: E402 - also sets the offline environment and finds tests/support
+from sft_vs_trl import alternating_rounds, bench_model, job_doc, run_ours, run_plain_trl  # noqa: E402 - also sets the offline environment and finds tests/support
 
 
 def run_trl(doc: dict, out: Path) -> dict:
@@ -48,26 +46,9 @@ def main() -> int:
     doc = job_doc(model, data_path, args.steps, 2e-3, algorithm="dpo",
                   preference={"lossType": ["sigmoid"], "beta": 0.1})
 
-    load_before = os.getloadavg()
-    rounds = []
-    for i in range(args.rounds):
-        order = ("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")
-        got = {name: (run_trl if name == "trl" else run_ours)(doc, work / f"{name}-{i}") for name in order}
-        per_step = {name: r["train"] / r["steps"] for name, r in got.items()}
-        rounds.append({"first": order[0], "seconds_per_step": per_step,
-                       "ratio_posttrain_over_trl": per_step["posttrain"] / per_step["trl"],
-                       "wall_seconds": {name: r["wall"] for name, r in got.items()},
-                       "final_loss": {name: r["loss"] for name, r in got.items()}})
-    report = {
-        "model": "SmolLM2-135M-Instruct" if args.smollm else "tiny-llama (4 layers, hidden 128)",
-        "steps": args.steps,
-        "rounds": rounds,
-        "seconds_per_step_ratio_posttrain_over_trl_median": statistics.median(r["ratio_posttrain_over_trl"]
-                                                                              for r in rounds),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "cpus": os.cpu_count(),
-    }
+    report = alternating_rounds(lambda out: run_trl(doc, out), lambda out: run_ours(doc, out), args.rounds,
+                                work=work, model="SmolLM2-135M-Instruct" if args.smollm
+                                else "tiny-llama (4 layers, hidden 128)", steps=args.steps)
     print(json.dumps(report, indent=2))
     return 0
 

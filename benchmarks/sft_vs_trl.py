@@ -108,6 +108,28 @@ def bench_model(work: Path, *, smollm: bool) -> str:
     return model
 
 
+def alternating_rounds(run_trl, run_posttrain, rounds: int, *, work: Path, **report) -> dict:
+    """`rounds` rounds of both runs (each `(out_folder) -> {"wall", "train", "loss", "steps"}`), alternating which
+    goes first, as one report: seconds per step, their ratio per round and the median, wall times, final losses,
+    the load average before and after; `report` adds fields (model, steps, ...)."""
+    import statistics
+
+    load_before = os.getloadavg()
+    done = []
+    for i in range(rounds):
+        order = ("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")
+        got = {name: (run_trl if name == "trl" else run_posttrain)(work / f"{name}-{i}") for name in order}
+        per_step = {name: r["train"] / r["steps"] for name, r in got.items()}
+        done.append({"first": order[0], "seconds_per_step": per_step,
+                     "ratio_posttrain_over_trl": per_step["posttrain"] / per_step["trl"],
+                     "wall_seconds": {name: r["wall"] for name, r in got.items()},
+                     "final_loss": {name: r["loss"] for name, r in got.items()}})
+    return {**report, "rounds": done,
+            "seconds_per_step_ratio_posttrain_over_trl_median": statistics.median(
+                r["ratio_posttrain_over_trl"] for r in done),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)

@@ -52,14 +52,16 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = True) -> str:
+def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = True,
+                field: str = "spec.model.source") -> str:
     """A local folder (or hub id) that `from_pretrained` can load, on this pod.
 
     Every process that loads the model calls this itself: on a cluster each pod has its own
     filesystem, so a folder made on the head means nothing to a worker. Object storage is
     downloaded and a `.gguf` file dequantized once per pod (under a lock, into `$POSTTRAIN_CACHE`);
     paths and `pvc://` are used in place. `weights=False` is enough for a tokenizer or a config
-    (object storage then skips the weight files).
+    (object storage then skips the weight files). `field` is the spec field errors name (a teacher's is
+    spec.teacher.source).
     """
     loc = storage.resolve(model.source, base=base)
     if loc.is_hub:
@@ -67,12 +69,12 @@ def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = T
     try:
         path = storage.fetch(loc, weights=weights)  # a single object (a .gguf file) comes whole
     except FileNotFoundError:
-        raise ModelSourceError(f"spec.model.source: {loc.uri} does not exist") from None
+        raise ModelSourceError(f"{field}: {loc.uri} does not exist") from None
     if not path.exists():
-        raise ModelSourceError(f"spec.model.source: {path} does not exist")
+        raise ModelSourceError(f"{field}: {path} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelSourceError(f"spec.model.source: {path} is a file but not .gguf; give a model folder or a .gguf file")
+            raise ModelSourceError(f"{field}: {path} is a file but not .gguf; give a model folder or a .gguf file")
         dest = _gguf_cache_dir(path)
         with storage.file_lock(dest.with_suffix(".lock")):
             if not (dest / "config.json").exists():
@@ -84,7 +86,7 @@ def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = T
             if not weights and (path / "tokenizer_config.json").exists():
                 return str(path)  # its tokenizer is all that is asked for: no merge
             return _merged_adapter(path, model, base=base)
-        raise ModelSourceError(f"spec.model.source: {path} has no config.json; it is not a Hugging Face model folder")
+        raise ModelSourceError(f"{field}: {path} has no config.json; it is not a Hugging Face model folder")
     return str(path)
 
 
@@ -256,6 +258,10 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec, *, he
     if head == "score":
         kwargs["num_labels"] = 1
     net = auto_class(head).from_pretrained(source, **kwargs)
+    if model.keep_layers is not None:
+        from posttrain.jobs.distill.student import keep_layers
+
+        keep_layers(net, model.keep_layers)  # a layer-dropped model, before any adapter wraps it
     if adapter.type is AdapterType.none:
         if model.gradient_checkpointing:
             net.gradient_checkpointing_enable()

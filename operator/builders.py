@@ -75,8 +75,9 @@ def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
         # colocated: the engines run on the learners' pods (one per learner worker), no rollout group
         skip = {"rollout"} if spec.placement == "colocated" else set()
         return {name: getattr(spec.roles, name) or RoleSpec() for name in spec.ray_roles() if name not in skip}
-    extra = {"rollout": spec.roles.rollout or RoleSpec()} if "rollout" in spec.ray_roles() else {}
-    return {"trainer": spec.roles.trainer, **extra}  # rollout: spec.evaluation at the end
+    # teacher: distill's teacher actors; rollout: spec.evaluation at the end
+    return {"trainer": spec.roles.trainer,
+            **{name: getattr(spec.roles, name) or RoleSpec() for name in spec.ray_roles() if name != "trainer"}}
 
 
 def common_labels(job: str, component: str) -> dict[str, str]:

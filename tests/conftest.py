@@ -74,6 +74,17 @@ def workdir(tmp_path, tiny_model, tiny_train, cache_dir) -> Path:
 
 
 @pytest.fixture
+def unshipped(monkeypatch) -> str:
+    """Every algorithm name ships now; this makes `distill` one this version does not run (the list the
+    loader checks), so the refusal of an unavailable algorithm stays tested. Returns the name."""
+    from posttrain.api import load
+    from posttrain.api.spec import AVAILABLE_ALGORITHMS
+
+    monkeypatch.setattr(load, "AVAILABLE_ALGORITHMS", AVAILABLE_ALGORITHMS - {"distill"})
+    return "distill"
+
+
+@pytest.fixture
 def job_dict():
     """A fresh copy of a minimal valid SFT job (as YAML would give it)."""
     from support.jobs import BASE_JOB

@@ -68,20 +68,25 @@ def workdir(tmp_path, tiny_model, tiny_train, cache_dir):
 
 @pytest.mark.slow
 def test_a_toy_algorithm_is_one_function_and_one_table_entry(workdir):
-    job = parse_job(jobs.document("distill", name="toy"))  # a name the API knows but this version does not run
-    ALGORITHMS.add("distill", toy)
+    job = parse_job(jobs.document("distill", name="toy", teacher={"source": "model"}))
+    shipped = ALGORITHMS.get("distill")
+    ALGORITHMS.remove("distill")  # the toy takes the name's place in the table
     try:
-        summary = driver.run(job, driver.RunOptions(output=str(workdir / "out"), base_dir=workdir))
-    finally:
-        ALGORITHMS.remove("distill")
-    out = workdir / "out"
-    assert summary["status"] == "succeeded" and summary["toy"] and summary["steps"] == 2
-    assert math.isfinite(summary["mean_nll"]) and summary["mean_nll"] > 1.0  # a random tiny model is unsure
-    assert json.loads((out / "summary.json").read_text())["mean_nll"] == summary["mean_nll"]
-    assert json.loads((out / "run.json").read_text())["spec"]["algorithm"] == "distill"
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["step"], m["loss"]) for m in lines] == [(1, summary["mean_nll"]), (2, summary["mean_nll"] / 2)]
+        ALGORITHMS.add("distill", toy)
+        try:
+            summary = driver.run(job, driver.RunOptions(output=str(workdir / "out"), base_dir=workdir))
+        finally:
+            ALGORITHMS.remove("distill")
+        out = workdir / "out"
+        assert summary["status"] == "succeeded" and summary["toy"] and summary["steps"] == 2
+        assert math.isfinite(summary["mean_nll"]) and summary["mean_nll"] > 1.0  # a random tiny model is unsure
+        assert json.loads((out / "summary.json").read_text())["mean_nll"] == summary["mean_nll"]
+        assert json.loads((out / "run.json").read_text())["spec"]["algorithm"] == "distill"
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(m["step"], m["loss"]) for m in lines] == [(1, summary["mean_nll"]), (2, summary["mean_nll"] / 2)]
 
-    with pytest.raises(ValueError, match=r"spec.algorithm: unknown algorithm 'distill'; choose one of: dpo, evaluate, generate, grpo, kto, orpo, ppo, reward, sft, simpo"):
-        driver.run(job, driver.RunOptions(output=str(workdir / "again"), base_dir=workdir))
-    assert not (workdir / "again").exists(), "a refused algorithm writes nothing"
+        with pytest.raises(ValueError, match=r"spec.algorithm: unknown algorithm 'distill'; choose one of: dpo, evaluate, generate, grpo, kto, orpo, ppo, reward, sft, simpo"):
+            driver.run(job, driver.RunOptions(output=str(workdir / "again"), base_dir=workdir))
+        assert not (workdir / "again").exists(), "a refused algorithm writes nothing"
+    finally:
+        ALGORITHMS.add("distill", shipped)

@@ -218,9 +218,9 @@ def test_a_document_that_is_not_a_mapping():
 REWARDS = [{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]
 
 
-@pytest.mark.parametrize("algorithm", ["distill"])
-def test_unavailable_algorithms_validate_as_models_but_are_refused(algorithm):
-    doc = _job(algorithm=algorithm)
+def test_unavailable_algorithms_validate_as_models_but_are_refused(unshipped):
+    algorithm = unshipped
+    doc = _job(algorithm=algorithm, teacher={"source": "/models/tiny"})
     assert parse_job(doc).spec.algorithm.value == algorithm
     with pytest.raises(InvalidJob) as info:
         parse_job(doc, require_available=True)
@@ -339,7 +339,7 @@ def test_apply_overrides_errors(item, path, word):
     assert word in err.message
 
 
-def test_load_job_applies_overrides_then_validates(tmp_path):
+def test_load_job_applies_overrides_then_validates(tmp_path, unshipped):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(BASE_JOB))
     assert load_job(path).spec.training.max_steps == 4
@@ -352,7 +352,7 @@ def test_load_job_applies_overrides_then_validates(tmp_path):
     assert info.value.source == str(path)
     assert [e.path for e in info.value.errors] == ["spec.training.maxSteps"]
     with pytest.raises(InvalidJob) as info:
-        load_job(path, ["algorithm=distill"])
+        load_job(path, ["algorithm=distill", "teacher.source=/models/tiny"])
     assert "not available" in info.value.errors[0].message
 
 
@@ -405,9 +405,9 @@ def test_cli_validate_lists_every_error(bad_file, capsys):
     assert sorted(line[4:].split(":")[0] for line in listed) == sorted(BAD_FILE_PATHS)
 
 
-def test_cli_validate_refuses_unavailable_algorithm(tmp_path, capsys):
+def test_cli_validate_refuses_unavailable_algorithm(tmp_path, capsys, unshipped):
     path = tmp_path / "distill.yaml"
-    path.write_text(yaml.safe_dump(_job(algorithm="distill")))
+    path.write_text(yaml.safe_dump(_job(algorithm="distill", teacher={"source": "/models/tiny"})))
     assert cli_main(["validate", str(path)]) == 1
     assert "spec.algorithm: distill is not available" in capsys.readouterr().err
 

@@ -86,6 +86,10 @@ CASES = {
     "ppo-defaults": dict(algorithm="ppo", rewards=REWARDS),
     "generate-pairs": dict(algorithm="generate", generate=GENERATE, roles=GENERATE_ROLES, training={},
                            checkpoint={}),
+    "distill-teacher": dict(algorithm="distill", model={"source": "pvc://models/smollm2-135m", "keepLayers": {"every": 2}},
+                            teacher={"source": "pvc://models/smollm2-135m"}, distill={"loss": "jsd", "topK": 8},
+                            roles={"trainer": {"gpus": 1, "nodeSelector": {"pool": "l4"}},
+                                   "teacher": {"replicas": 2, "gpus": 1, "nodeSelector": {"pool": "a100"}}}),
     "env-and-identity": dict(
         env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
              {"name": "WANDB_PROJECT", "value": "tuning"}],

@@ -203,9 +203,9 @@ def test_invalid_spec_fails_and_creates_nothing(k8s):
         assert rayjobs(k8s) == [] and k8s.find(*kubeemu.CONFIGMAP, NS, "tune-spec") is None
 
 
-def test_an_algorithm_this_version_cannot_run_is_an_invalid_spec(k8s):
+def test_an_algorithm_this_version_cannot_run_is_an_invalid_spec(k8s, unshipped):
     with operator(k8s):
-        k8s.create(job(algorithm="distill"))
+        k8s.create(job(algorithm="distill", teacher={"source": "pvc://models/smol"}))
         k8s.wait_for(phase_is(k8s, "Failed"))
         failed = next(c for c in ptj(k8s)["status"]["conditions"] if c["type"] == "Failed")
         assert failed["reason"] == "InvalidSpec" and "not available in this version" in failed["message"]

@@ -92,13 +92,14 @@ BAD_INPUTS = [
     (lambda s: s["training"].update(maxStep=3), 2, "spec.training.maxStep"),
     (lambda s: s.update(adapter={"type": "lorra"}), 2, "spec.adapter.type"),
     (lambda s: s["model"].update(source="no-such-model"), 2, "spec.model.source"),
-    (lambda s: s.update(algorithm="distill"), 2, "not available in this version"),
+    (lambda s: s.update(algorithm="distill", teacher={"source": "model"}), 2, "not available in this version"),
 ]
 
 
 @pytest.mark.parametrize("change,code,text", BAD_INPUTS, ids=["missing-data", "unknown-field", "unknown-adapter",
                                                               "missing-model", "unavailable-algorithm"])
-def test_bad_input_fails_naming_the_field_and_leaves_the_output_alone(change, code, text, workdir, job_dict, capsys):
+def test_bad_input_fails_naming_the_field_and_leaves_the_output_alone(change, code, text, workdir, job_dict, capsys,
+                                                                     unshipped):
     out = workdir / "out"
     out.mkdir()
     (out / "run.json").write_text('{"job": "tiny-sft"}\n')

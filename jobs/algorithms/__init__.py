@@ -26,5 +26,7 @@ ALGORITHMS.add("kto", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("orpo", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("simpo", "posttrain.jobs.algorithms.sft:run")
 ALGORITHMS.add("reward", "posttrain.jobs.algorithms.sft:run")
+# distill (mode logits) too, with the teacher's cached scores in its rows (see `algorithms.distill`).
+ALGORITHMS.add("distill", "posttrain.jobs.algorithms.distill:run")
 ALGORITHMS.add("generate", "posttrain.jobs.algorithms.generate:run")
 ALGORITHMS.add("evaluate", "posttrain.jobs.algorithms.evaluate:run")

@@ -1,4 +1,5 @@
-"""What differs between the TRL trainers that run on our Ray Train workers (sft, dpo, kto, orpo, simpo, reward).
+"""What differs between the TRL trainers that run on our Ray Train workers (sft, dpo, kto, orpo, simpo, reward,
+distill).
 
     method = METHODS["dpo"]
     trainer_cls, config_cls = method.classes()
@@ -34,9 +35,10 @@ FLAT = {
 }
 # Values of a worker's log event that go into metrics.jsonl (after FLAT renames them).
 LOGGED = ("loss", "grad_norm", "learning_rate", "epoch", "tokens_per_second", "tokens_seen", "rewards_chosen",
-          "rewards_rejected", "rewards_margin", "rewards_accuracy", "kl")
-# Of an evaluation: kept as eval_<name> per step, and before/after training in the summary.
-EVALUATED = ("loss", "rewards_margin", "rewards_accuracy")
+          "rewards_rejected", "rewards_margin", "rewards_accuracy", "kl", "distill_loss", "ce")
+# Of an evaluation: kept as eval_<name> per step, and before/after training in the summary (distill: the
+# divergence, the cross-entropy and the token-level KL to the teacher on the eval split).
+EVALUATED = ("loss", "rewards_margin", "rewards_accuracy", "distill_loss", "ce", "teacher_kl")
 
 
 def flat_metrics(logs: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +84,14 @@ def _reward_options(spec: Any) -> dict[str, Any]:
     return {"center_rewards_coefficient": p.center_rewards_coefficient}
 
 
+def _distill_options(spec: Any) -> dict[str, Any]:
+    from posttrain.api.distill import DistillSpec
+
+    d = spec.distill or DistillSpec()
+    return {"distill_loss": d.loss, "distill_beta": d.beta, "distill_temperature": d.temperature,
+            "distill_alpha": d.alpha}
+
+
 @dataclass(frozen=True)
 class Method:
     trainer: str  # "module:Class" of the TRL trainer
@@ -108,4 +118,7 @@ METHODS = {
     "simpo": Method("trl.experimental.cpo:CPOTrainer", "trl.experimental.cpo:CPOConfig", "causal", _simpo_options,
                     "preference"),
     "reward": Method("trl:RewardTrainer", "trl:RewardConfig", "score", _reward_options, "preference"),
+    # SFTTrainer with the loss against the teacher's cached top-k (the rows carry it: see algorithms.distill)
+    "distill": Method("posttrain.jobs.distill.trainer:DistillTrainer", "posttrain.jobs.distill.trainer:DistillConfig",
+                      "causal", _distill_options, "sft"),
 }

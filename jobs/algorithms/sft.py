@@ -27,7 +27,9 @@ from posttrain.jobs.run import storage
 from posttrain.jobs.run.context import RunContext
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
+def run(ctx: RunContext, *, teacher: Any = None) -> dict[str, Any]:
+    """`teacher` (distill): checks the teacher before anything is written (`check(ctx, tokenizer)`), adds its
+    scores to the data once Ray is up (`attach(ctx, cfg)`), and adds to the summary (`summary()`)."""
     spec = ctx.spec
     ctx.prepare()
     tokenizer = ctx.tokenizer()
@@ -38,6 +40,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         train_ds, eval_ds, stats = data_mod.build(spec.data, tokenizer, seed=spec.training.seed,
                                                   max_len=spec.training.max_seq_length, base=ctx.base_dir)
     evaluation = training_preflight(ctx)  # spec.evaluation's models and prompts, before anything is written
+    if teacher is not None:
+        teacher.check(ctx, tokenizer)
 
     def history(folder: storage.Location) -> list[dict[str, Any]]:  # HF's own log of the checkpoint's steps
         return ctx.ckpts.read_json(folder, "trainer_state.json").get("log_history", [])
@@ -64,6 +68,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     error: BaseException | None = None
     try:
         with ctx.ray():
+            if teacher is not None:
+                teacher.attach(ctx, cfg)
             fit(spec, cfg, relay, poll_seconds=ctx.opts.poll_seconds)
             after_training(ctx, evaluation)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised
@@ -79,6 +85,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         first_loss=relay.first_loss,
         last_loss=next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None),
         **evaluations(ctx.run_info, relay.after if eval_ds is not None and not error else {}),
+        **(teacher.summary() if teacher is not None else {}),
     )
 
 

@@ -1,0 +1,1 @@
+"""Distillation (`algorithm: distill`): the divergences, the layer-dropped student, the teacher cache."""

@@ -1,0 +1,112 @@
+"""`algorithm: distill` (mode logits) end to end on a local Ray: a tiny 4-layer teacher, a student made of
+every second of its layers, the teacher's top-k cached in the output and reused on a rerun.
+
+    .venv/bin/python -m pytest -q tests/test_distill_e2e.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """4 layers, its head scaled so its distributions are sharp (a random model's are nearly uniform)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tiny
+
+    folder = tiny.make_model(tmp_path_factory.mktemp("teacher") / "teacher", layers=4, seed=5)
+    net = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(12.0)
+    net.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path, teacher, tiny_train, cache_dir) -> Path:
+    (tmp_path / "teacher").symlink_to(teacher)
+    (tmp_path / "train.jsonl").symlink_to(tiny_train)
+    return tmp_path
+
+
+def distill_doc(**spec) -> dict:
+    from support import jobs
+
+    doc = jobs.document(
+        "distill", model={"source": "teacher", "keepLayers": {"every": 2}}, teacher={"source": "teacher"},
+        distill={"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0, "topK": 8},
+        data={"train": [{"source": "train.jsonl", "maxSamples": 48}], "evalFraction": 0.2},
+        training={"maxSteps": 8, "learningRate": 1e-3, "globalBatchSize": 8, "microBatchSize": 4, "maxSeqLength": 64,
+                  "lrScheduler": "constant"})
+    doc["spec"].update(spec)
+    return doc
+
+
+def run_job(workdir: Path, doc: dict, *, out: str = "out", **opts):
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import driver
+
+    job = parse_job(doc, require_available=True)
+    return driver.run(job, driver.RunOptions(output=str(workdir / out), base_dir=workdir, **opts))
+
+
+def test_a_layer_dropped_student_learns_the_teacher_and_the_cache_is_reused(workdir, ray_local):
+    summary = run_job(workdir, distill_doc())
+    out = workdir / "out"
+    assert summary["status"] == "succeeded", summary.get("error")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert len(steps) == 8 and all("distill_loss" in m and "ce" in m for m in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"], [m["loss"] for m in steps]
+    assert summary["eval_teacher_kl_after"] < summary["eval_teacher_kl_before"], summary
+    assert summary["teacher"]["layers"] == 4
+    cache = summary["teacher_cache"]
+    assert cache["train"]["reused"] is False and cache["train"]["rows"] == summary["data"]["train_examples"]
+    assert cache["eval"]["rows"] == summary["data"]["eval_examples"] > 0
+    manifest = json.loads((out / "teacher-cache" / "train" / "manifest.json").read_text())
+    assert manifest["topK"] == 8 and manifest["positions"] == cache["train"]["positions"] > 0
+    # the student written is a standalone 2-layer model
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+
+    again = run_job(workdir, distill_doc(), overwrite=True)
+    assert again["status"] == "succeeded"
+    assert again["teacher_cache"]["train"]["reused"] is True and again["teacher_cache"]["eval"]["reused"] is True
+    assert again["eval_teacher_kl_before"] == pytest.approx(summary["eval_teacher_kl_before"], rel=1e-5)
+
+    shorter = distill_doc(distill={"topK": 4})
+    shorter["spec"]["training"]["maxSteps"] = 1
+    changed = run_job(workdir, shorter, overwrite=True)
+    assert changed["teacher_cache"]["train"]["reused"] is False, "a different topK scores again"
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(workdir, teacher, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"spec.teacher.source: the teacher's vocabulary is not the student's "
+                                         r"\(401 tokens vs 400; token '<extra-token>' is id 400"):
+        run_job(workdir, distill_doc(teacher={"source": str(other)}))
+    assert not (workdir / "out" / "metrics.jsonl").exists(), "refused before anything is written"
+
+
+def test_a_teacher_that_cannot_be_loaded_names_its_field(workdir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"spec.teacher.source: .*empty has no config.json"):
+        run_job(workdir, distill_doc(teacher={"source": str(tmp_path / "empty")}))
+    with pytest.raises(ValueError, match=r"spec.teacher.source: .*missing does not exist"):
+        run_job(workdir, distill_doc(teacher={"source": str(tmp_path / "missing")}))

@@ -41,6 +41,7 @@ from posttrain.jobs.run.context import RunContext
 from . import batch as batching
 from .methods import Method
 from .placement import Placement
+from .workers.learner import CORRECTION_METRICS
 
 log = logging.getLogger("posttrain.rl")
 
@@ -298,7 +299,7 @@ def run_steps(run: RLRun, ctx: RunContext, *, start: int, steps: int) -> None:
         skipped = sum(scored.skipped.values())
         if skipped or scored.unscored:
             line.update(reward_skipped=skipped, reward_unscored=scored.unscored)
-        for key in ("value_loss", "value_clip_fraction", "value_mean"):
+        for key in ("value_loss", "value_clip_fraction", "value_mean", *CORRECTION_METRICS):
             if key in train_metrics:
                 line[key] = train_metrics[key]
         line = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in line.items()}

@@ -7,7 +7,7 @@ process, without Ray: on a busy 2-core machine Ray's start and a second model lo
 than the steps. Prints, per adapter, the trainable parameters and the eval loss before and after.
 
     .venv/bin/python examples/docstrings/make_data.py          # demo-output/data/{train,eval}.jsonl
-    .venv/bin/python benchmarks/adapters_side_by_side.py --steps 12
+    .venv/bin/python benchmarks/adapters_side_by_side.py --steps 8 --eval-records 16   # the README's figures
     .venv/bin/python benchmarks/adapters_side_by_side.py --steps 12 --only bottleneck --eval-records 16
 
 LoRA r=8 on all linear layers has 2,442,240 weights on this model; bottleneck reductionFactor 16

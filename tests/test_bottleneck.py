@@ -244,3 +244,17 @@ def test_preference_training_with_a_bottleneck_adapter_learns_the_preference(alg
     if algorithm == "dpo":
         assert summary["eval_loss_before"] == pytest.approx(0.6931, abs=1e-3)
     assert (workdir / f"out-{algorithm}" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["orpo", "simpo"])
+def test_reference_free_preference_training_with_a_bottleneck_adapter(algorithm, workdir, ray_local):
+    tiny.write_jsonl(workdir / "pairs.jsonl", tiny.pair_records(48))
+    doc = jobs.document(algorithm, adapter={"type": "bottleneck", "reductionFactor": 4},
+                        data={"train": [{"source": "pairs.jsonl"}], "evalFraction": 0.25},
+                        training={"maxSteps": 6, "learningRate": 0.02, "globalBatchSize": 8, "microBatchSize": 4,
+                                  "maxSeqLength": 64})
+    summary = _run(workdir, doc, f"out-{algorithm}")
+    assert summary["status"] == "succeeded" and summary["artifact"]["kind"] == "adapter"
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert (workdir / f"out-{algorithm}" / "adapter" / "adapter_model.safetensors").is_file()

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from posttrain.api import refs
+from posttrain.api.adapters import check_bottleneck
 from posttrain.api.base import ApiModel, check_template
 from posttrain.api.distill import DISTILL_ROLES, DistillSpec, KeepLayers, check_distill_job, check_keep_layers
 from posttrain.api.env import EnvFromSource, EnvVar
@@ -88,6 +89,7 @@ class AdapterType(str, Enum):
     rslora = "rslora"
     prefix = "prefix"
     prompt = "prompt"
+    bottleneck = "bottleneck"
 
     def is_lora_family(self) -> bool:
         return self in (AdapterType.lora, AdapterType.qlora, AdapterType.dora, AdapterType.rslora)
@@ -141,7 +143,9 @@ class AdapterSpec(ApiModel):
         AdapterType.none,
         description=(
             "Parameter-efficient method: `none` (full fine-tuning), `lora`, `qlora` (4-bit NF4 base, "
-            "double quantization), `dora`, `rslora` (rank-stabilized scaling), `prefix` or `prompt` tuning."
+            "double quantization), `dora`, `rslora` (rank-stabilized scaling), `prefix` or `prompt` tuning, or "
+            "`bottleneck` (Houlsby adapters: small down/up projections after decoder blocks; sft and the preference "
+            "trainers except reward; it cannot be merged into the weights)."
         ),
     )
     r: int = Field(16, gt=0, description="LoRA rank (lora, qlora, dora, rslora).")
@@ -157,6 +161,18 @@ class AdapterSpec(ApiModel):
     num_virtual_tokens: int = Field(
         20, gt=0, description="Number of learned virtual tokens (prefix and prompt tuning only)."
     )
+    reduction_factor: int = Field(
+        16, gt=0, description="Bottleneck adapters only: the bottleneck has hidden_size // reductionFactor units "
+        "(at least 1); an adapter has about 2 x hidden_size^2 / reductionFactor weights."
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="Bottleneck adapters only: the activation between the down- and up-projection "
+        "(relu, as in Houlsby et al. and Pfeiffer et al.)."
+    )
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="Bottleneck adapters only: `houlsby` puts one after each decoder layer's attention "
+        "block and one after its feed-forward block; `pfeiffer` only after the feed-forward block (half the weights)."
+    )
 
     @model_validator(mode="after")
     def _check_fields_fit_type(self) -> AdapterSpec:
@@ -169,7 +185,24 @@ class AdapterSpec(ApiModel):
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("@targetModules: empty list; name at least one module or use all-linear")
+        # Only the chosen type's fields may differ from their defaults (a dumped spec has them all).
+        if self.type is AdapterType.bottleneck:
+            fields = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens")
+            hint = "a bottleneck adapter takes reductionFactor, nonLinearity and placement"
+        else:
+            fields, hint = BOTTLENECK_FIELDS, "use type bottleneck"
+        for name in fields:
+            if getattr(self, name) != _field_default(name):
+                raise ValueError(f"@{AdapterSpec.model_fields[name].alias or name}: does not apply to a "
+                                 f"{self.type.value} adapter; remove it ({hint})")
         return self
+
+
+BOTTLENECK_FIELDS = ("reduction_factor", "non_linearity", "placement")
+
+
+def _field_default(name: str) -> Any:
+    return AdapterSpec.model_fields[name].get_default(call_default_factory=True)
 
 
 class DataSource(ApiModel):
@@ -418,6 +451,7 @@ class PostTrainingJobSpec(ApiModel):
             raise ValueError(f"@{path.removeprefix('spec.')}: {message}")
         if self.adapter.type is AdapterType.none and self.output.merge_adapter:
             raise ValueError("@output.mergeAdapter: needs an adapter; with adapter.type none the full model is written anyway")
+        check_bottleneck(self)
         if self.output.merge_adapter and not self.adapter.type.is_lora_family():
             raise ValueError(
                 f"@output.mergeAdapter: works for lora, qlora, dora and rslora, not {self.adapter.type.value}"

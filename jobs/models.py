@@ -100,6 +100,7 @@ def _merged_adapter(path: Path, model: ModelSpec, *, base: Path | None) -> str:
     once per pod into the cache. This is what `ptj://<job>` of a job that trained an adapter loads."""
     provenance = json.loads((path / "posttrain.json").read_text()) if (path / "posttrain.json").exists() else {}
     config = json.loads((path / "adapter_config.json").read_text())
+    refuse_bottleneck(path, config, where="spec.model.source")
     if not provenance.get("base_model"):
         raise ModelSourceError(f"spec.model.source: {path} is an adapter without posttrain.json naming its base "
                                "model; give the base model as the source (and train a new adapter on it)")
@@ -266,6 +267,14 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec, *, he
         if model.gradient_checkpointing:
             net.gradient_checkpointing_enable()
         return net
+    if adapter.type is AdapterType.bottleneck:
+        from posttrain.jobs import bottleneck
+
+        if model.gradient_checkpointing:
+            net.gradient_checkpointing_enable()
+            net.enable_input_require_grads()  # the base is frozen: checkpointed layers need an input with grad
+        return bottleneck.add_adapters(net, bottleneck.BottleneckConfig.from_spec(
+            adapter, hidden_size=bottleneck.hidden_size(net)))
     import peft
 
     if adapter.type is AdapterType.qlora:
@@ -303,7 +312,18 @@ def adapter_on_this_pod(source: str, *, base: Path | None = None, where: str = "
         raise ModelSourceError(f"{where}: {loc.uri} does not exist") from None
     if not (path / "adapter_config.json").is_file():
         raise ModelSourceError(f"{where}: {path} has no adapter_config.json; it is not a PEFT adapter folder")
+    refuse_bottleneck(path, json.loads((path / "adapter_config.json").read_text()), where=where)
     return str(path)
+
+
+def refuse_bottleneck(path: Path, config: dict[str, Any], *, where: str) -> None:
+    """Every reader of an adapter folder here merges it into its base (to train on, or to serve with vLLM or
+    transformers); a bottleneck adapter (`posttrain.jobs.bottleneck`) cannot be merged: say so, naming `where`."""
+    if config.get("adapter_type") == "bottleneck":
+        raise ModelSourceError(f"{where}: {path} is a bottleneck adapter, which cannot be folded into its base's "
+                               "weights, so it cannot be a model source or be served by the rollout engines; load "
+                               "it onto its base in your own code (posttrain.jobs.bottleneck.load), or train a LoRA "
+                               "adapter (adapter.type lora) for this use")
 
 
 def merged_on_this_pod(model_folder: str, adapter_folder: str) -> str:

@@ -83,6 +83,8 @@ def test_examples_cover_what_they_claim():
     assert grpo.rl.loss_type == "dapo" and grpo.rl.kl.beta > 0 and len(grpo.rewards) == 2
     ppo = jobs["ppo-lora"].spec
     assert ppo.algorithm.value == "ppo" and ppo.adapter.type is AdapterType.lora and ppo.rewards[0].url
+    bneck = jobs["sft-bottleneck"].spec.adapter
+    assert (bneck.type, bneck.reduction_factor, bneck.placement) == (AdapterType.bottleneck, 16, "houlsby")
     colocated = jobs["grpo-colocated-async"].spec
     assert colocated.placement == "colocated" and colocated.rl.async_ and colocated.rl.advantage == "dr_grpo"
 

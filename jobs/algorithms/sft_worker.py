@@ -240,7 +240,14 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
     adapter = spec.adapter
     staging = Path(tempfile.mkdtemp(prefix="posttrain-save-"))
     try:
-        trainer.save_model(str(staging))  # full weights or the adapter alone, gathered across ranks
+        if adapter.type is AdapterType.bottleneck:
+            from posttrain.jobs import bottleneck
+
+            state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: FSDP gathers
+            if rank == 0:
+                bottleneck.save(trainer.accelerator.unwrap_model(trainer.model), staging, state_dict=state)
+        else:
+            trainer.save_model(str(staging))  # full weights or the adapter alone, gathered across ranks
         if rank != 0:
             return
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not a model

@@ -82,10 +82,30 @@ def test_a_layer_dropped_student_learns_the_teacher_and_the_cache_is_reused(work
     assert again["teacher_cache"]["train"]["reused"] is True and again["teacher_cache"]["eval"]["reused"] is True
     assert again["eval_teacher_kl_before"] == pytest.approx(summary["eval_teacher_kl_before"], rel=1e-5)
 
-    shorter = distill_doc(distill={"topK": 4})
-    shorter["spec"]["training"]["maxSteps"] = 1
-    changed = run_job(workdir, shorter, overwrite=True)
-    assert changed["teacher_cache"]["train"]["reused"] is False, "a different topK scores again"
+
+
+def test_the_cache_is_keyed_by_teacher_topk_temperature_and_rows(tmp_path):
+    """A complete cache is read back only under its own key: another topK, temperature or data scores again
+    (what the e2e's reuse relies on, without a third training run)."""
+    import numpy as np
+
+    from posttrain.api.load import parse_job
+    from posttrain.jobs.distill.cache import TeacherCache, cache_key
+    from posttrain.jobs.run import storage
+
+    spec = parse_job(distill_doc(), require_available=True).spec
+    rows = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])]
+    key = cache_key(spec, rows)
+    others = [cache_key(parse_job(distill_doc(distill={"topK": 4}), require_available=True).spec, rows),
+              cache_key(parse_job(distill_doc(distill={"temperature": 2.0}), require_available=True).spec, rows),
+              cache_key(spec, rows[:1])]
+    assert len({key, *others}) == 4
+    cache = TeacherCache(storage.resolve(str(tmp_path / "cache")))
+    scores = [(np.array([[1, 2]] * 2, dtype=np.int64), np.array([[-0.1, -2.0]] * 2, dtype=np.float32))]
+    cache.write("train", key, scores, k=2)
+    [(ids, logp)] = cache.read("train", key)
+    assert ids.tolist() == [[1, 2]] * 2 and np.allclose(logp, [[-0.1, -2.0]] * 2)
+    assert all(cache.read("train", other) is None for other in others)
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(workdir, teacher, tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
 from posttrain.jobs import models
 from posttrain.jobs.algorithms.methods import EVALUATED, METHODS, flat_metrics
+from posttrain.jobs.rewards.scorers import REWARD_INPUT, reward_input
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.checkpoints import PREFIX, Checkpoints
 
@@ -191,8 +192,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
         callback.push({"type": "phase", "phase": "evaluating"})
         callback.push({"type": "eval_after", "step": trainer.state.global_step, **evaluated(trainer.evaluate())})
     callback.push({"type": "phase", "phase": "saving"})
+    # a reward model records how its pairs were tokenized: the grpo/ppo scorer repeats it (scorers.RewardModel)
+    extra = {REWARD_INPUT: reward_input(cfg["train"][0])} if METHODS[spec.algorithm.value].head == "score" else None
     _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback,
-          base=base)
+          base=base, extra=extra)
 
 
 def precision(dtype: str, adapter: AdapterType, *, on_gpu: bool) -> tuple[str, dict[str, bool]]:
@@ -234,7 +237,7 @@ def evaluated(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.Location, model_source: str, *,
-          rank: int, callback: Any, base: Path) -> None:
+          rank: int, callback: Any, base: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 publishes it to the output
     (a PVC or object storage), whole: a reader sees the previous result or the new one."""
     adapter = spec.adapter
@@ -246,7 +249,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not a model
         kind = "model" if adapter.type is AdapterType.none else "adapter"
         tokenizer.save_pretrained(staging)
-        models.write_provenance(staging, kind=kind, model=spec.model, base=base)
+        models.write_provenance(staging, kind=kind, model=spec.model, base=base, extra=extra)
         dest = out.child(kind)
         storage.publish_tree(staging, dest)
         event = {"type": "saved", "kind": kind, "path": dest.uri}
@@ -256,7 +259,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
             merged = staging.parent / f"{staging.name}-merged"
             _merge_into(staging, merged, model_source, spec)
             tokenizer.save_pretrained(merged)
-            models.write_provenance(merged, kind="merged-model", model=spec.model, base=base)
+            models.write_provenance(merged, kind="merged-model", model=spec.model, base=base, extra=extra)
             storage.publish_tree(merged, out.child("model"))
             event.update(kind="merged-model", path=out.child("model").uri, adapter_path=dest.uri)
         callback.push(event)

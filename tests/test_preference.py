@@ -166,6 +166,32 @@ def test_each_adapter_takes_a_step_with_the_preference_trainers(algorithm, adapt
                                       "orpo": "ORPOTrainer", "simpo": "CPOTrainer"}[algorithm]
 
 
+def test_a_single_worker_trains_as_one_plain_process(tmp_path, tiny_model, one_process_group):
+    """Ray Train's group of one is closed: no DistributedDataParallel, no gloo gathers per logged metric."""
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+    from torch.nn.parallel import DistributedDataParallel
+
+    from posttrain.jobs.algorithms.sft_worker import build_trainer, leave_group_of_one
+    from posttrain.jobs.models import load_tokenizer
+
+    path = tiny.write_jsonl(tmp_path / "data.jsonl", tiny.pair_records(8))
+    job = parse_job(jobs.document("dpo", model={"source": str(tiny_model)}, adapter={"type": "lora", "r": 4},
+                                  data={"train": [{"source": str(path)}]},
+                                  training={"maxSteps": 1, "globalBatchSize": 4, "microBatchSize": 4}))
+    train, _, _ = build_preference(job.spec.data, algorithm="dpo", seed=0)
+    leave_group_of_one(2)  # a real group is left alone
+    assert dist.is_initialized()
+    leave_group_of_one(1)
+    assert not dist.is_initialized()
+    cfg = {"train": train, "eval": None, "checkpoint_local": str(tmp_path / "ckpt")}
+    trainer = build_trainer(job.spec, cfg, str(tiny_model), load_tokenizer(str(tiny_model)), world=1, callbacks=[])
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.accelerator.distributed_type is DistributedType.NO
+    assert not isinstance(trainer.model_wrapped, DistributedDataParallel)
+
+
 def test_preference_metrics_reach_progress_and_prometheus():
     from prometheus_client import generate_latest
 

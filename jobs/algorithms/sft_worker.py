@@ -96,6 +96,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# What Ray Train sets on each worker's process for torch.distributed (and what makes accelerate go distributed).
+_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+def leave_group_of_one(world: int) -> None:
+    """A run of one worker trains as one plain process, as TRL alone does.
+
+    Ray Train starts a torch.distributed group even for one worker and sets LOCAL_RANK and friends;
+    accelerate then wraps the model in DistributedDataParallel (a buffer broadcast before every
+    forward, reducer hooks in every backward) and sends each metric the trainer logs through a
+    gloo all_gather, about 17 collectives per DPO step (cProfile of benchmarks/dpo_vs_trl.py). A group
+    of one gains nothing from either, so it is closed before the trainer's arguments pick a mode.
+    """
+    if world != 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in _GROUP_ENV:
+        os.environ.pop(key, None)
+
+
 def _staging(address: str, rank: int) -> Path:
     """A local folder of this rank's for checkpoints bound for object storage."""
     digest = hashlib.sha256(address.encode()).hexdigest()[:16]
@@ -140,7 +163,7 @@ def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int,
         report_to=[],
         disable_tqdm=True,
         use_cpu=not on_gpu,
-        ddp_backend=None if on_gpu else "gloo",
+        ddp_backend=None if on_gpu or world == 1 else "gloo",  # one worker: no group (leave_group_of_one)
         **precision(spec.model.dtype, spec.adapter.type, on_gpu=on_gpu)[1],
         include_num_input_tokens_seen="non_padding",
         gradient_checkpointing=spec.model.gradient_checkpointing,
@@ -155,6 +178,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    leave_group_of_one(world)
     spec = PostTrainingJobSpec.model_validate(cfg["spec"])
     tracker = cfg.get("tracker")
     torch_threads = cfg.get("torch_threads")

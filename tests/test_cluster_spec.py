@@ -21,7 +21,7 @@ from posttrain.jobs.cli import main as cli_main
 CLUSTER_READY = {"grpo-colocated-async", "grpo-gsm8k-gpu", "ppo-lora", "sft-dora-mixed", "sft-full",
                  "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs",
                  "evaluate-models"}
-LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model"}  # relative data and output paths: `posttrain run` on one machine
+LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model", "ppo-reward-model"}  # relative data and output paths: `posttrain run` on one machine
 
 
 def cluster_job(**spec):

@@ -192,6 +192,44 @@ def test_a_single_worker_trains_as_one_plain_process(tmp_path, tiny_model, one_p
     assert not isinstance(trainer.model_wrapped, DistributedDataParallel)
 
 
+class _Tracker:
+    """Stands in for the tracker actor: records each batch `extend.remote` sends."""
+
+    def __init__(self):
+        self.batches: list[list[dict]] = []
+        self.extend = self
+        self.push = None  # one Ray call per event is what the callback must not make
+
+    def remote(self, events):
+        self.batches.append(list(events))
+
+
+def test_step_logs_reach_the_driver_in_batches_and_in_order(tmp_path):
+    from posttrain.jobs.algorithms.sft_worker import _callback_class
+    from posttrain.jobs.run import storage
+    from posttrain.jobs.run.checkpoints import Checkpoints
+
+    tracker = _Tracker()
+    ckpts = Checkpoints(storage.resolve(str(tmp_path)))
+    report = _callback_class()(tracker, 0, ckpts, 1, flush_seconds=3600)
+    for step in (1, 2, 3):
+        report.push({"type": "log", "step": step, "loss": 1.0 / step})
+    assert tracker.batches == []                                    # short steps wait for the next batch
+    report.push({"type": "checkpoint", "step": 3, "path": "x"})     # anything else sends them first, in order
+    assert [[e["type"] for e in b] for b in tracker.batches] == [["log", "log", "log", "checkpoint"]]
+    report.push({"type": "log", "step": 4, "loss": 0.2})
+    report.on_train_end(None, None, None)
+    assert tracker.batches[-1] == [{"type": "log", "step": 4, "loss": 0.2}]
+    report.on_train_end(None, None, None)                           # nothing pending: no empty batch
+    assert len(tracker.batches) == 2
+    every = _callback_class()(tracker, 0, ckpts, 1, flush_seconds=0)
+    every.push({"type": "log", "step": 5})                          # a slow step is sent at once
+    assert tracker.batches[-1] == [{"type": "log", "step": 5}]
+    other_rank = _callback_class()(tracker, 1, ckpts, 1, flush_seconds=0)
+    other_rank.push({"type": "log", "step": 6})
+    assert len(tracker.batches) == 3
+
+
 def test_preference_metrics_reach_progress_and_prometheus():
     from prometheus_client import generate_latest
 

@@ -37,18 +37,39 @@ from posttrain.jobs.run.checkpoints import PREFIX, Checkpoints
 log = logging.getLogger(__name__)
 
 def _callback_class():
+    """`ReportToDriver` (a class made on first use: transformers is imported inside the worker)."""
     from transformers import TrainerCallback
 
     class ReportToDriver(TrainerCallback):
-        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only); completes checkpoints."""
+        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only); completes checkpoints.
 
-        def __init__(self, tracker: Any, rank: int, ckpts: Checkpoints, keep: int) -> None:
+        Step logs are sent in batches, at most `flush_seconds` apart (the driver reads the tracker every
+        `poll_seconds`, 0.5 s, anyway): a short step does not pay a Ray call. Any other event sends
+        what is pending first, in order, and the end of training sends the rest.
+        """
+
+        def __init__(self, tracker: Any, rank: int, ckpts: Checkpoints, keep: int, *,
+                     flush_seconds: float = 0.5) -> None:
             self.tracker, self.rank, self.ckpts, self.keep = tracker, rank, ckpts, keep
+            self.flush_seconds = flush_seconds
             self._last: tuple[float, int] | None = None
+            self._pending: list[dict[str, Any]] = []
+            self._flushed = time.monotonic()
 
         def push(self, event: dict[str, Any]) -> None:
             if self.rank == 0 and self.tracker is not None:
-                self.tracker.push.remote(event)
+                self._pending.append(event)
+                if event["type"] != "log" or time.monotonic() - self._flushed >= self.flush_seconds:
+                    self.flush()
+
+        def flush(self) -> None:
+            if self._pending:
+                self.tracker.extend.remote(self._pending)
+                self._pending = []
+            self._flushed = time.monotonic()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._last = (time.time(), state.num_input_tokens_seen)
@@ -210,7 +231,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
     trainer = build_trainer(spec, cfg, model_source, tokenizer, world=world, callbacks=[callback])
     callback.push({"type": "phase", "phase": "training"})
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        callback.flush()  # the step logs not sent yet, also when training failed
     callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
     if eval_ds is not None:
         callback.push({"type": "phase", "phase": "evaluating"})

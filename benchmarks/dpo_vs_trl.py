@@ -6,6 +6,7 @@ the script prints seconds per step of each, their ratio per round and overall (t
 rounds' ratios), end-to-end wall times, the final losses, and the load average before and after.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py                        # tiny random Llama, 20 steps, 3 rounds
+    .venv/bin/python benchmarks/dpo_vs_trl.py --steps 40 --hidden 256   # longer steps: fixed costs matter less
     .venv/bin/python benchmarks/dpo_vs_trl.py --smollm --steps 8 --rounds 2   # SmolLM2-135M-Instruct
 """
 
@@ -36,19 +37,21 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smollm", action="store_true", help="use SmolLM2-135M-Instruct instead of a tiny model")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model: decoder layers")
+    parser.add_argument("--hidden", type=int, default=128, help="tiny model: hidden size")
     args = parser.parse_args()
     import tiny
 
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     os.environ.setdefault("POSTTRAIN_CACHE", str(work / "cache"))
-    model = bench_model(work, smollm=args.smollm)
+    model = bench_model(work, smollm=args.smollm, layers=args.layers, hidden=args.hidden)
     data_path = str(tiny.write_jsonl(work / "pairs.jsonl", tiny.pair_records(512)))
     doc = job_doc(model, data_path, args.steps, 2e-3, algorithm="dpo",
                   preference={"lossType": ["sigmoid"], "beta": 0.1})
 
     report = alternating_rounds(lambda out: run_trl(doc, out), lambda out: run_ours(doc, out), args.rounds,
                                 work=work, model="SmolLM2-135M-Instruct" if args.smollm
-                                else "tiny-llama (4 layers, hidden 128)", steps=args.steps)
+                                else f"tiny-llama ({args.layers} layers, hidden {args.hidden})", steps=args.steps)
     print(json.dumps(report, indent=2))
     return 0
 

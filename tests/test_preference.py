@@ -166,6 +166,70 @@ def test_each_adapter_takes_a_step_with_the_preference_trainers(algorithm, adapt
                                       "orpo": "ORPOTrainer", "simpo": "CPOTrainer"}[algorithm]
 
 
+def test_a_single_worker_trains_as_one_plain_process(tmp_path, tiny_model, one_process_group):
+    """Ray Train's group of one is closed: no DistributedDataParallel, no gloo gathers per logged metric."""
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+    from torch.nn.parallel import DistributedDataParallel
+
+    from posttrain.jobs.algorithms.sft_worker import build_trainer, leave_group_of_one
+    from posttrain.jobs.models import load_tokenizer
+
+    path = tiny.write_jsonl(tmp_path / "data.jsonl", tiny.pair_records(8))
+    job = parse_job(jobs.document("dpo", model={"source": str(tiny_model)}, adapter={"type": "lora", "r": 4},
+                                  data={"train": [{"source": str(path)}]},
+                                  training={"maxSteps": 1, "globalBatchSize": 4, "microBatchSize": 4}))
+    train, _, _ = build_preference(job.spec.data, algorithm="dpo", seed=0)
+    leave_group_of_one(2)  # a real group is left alone
+    assert dist.is_initialized()
+    leave_group_of_one(1)
+    assert not dist.is_initialized()
+    cfg = {"train": train, "eval": None, "checkpoint_local": str(tmp_path / "ckpt")}
+    trainer = build_trainer(job.spec, cfg, str(tiny_model), load_tokenizer(str(tiny_model)), world=1, callbacks=[])
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.accelerator.distributed_type is DistributedType.NO
+    assert not isinstance(trainer.model_wrapped, DistributedDataParallel)
+
+
+class _Tracker:
+    """Stands in for the tracker actor: records each batch `extend.remote` sends."""
+
+    def __init__(self):
+        self.batches: list[list[dict]] = []
+        self.extend = self
+        self.push = None  # one Ray call per event is what the callback must not make
+
+    def remote(self, events):
+        self.batches.append(list(events))
+
+
+def test_step_logs_reach_the_driver_in_batches_and_in_order(tmp_path):
+    from posttrain.jobs.algorithms.sft_worker import _callback_class
+    from posttrain.jobs.run import storage
+    from posttrain.jobs.run.checkpoints import Checkpoints
+
+    tracker = _Tracker()
+    ckpts = Checkpoints(storage.resolve(str(tmp_path)))
+    report = _callback_class()(tracker, 0, ckpts, 1, flush_seconds=3600)
+    for step in (1, 2, 3):
+        report.push({"type": "log", "step": step, "loss": 1.0 / step})
+    assert tracker.batches == []                                    # short steps wait for the next batch
+    report.push({"type": "checkpoint", "step": 3, "path": "x"})     # anything else sends them first, in order
+    assert [[e["type"] for e in b] for b in tracker.batches] == [["log", "log", "log", "checkpoint"]]
+    report.push({"type": "log", "step": 4, "loss": 0.2})
+    report.on_train_end(None, None, None)
+    assert tracker.batches[-1] == [{"type": "log", "step": 4, "loss": 0.2}]
+    report.on_train_end(None, None, None)                           # nothing pending: no empty batch
+    assert len(tracker.batches) == 2
+    every = _callback_class()(tracker, 0, ckpts, 1, flush_seconds=0)
+    every.push({"type": "log", "step": 5})                          # a slow step is sent at once
+    assert tracker.batches[-1] == [{"type": "log", "step": 5}]
+    other_rank = _callback_class()(tracker, 1, ckpts, 1, flush_seconds=0)
+    other_rank.push({"type": "log", "step": 6})
+    assert len(tracker.batches) == 3
+
+
 def test_preference_metrics_reach_progress_and_prometheus():
     from prometheus_client import generate_latest
 

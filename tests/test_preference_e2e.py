@@ -111,7 +111,10 @@ def test_reward_model_output_scores_as_a_grpo_reward(workdir, ray_local):
     assert summary["artifact"]["kind"] == "merged-model"
     folder = workdir / "out-reward" / "model"
     assert summary["artifact"]["path"] == str(folder)
+    # how the pairs were tokenized (text: EOS appended), which the scorer repeats
+    assert json.loads((folder / "posttrain.json").read_text())["reward_input"] == {"chat": False, "eos": True}
     scorer = RewardModel(folder)
+    assert scorer.eos and not scorer.chat
     pairs = tiny.pair_records(16, seed=5)  # pairs the model never saw
     prompts = [p["prompt"] for p in pairs]
     chosen, rejected = scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs])

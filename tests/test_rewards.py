@@ -39,6 +39,8 @@ B = "posttrain.jobs.rewards.builtin"
 def test_doctests_pass():
     result = doctest.testmod(builtin, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 10 and result.failed == 0
+    result = doctest.testmod(scorers)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 # --- exact_answer -------------------------------------------------------------------------------
@@ -374,6 +376,62 @@ def test_reward_model_labels_and_spec(rm_folders):
                           kwargs={"path": str(rm_folders["one"]), "chat": True}, label="rm")
     out = combine(build_rewards([spec]), PROMPTS, COMPLETIONS)
     assert len(out.rewards) == 4 and out.skipped == {"rm": 0}
+
+
+def _trl_scores(folder, records, tmp_path) -> list[float]:
+    """The model's score of each chosen answer tokenized as TRL's RewardTrainer tokenizes it for training
+    (its own dataset preparation, run on `records`)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), max_length=None, dataset_num_proc=None, report_to=[],
+                        use_cpu=True, bf16=False)
+    ids = RewardTrainer._prepare_dataset(None, datasets.Dataset.from_list(records), tok, args, "train")["chosen_ids"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([x])).logits[0, 0].item() for x in ids]
+
+
+def _trained_on(folder, tmp_path, name, record):
+    """A copy of the reward model with the `posttrain.json` a reward job trained on `record`'s kind writes."""
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / name)
+    (copy / "posttrain.json").write_text(json.dumps({"kind": "merged-model", "base_model": "x",
+                                                     scorers.REWARD_INPUT: scorers.reward_input(record)}))
+    return copy
+
+
+def test_reward_model_scores_text_pairs_as_the_reward_trainer_tokenized_them(rm_folders, tmp_path):
+    records = [{"prompt": p, "chosen": c, "rejected": c + " no"} for p, c in zip(PROMPTS, COMPLETIONS)]
+    folder = _trained_on(rm_folders["one"], tmp_path, "text", records[0])
+    scores = RewardModel(folder, batch_size=3)(PROMPTS, COMPLETIONS)
+    assert scores == pytest.approx(_trl_scores(folder, records, tmp_path), abs=1e-5)  # EOS appended, as in training
+    # a model without posttrain's record scores the text as is (its training is unknown)
+    assert RewardModel(rm_folders["one"])(PROMPTS, COMPLETIONS) != pytest.approx(scores, abs=1e-5)
+
+
+def test_reward_model_scores_chat_pairs_as_the_reward_trainer_tokenized_them(rm_folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    chats = [[{"role": "system", "content": "think"}, {"role": "user", "content": p}] for p in PROMPTS]
+    records = [{"prompt": m, "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": c + " no"}]} for m, c in zip(chats, COMPLETIONS)]
+    folder = _trained_on(rm_folders["one"], tmp_path, "chat", records[0])
+    expected = _trl_scores(folder, records, tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    # a grpo/ppo job passes chat prompts rendered by the template, with the generation prompt
+    rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
+    rm = RewardModel(folder, batch_size=3)
+    assert rm.chat and not rm.eos
+    assert rm(rendered, COMPLETIONS) == pytest.approx(expected, abs=1e-5)
+    # a plain prompt becomes the user's turn
+    users = [{"prompt": [{"role": "user", "content": p}], "chosen": r["chosen"], "rejected": r["rejected"]}
+             for p, r in zip(PROMPTS, records)]
+    assert rm(PROMPTS, COMPLETIONS) == pytest.approx(_trl_scores(folder, users, tmp_path), abs=1e-5)
 
 
 # --- HTTP verifier ------------------------------------------------------------------------------

@@ -30,24 +30,46 @@ from typing import Any
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
 from posttrain.jobs import models
 from posttrain.jobs.algorithms.methods import EVALUATED, METHODS, flat_metrics
+from posttrain.jobs.rewards.scorers import REWARD_INPUT, reward_input
 from posttrain.jobs.run import storage
 from posttrain.jobs.run.checkpoints import PREFIX, Checkpoints
 
 log = logging.getLogger(__name__)
 
 def _callback_class():
+    """`ReportToDriver` (a class made on first use: transformers is imported inside the worker)."""
     from transformers import TrainerCallback
 
     class ReportToDriver(TrainerCallback):
-        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only); completes checkpoints."""
+        """Forwards logs, checkpoints and phase changes to the driver (rank 0 only); completes checkpoints.
 
-        def __init__(self, tracker: Any, rank: int, ckpts: Checkpoints, keep: int) -> None:
+        Step logs are sent in batches, at most `flush_seconds` apart (the driver reads the tracker every
+        `poll_seconds`, 0.5 s, anyway): a short step does not pay a Ray call. Any other event sends
+        what is pending first, in order, and the end of training sends the rest.
+        """
+
+        def __init__(self, tracker: Any, rank: int, ckpts: Checkpoints, keep: int, *,
+                     flush_seconds: float = 0.5) -> None:
             self.tracker, self.rank, self.ckpts, self.keep = tracker, rank, ckpts, keep
+            self.flush_seconds = flush_seconds
             self._last: tuple[float, int] | None = None
+            self._pending: list[dict[str, Any]] = []
+            self._flushed = time.monotonic()
 
         def push(self, event: dict[str, Any]) -> None:
             if self.rank == 0 and self.tracker is not None:
-                self.tracker.push.remote(event)
+                self._pending.append(event)
+                if event["type"] != "log" or time.monotonic() - self._flushed >= self.flush_seconds:
+                    self.flush()
+
+        def flush(self) -> None:
+            if self._pending:
+                self.tracker.extend.remote(self._pending)
+                self._pending = []
+            self._flushed = time.monotonic()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._last = (time.time(), state.num_input_tokens_seen)
@@ -95,6 +117,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# What Ray Train sets on each worker's process for torch.distributed (and what makes accelerate go distributed).
+_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+def leave_group_of_one(world: int) -> None:
+    """A run of one worker trains as one plain process, as TRL alone does.
+
+    Ray Train starts a torch.distributed group even for one worker and sets LOCAL_RANK and friends;
+    accelerate then wraps the model in DistributedDataParallel (a buffer broadcast before every
+    forward, reducer hooks in every backward) and sends each metric the trainer logs through a
+    gloo all_gather, about 17 collectives per DPO step (cProfile of benchmarks/dpo_vs_trl.py). A group
+    of one gains nothing from either, so it is closed before the trainer's arguments pick a mode.
+    """
+    if world != 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in _GROUP_ENV:
+        os.environ.pop(key, None)
+
+
 def _staging(address: str, rank: int) -> Path:
     """A local folder of this rank's for checkpoints bound for object storage."""
     digest = hashlib.sha256(address.encode()).hexdigest()[:16]
@@ -139,7 +184,7 @@ def sft_arguments(spec: PostTrainingJobSpec, cfg: dict[str, Any], *, world: int,
         report_to=[],
         disable_tqdm=True,
         use_cpu=not on_gpu,
-        ddp_backend=None if on_gpu else "gloo",
+        ddp_backend=None if on_gpu or world == 1 else "gloo",  # one worker: no group (leave_group_of_one)
         **precision(spec.model.dtype, spec.adapter.type, on_gpu=on_gpu)[1],
         include_num_input_tokens_seen="non_padding",
         gradient_checkpointing=spec.model.gradient_checkpointing,
@@ -154,6 +199,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    leave_group_of_one(world)
     spec = PostTrainingJobSpec.model_validate(cfg["spec"])
     tracker = cfg.get("tracker")
     torch_threads = cfg.get("torch_threads")
@@ -185,14 +231,19 @@ def train_loop(cfg: dict[str, Any]) -> None:
     callback = _callback_class()(tracker, rank, ckpts, spec.checkpoint.keep)
     trainer = build_trainer(spec, cfg, model_source, tokenizer, world=world, callbacks=[callback])
     callback.push({"type": "phase", "phase": "training"})
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        callback.flush()  # the step logs not sent yet, also when training failed
     callback.push({"type": "train_done", "step": trainer.state.global_step, "metrics": result.metrics})
     if eval_ds is not None:
         callback.push({"type": "phase", "phase": "evaluating"})
         callback.push({"type": "eval_after", "step": trainer.state.global_step, **evaluated(trainer.evaluate())})
     callback.push({"type": "phase", "phase": "saving"})
+    # a reward model records how its pairs were tokenized: the grpo/ppo scorer repeats it (scorers.RewardModel)
+    extra = {REWARD_INPUT: reward_input(cfg["train"][0])} if METHODS[spec.algorithm.value].head == "score" else None
     _save(trainer, tokenizer, spec, storage.resolve(cfg["output"]), model_source, rank=rank, callback=callback,
-          base=base)
+          base=base, extra=extra)
 
 
 def precision(dtype: str, adapter: AdapterType, *, on_gpu: bool) -> tuple[str, dict[str, bool]]:
@@ -234,7 +285,7 @@ def evaluated(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.Location, model_source: str, *,
-          rank: int, callback: Any, base: Path) -> None:
+          rank: int, callback: Any, base: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the model or adapter. Every rank takes part (FSDP gathers); rank 0 publishes it to the output
     (a PVC or object storage), whole: a reader sees the previous result or the new one."""
     adapter = spec.adapter
@@ -253,7 +304,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle of trainer settings, not a model
         kind = "model" if adapter.type is AdapterType.none else "adapter"
         tokenizer.save_pretrained(staging)
-        models.write_provenance(staging, kind=kind, model=spec.model, base=base)
+        models.write_provenance(staging, kind=kind, model=spec.model, base=base, extra=extra)
         dest = out.child(kind)
         storage.publish_tree(staging, dest)
         event = {"type": "saved", "kind": kind, "path": dest.uri}
@@ -263,7 +314,7 @@ def _save(trainer: Any, tokenizer: Any, spec: PostTrainingJobSpec, out: storage.
             merged = staging.parent / f"{staging.name}-merged"
             _merge_into(staging, merged, model_source, spec)
             tokenizer.save_pretrained(merged)
-            models.write_provenance(merged, kind="merged-model", model=spec.model, base=base)
+            models.write_provenance(merged, kind="merged-model", model=spec.model, base=base, extra=extra)
             storage.publish_tree(merged, out.child("model"))
             event.update(kind="merged-model", path=out.child("model").uri, adapter_path=dest.uri)
         callback.push(event)

@@ -29,6 +29,36 @@ from posttrain.jobs.rewards.score import RewardError
 log = logging.getLogger(__name__)
 
 
+# The key of a reward model's `posttrain.json` that says how its training pairs were tokenized.
+REWARD_INPUT = "reward_input"
+_USER, _ANSWER = "\u2063posttrain-user\u2063", "\u2063posttrain-answer\u2063"  # never in a real chat
+
+
+def reward_input(record: Mapping[str, Any]) -> dict[str, bool]:
+    """How TRL's `RewardTrainer` tokenizes a training pair like `record` (what a scorer must repeat).
+
+    Chat pairs (messages) go through the chat template, which closes the assistant turn itself;
+    text pairs are `prompt + chosen` with the tokenizer's EOS appended.
+
+    >>> reward_input({"prompt": "2+2=", "chosen": "4", "rejected": "5"})
+    {'chat': False, 'eos': True}
+    >>> reward_input({"prompt": [{"role": "user", "content": "2+2="}], "chosen": [{"role": "assistant", "content": "4"}]})
+    {'chat': True, 'eos': False}
+    """
+    chat = isinstance(record.get("chosen"), list) or isinstance(record.get("prompt"), list)
+    return {"chat": chat, "eos": not chat}
+
+
+def _trained_input(folder: Path) -> dict[str, Any]:
+    """The `reward_input` a posttrain reward job wrote beside the model; {} for any other model."""
+    try:
+        written = json.loads((folder / "posttrain.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found = written.get(REWARD_INPUT) if isinstance(written, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
 class RewardModel:
     """Scores `prompt + completion` with a sequence-classification model from a local folder.
 
@@ -38,25 +68,33 @@ class RewardModel:
     batch_size: texts per forward pass (texts are sorted by length to pad less).
     max_length: tokens kept per text; truncation drops the start (the prompt),
                 never the end of the completion.
-    chat: render [user: prompt, assistant: completion] with the tokenizer's chat
-          template instead of concatenating the strings.
+    chat: score the pair as a chat: a prompt already rendered by the chat template (what a
+          grpo/ppo job with chat prompts passes) gets the completion and the template's end of
+          the assistant turn; a plain prompt becomes [user: prompt, assistant: completion].
+    eos: append the tokenizer's EOS token to a text (not chat) pair.
+          chat and eos default to how the model was trained: a posttrain reward job writes
+          this into the folder's posttrain.json (`reward_input`), so scoring tokenizes each
+          pair exactly as TRL's RewardTrainer did; for other models both default to False.
     device, dtype: where and in which dtype to load ("auto" keeps the saved dtype).
 
     Returns the chosen logit per sample as a float (never None).
     """
 
     def __init__(self, path: str | Path, *, label: int | str | None = None, batch_size: int = 8,
-                 max_length: int = 2048, chat: bool = False, device: str = "cpu", dtype: str = "auto",
-                 name: str = "reward_model"):
+                 max_length: int = 2048, chat: bool | None = None, eos: bool | None = None, device: str = "cpu",
+                 dtype: str = "auto", name: str = "reward_model"):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.name, self.batch_size, self.max_length, self.chat, self.device = name, batch_size, max_length, chat, device
+        self.name, self.batch_size, self.max_length, self.device = name, batch_size, max_length, device
         if batch_size < 1:
             raise RewardError(name, f"batch_size must be >= 1, got {batch_size}")
         folder = Path(path)
         if not folder.is_dir():
             raise RewardError(name, f"model path {str(folder)!r} is not a folder; give a local model folder")
+        trained = _trained_input(folder)
+        self.chat = bool(trained.get("chat", False)) if chat is None else chat
+        self.eos = bool(trained.get("eos", False)) if eos is None else eos
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.truncation_side = "left"
@@ -67,6 +105,8 @@ class RewardModel:
             # The classification head reads the last non-pad token; it needs to know the pad id.
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.index = self._label_index(label)
+        if self.chat:
+            self._opens, self._closes = self._assistant_turn()
 
     def _label_index(self, label: int | str | None) -> int:
         config = self.model.config
@@ -84,9 +124,26 @@ class RewardModel:
             raise RewardError(self.name, f"label index {label} is out of range for {n} labels")
         return label
 
+    def _assistant_turn(self) -> tuple[str, str]:
+        """(what the chat template writes after a user turn to open the assistant's, what it writes after
+        the assistant's content to close it)."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise RewardError(self.name, "chat scoring needs a tokenizer with a chat template; this one has none "
+                                         "(set chat: false in the reward's kwargs)")
+        user = [{"role": "user", "content": _USER}]
+        opened = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template([*user, {"role": "assistant", "content": _ANSWER}], tokenize=False)
+        return opened[opened.rindex(_USER) + len(_USER):], full[full.rindex(_ANSWER) + len(_ANSWER):]
+
     def _render(self, prompt: str, completion: str) -> str:
         if not self.chat:
-            return prompt + completion
+            eos = self.tokenizer.eos_token
+            text = prompt + completion
+            # TRL's rule: EOS is appended unless the text already ends with it
+            return text + eos if self.eos and eos and not text.endswith(eos) else text
+        if self._opens and prompt.endswith(self._opens):  # rendered by the template already (an RL job's chat prompt)
+            return prompt + completion + self._closes
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -99,8 +156,10 @@ class RewardModel:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
+                # a rendered chat carries its special tokens already (as apply_chat_template tokenizes it)
                 enc = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                                     max_length=self.max_length, add_special_tokens=not self.chat,
+                                     return_tensors="pt").to(self.device)
                 logits = self.model(**enc).logits[:, self.index].float().tolist()
                 for i, value in zip(chunk, logits):
                     scores[i] = value

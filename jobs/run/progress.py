@@ -247,6 +247,9 @@ def tracker_actor():
         def push(self, event: dict[str, Any]) -> None:
             self.events.append(event)
 
+        def extend(self, events: list[dict[str, Any]]) -> None:  # a batch, in order: one call, not one per event
+            self.events.extend(events)
+
         def drain(self) -> list[dict[str, Any]]:
             events, self.events = self.events, []
             return events

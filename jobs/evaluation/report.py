@@ -72,6 +72,10 @@ def series(doc: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     return {k: sorted(v, key=lambda r: r["generations"]) for k, v in out.items()}
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P")
+DASHES = ("-", "--", ":", "-.")
+
+
 def plot_scaling(doc: dict[str, Any], folder: Path) -> list[str]:
     """Accuracy against samples per prompt (log2 x axis) and against generated tokens per prompt, one line
     per (model, method), the 95% CI as error bars; returns the files written (names relative to `folder`)."""
@@ -84,11 +88,19 @@ def plot_scaling(doc: dict[str, Any], folder: Path) -> list[str]:
     for name, x_key, x_label in ((PLOTS[0], "generations", "completions per prompt"),
                                  (PLOTS[1], "tokens_per_prompt", "generated tokens per prompt")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for (model, method), rows in series(doc).items():
+        lines = series(doc)
+        # one colour per model, one marker and dash per method: 3 models x 4 methods stay apart (a colour
+        # per line would repeat after ten)
+        models = list(dict.fromkeys(model for model, _ in lines))
+        methods = list(dict.fromkeys(method for _, method in lines))
+        for (model, method), rows in lines.items():
             xs = [r[x_key] for r in rows]
             ys = [r["score"] for r in rows]
             err = [[r["score"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["score"] for r in rows]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{model}: {method}")
+            k = methods.index(method)
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=f"{model}: {method}",
+                        color=f"C{models.index(model) % 10}", marker=MARKERS[k % len(MARKERS)],
+                        linestyle=DASHES[k % len(DASHES)])
         ax.set_xscale("log", base=2)
         ax.set_xlabel(x_label)
         ax.set_ylabel("accuracy" if doc.get("metric", "match") == "match" else f"score ({doc.get('metric')})")

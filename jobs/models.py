@@ -326,8 +326,3 @@ def refuse_bottleneck(path: Path, config: dict[str, Any], *, where: str) -> None
                                "weights, so it cannot be a model source or be served by the rollout engines; load "
                                "it onto its base in your own code (posttrain.jobs.bottleneck.load), or train a LoRA "
                                "adapter (adapter.type lora) for this use")
-
-
-def merged_on_this_pod(model_folder: str, adapter_folder: str) -> str:
-    """`model_folder` with the adapter at `adapter_folder` merged in (see `merged_into`)."""
-    return merged_into(Path(adapter_folder), model_folder)

@@ -34,12 +34,12 @@ class RolloutWorker(ActorBase):
         shares this device, so the engine takes a smaller share and sleeps."""
         import torch
 
-        from posttrain.jobs.models import adapter_on_this_pod, merged_on_this_pod, model_on_this_pod
+        from posttrain.jobs.models import adapter_on_this_pod, merged_into, model_on_this_pod
 
         model_folder, _ = model_on_this_pod(model, base=base_dir)
         if adapter:
             base = Path(base_dir) if base_dir else None
-            model_folder = merged_on_this_pod(model_folder, adapter_on_this_pod(adapter, base=base))
+            model_folder = merged_into(Path(adapter_on_this_pod(adapter, base=base)), model_folder)
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)  # transformers sampling draws from torch's generator

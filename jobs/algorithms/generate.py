@@ -175,25 +175,15 @@ class Sampler:
         return out
 
 
-def actor_options(role: str, cpus: float, gpus: float) -> dict[str, Any]:
-    """Ray options of one actor of `role` (on a cluster it asks for that role's worker group)."""
-    from posttrain.api import runtime
-    from posttrain.jobs.rl.placement import on_cluster
-
-    opts: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
-    if on_cluster():
-        opts["resources"] = {runtime.ray_resource(role): 1}
-    return opts
-
-
 def role_actors(ctx: RunContext, cls: type, role: str, *, per_gpu: bool) -> tuple[list[Any], Any]:
     """The actors of `role` (roles.<role>, defaults where unset) and their `Role` sizing."""
     import ray
 
+    from posttrain.jobs.rl.placement import actor_options
     from posttrain.jobs.rl.placement import role_actors as sizing
 
     sized = sizing(role, getattr(ctx.spec.roles, role) or RoleSpec(), local_cpus=ctx.local_cpus, per_gpu=per_gpu)
-    options = actor_options(role, sized.cpus, sized.gpus)
+    options = actor_options(sized)
     return [ray.remote(cls).options(**options).remote() for _ in range(sized.count)], sized
 
 

@@ -7,18 +7,17 @@ on its own actors (roles.teacher) into top-k log-probabilities.
 Each teacher actor loads the teacher on its pod (`models.materialize`), runs it over its share of the rows
 (input_ids, labels) and returns, for every position whose next token is trained, the k most likely tokens
 and their log-probabilities at `distill.temperature` (`divergence.teacher_topk`). On a cluster the actors ask
-for the teacher role's custom resource, so they land on that role's worker group.
+for the teacher role's custom resource, so they land on that role's worker group (`rl.placement.role_actors`
+and `actor_options`, as generate's and evaluate's actors).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from posttrain.api import runtime
 from posttrain.api.distill import DistillSpec
 from posttrain.api.spec import ModelSpec, PostTrainingJobSpec
 from posttrain.jobs import models
@@ -125,32 +124,22 @@ class TeacherWorker:
         return out
 
 
-def actor_options(spec: PostTrainingJobSpec, local_cpus: int | None) -> tuple[int, dict[str, Any], int | None]:
-    """(how many teacher actors, their Ray options, torch threads each): one per GPU of each roles.teacher
-    replica (one per replica on CPU), with the role's custom resource on a cluster."""
-    from posttrain.api.spec import RoleSpec
-
-    role = spec.roles.teacher or RoleSpec()
-    count = role.replicas * max(1, role.gpus)
-    cpus = role.cpus / max(1, role.gpus) if role.cpus else 1.0
-    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 1 if role.gpus else 0}
-    if os.environ.get(runtime.PLACEMENT_ENV) == runtime.PLACEMENT_ROLES:
-        options["resources"] = {runtime.ray_resource("teacher"): 1}
-    threads = max(1, int(cpus)) if role.cpus else (max(1, local_cpus // count) if local_cpus else None)
-    return count, options, threads
-
-
 def score_rows(spec: PostTrainingJobSpec, rows: list[tuple[list[int], list[int]]], *, base: Path | None,
                local_cpus: int | None = None, batch: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every row scored by the teacher actors (rows split evenly among them, results in row order)."""
     import ray
 
+    from posttrain.api.spec import RoleSpec
+    from posttrain.jobs.rl.placement import actor_options, role_actors
+
     settings = spec.distill or DistillSpec()
-    count, options, threads = actor_options(spec, local_cpus)
-    worker = ray.remote(TeacherWorker).options(**options)
-    actors = [worker.remote(spec.teacher.wire(), str(base) if base else None, threads) for _ in range(count)]
+    # one actor per GPU of each roles.teacher replica (one per replica on CPU)
+    role = role_actors("teacher", spec.roles.teacher or RoleSpec(), local_cpus=local_cpus, per_gpu=True)
+    worker = ray.remote(TeacherWorker).options(**actor_options(role))
+    actors = [worker.remote(spec.teacher.wire(), str(base) if base else None, role.threads)
+              for _ in range(role.count)]
     try:
-        share = -(-len(rows) // count)
+        share = -(-len(rows) // role.count)
         pending = [actor.score.remote(rows[i * share:(i + 1) * share], k=settings.top_k,
                                       temperature=settings.temperature,
                                       batch=batch or spec.training.micro_batch_size)

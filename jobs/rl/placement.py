@@ -60,6 +60,15 @@ def on_cluster() -> bool:
     return os.environ.get(runtime.PLACEMENT_ENV) == runtime.PLACEMENT_ROLES
 
 
+def actor_options(role: Role) -> dict[str, Any]:
+    """Ray options of one actor of `role` outside a placement group (on a cluster it asks for that role's
+    worker group)."""
+    opts: dict[str, Any] = {"num_cpus": role.cpus, "num_gpus": role.gpus}
+    if on_cluster():
+        opts["resources"] = {runtime.ray_resource(role.name): 1}
+    return opts
+
+
 class Placement:
     """The roles of one run and the Ray options of each actor."""
 

@@ -76,11 +76,7 @@ def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = T
         if path.suffix != ".gguf":
             raise ModelSourceError(f"{field}: {path} is a file but not .gguf; give a model folder or a .gguf file")
         dest = _gguf_cache_dir(path)
-        with storage.file_lock(dest.with_suffix(".lock")):
-            if not (dest / "config.json").exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _convert_gguf(path, dest)
-        return str(dest)
+        return _once(dest, lambda: _convert_gguf(path, dest))
     if not (path / "config.json").exists():
         if (path / "adapter_config.json").exists():
             if not weights and (path / "tokenizer_config.json").exists():
@@ -120,10 +116,44 @@ def merged_into(adapter: Path, base_folder: str, *, task: str = "CAUSAL_LM") -> 
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(f"{adapter.resolve()}|{base_folder}|{stamp}".encode()).hexdigest()[:16]
     dest = storage.cache_root() / "models" / f"merged-{adapter.parent.name}-{key}"
+    return _once(dest, lambda: _merge(adapter, base_folder, dest, task=task))
+
+
+def layer_dropped(folder: str, keep: Any) -> str:
+    """The model in `folder` with only the decoder layers `model.keepLayers` keeps, written once per pod into the
+    cache: what a rollout engine (vLLM or transformers) loads for a layer-dropped student, so that it generates
+    with the student's layers before the first weight sync and receives tensors of the same names after it.
+    The learner applies keepLayers itself when it loads (`load_for_training`)."""
+    from posttrain.api.distill import KeepEvery
+
+    wire = keep.model_dump() if isinstance(keep, KeepEvery) else list(keep)
+    key = hashlib.sha256(f"{Path(folder).resolve() if Path(folder).exists() else folder}|{wire}".encode()).hexdigest()
+    dest = storage.cache_root() / "models" / f"layers-{Path(folder).name}-{key[:16]}"
+    return _once(dest, lambda: _drop_layers(folder, keep, dest))
+
+
+def _drop_layers(folder: str, keep: Any, dest: Path) -> None:
+    import transformers
+
+    from posttrain.jobs.distill.student import keep_layers
+
+    log.info("keeping decoder layers %s of %s (once per pod)", keep, folder)
+    net = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    keep_layers(net, keep)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    tmp.rename(dest)
+
+
+def _once(dest: Path, build: Any) -> str:
+    """`dest` (a model folder in the cache), built by `build()` unless a complete one is there; under a lock, so
+    the actors of one pod build it once."""
     with storage.file_lock(dest.with_suffix(".lock")):
         if not (dest / "config.json").exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _merge(adapter, base_folder, dest, task=task)
+            build()
     return str(dest)
 
 

@@ -69,3 +69,41 @@ def test_load_for_training_drops_the_layers(four_layers):
     net = models.load_for_training(str(four_layers), spec, AdapterSpec())
     assert net.config.num_hidden_layers == 2 and len(net.model.layers) == 2
     assert torch.equal(net.model.layers[1].mlp.up_proj.weight, load(four_layers).model.layers[2].mlp.up_proj.weight)
+
+
+def test_a_rollout_engine_generates_with_the_students_layers(four_layers, tmp_path, monkeypatch):
+    """Rollout engines load a folder: with keepLayers that folder is the layer-dropped student (written once per
+    pod), so the engine samples what the student would and a weight sync's tensor names match its layers."""
+    from posttrain.jobs.rl.engines import Sampling
+    from posttrain.jobs.rl.workers.rollout import RolloutWorker
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    student = load(four_layers)
+    keep_layers(student, [0, 3])
+    wire = ModelSpec(source=str(four_layers), keep_layers=[0, 3]).wire()
+    worker = RolloutWorker()
+    worker.setup(wire, engine="transformers", threads=1)
+    folder = models.layer_dropped(str(four_layers), [0, 3])  # the same cached folder, not a second one
+    assert load(folder).config.num_hidden_layers == 2
+    assert len(list((tmp_path / "cache" / "models").glob("layers-*[!.lock]"))) == 1
+    ids = [5, 6, 7, 8]
+    got = worker.generate([ids], Sampling(n=1, max_new_tokens=4, temperature=0.0))[0].token_ids[0]
+    want = student.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False)[0, 4:].tolist()
+    assert got[:len(want)] == want
+
+
+def test_a_distill_jobs_evaluation_drops_layers_of_the_base_only():
+    """spec.evaluation of a distill job compares the layer-dropped student before training ("base": keepLayers
+    applied when its engine loads) with the written student (already those layers: applied again it would lose
+    half of them)."""
+    from posttrain.api.evaluation import EvalModel
+    from posttrain.api.load import parse_job
+    from posttrain.jobs.algorithms.evaluate import model_wire
+    from support import jobs
+
+    doc = jobs.document("distill", model={"source": "teacher", "keepLayers": {"every": 2}, "dtype": "float32"},
+                        teacher={"source": "teacher"}, data={"train": [{"source": "train.jsonl"}]})
+    spec = parse_job(doc, require_available=True).spec
+    assert model_wire(spec, EvalModel(source="teacher", name="base"))["keepLayers"] == {"every": 2}
+    trained = model_wire(spec, EvalModel(source="/out/model", name="trained"))
+    assert "keepLayers" not in trained and trained["source"] == "/out/model" and trained["dtype"] == "float32"

@@ -227,9 +227,18 @@ def after_training(ctx: RunContext, prepared: dict[str, Any] | None) -> None:
 def _start_rollouts(ctx: RunContext, model: EvalModel) -> tuple[list[Any], dict[str, Any]]:
     spec = ctx.spec
     engine = spec.evaluation.engine or (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
+    return start_rollouts(ctx, model_wire(spec, model), engine=engine, seed=spec.evaluation.seed,
+                          adapter=model.adapter)
+
+
+def model_wire(spec: Any, model: EvalModel) -> dict[str, Any]:
+    """What a rollout actor loads for `model`: its source with spec.model's settings (dtype, trustRemoteCode).
+    `model.keepLayers` belongs to spec.model's own source (a distill job's student before training); a model
+    the job wrote already has only the kept layers."""
     wire = {**spec.model.wire(), "source": model.source, "tokenizer": None}
-    wire = {k: v for k, v in wire.items() if v is not None}
-    return start_rollouts(ctx, wire, engine=engine, seed=spec.evaluation.seed, adapter=model.adapter)
+    if model.source != spec.model.source:
+        wire.pop("keepLayers", None)
+    return {k: v for k, v in wire.items() if v is not None}
 
 
 def _start_rewards(ctx: RunContext) -> list[Any]:

@@ -34,9 +34,11 @@ class RolloutWorker(ActorBase):
         shares this device, so the engine takes a smaller share and sleeps."""
         import torch
 
-        from posttrain.jobs.models import adapter_on_this_pod, merged_into, model_on_this_pod
+        from posttrain.jobs.models import adapter_on_this_pod, layer_dropped, merged_into, model_on_this_pod
 
-        model_folder, _ = model_on_this_pod(model, base=base_dir)
+        model_folder, spec = model_on_this_pod(model, base=base_dir)
+        if spec.keep_layers is not None:  # a layer-dropped student generates with its own layers
+            model_folder = layer_dropped(model_folder, spec.keep_layers)
         if adapter:
             base = Path(base_dir) if base_dir else None
             model_folder = merged_into(Path(adapter_on_this_pod(adapter, base=base)), model_folder)

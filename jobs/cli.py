@@ -302,8 +302,9 @@ def _run_one(job: Any, args: argparse.Namespace, *, output: str | None, base_dir
 
 def run_options(parser: argparse.ArgumentParser, *, example: str) -> None:
     """The options of every command that runs a job (run, eval)."""
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                        help=f"override a spec field, e.g. --set {example} (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="[JOB:]PATH=VALUE",
+                        help=f"override a spec field, e.g. --set {example} (repeatable; JOB: sets only the job "
+                        "of that metadata.name)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and JSON /progress on this port")
     parser.add_argument("--progress-linger", type=float, default=30.0, metavar="SECONDS",
                         help="with --metrics-port: at the end, wait up to this long for a poller of /progress (the "

@@ -35,16 +35,23 @@ def load(files: list[str], overrides: list[str]) -> list[Entry]:
     """Every job of `files` (with `--set` applied to each), checked as a set; InvalidJob lists what is wrong."""
     entries: list[Entry] = []
     problems: list[SpecError] = []
+    named = {path.partition(":")[0].strip() for path, _, _ in (o.partition("=") for o in overrides) if ":" in path}
     for name in files:
         docs = read_documents(name)
         for i, doc in enumerate(docs):
             where = name if len(docs) == 1 else f"{name}[{i}]"
+            job_name = str((doc.get("metadata") or {}).get("name", ""))
+            named.discard(job_name)
             try:
-                job = parse_job(apply_overrides(doc, overrides), source=where, require_available=True)
+                job = parse_job(apply_overrides(doc, for_job(overrides, job_name)), source=where,
+                                require_available=True)
             except InvalidJob as exc:
                 problems += [SpecError(f"{where}: {e.path}" if e.path else where, e.message) for e in exc.errors]
                 continue
             entries.append(Entry(job, where, Path(name).resolve().parent))
+    problems += [SpecError("--set", f"{job}: names no job of {', '.join(files)}; prefix a path with a job's "
+                                    "metadata.name (--set sft:training.maxSteps=5), or give none to set every job")
+                 for job in sorted(named)]
     seen: dict[str, str] = {}
     for e in entries:
         if (other := seen.setdefault(e.job.metadata.name, e.where)) != e.where:
@@ -120,3 +127,21 @@ def finished_with_same_spec(job: PostTrainingJob, loc: Any) -> bool:
     except json.JSONDecodeError:
         return False
     return info.get("spec") == job.spec.wire()
+
+
+def for_job(overrides: list[str], job: str) -> list[str]:
+    """The `--set` items that apply to the job named `job`: `path=value` applies to every job, `JOB:path=value`
+    only to the job whose metadata.name is JOB (a pipeline's teacher and student want different model.source).
+
+    >>> for_job(["training.maxSteps=5", "student:model.source=s3://b/m", "teacher:model.source=x"], "student")
+    ['training.maxSteps=5', 'model.source=s3://b/m']
+    """
+    out = []
+    for item in overrides:
+        path, eq, value = item.partition("=")
+        if ":" not in path:
+            out.append(item)
+        elif path.partition(":")[0].strip() == job:
+            out.append(path.partition(":")[2].strip() + eq + value)
+    return out
+

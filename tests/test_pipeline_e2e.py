@@ -57,3 +57,24 @@ def test_b_trains_on_the_adapter_a_wrote_then_a_rerun_reuses_both(workdir, ray_l
     assert cli.main(argv) == 0  # the same command again: both outputs hold finished runs of the same specs
     err = capsys.readouterr().err
     assert "[sft-a] already finished in" in err and "[sft-b] already finished in" in err
+
+
+def test_a_set_prefixed_with_a_job_name_applies_to_that_job_only(tmp_path):
+    """`--set JOB:path=value` sets one job of a pipeline (a teacher and its student want other model sources);
+    a name no job has is an error naming --set, and a plain path still sets every job."""
+    from posttrain.api.load import InvalidJob
+    from posttrain.jobs import pipeline
+
+    a = jobs.document("sft", name="sft-a", adapter=jobs.LORA)
+    b = jobs.document("sft", name="sft-b", model={"source": "ptj://sft-a"})
+    for name, doc in (("a.yaml", a), ("b.yaml", b)):
+        (tmp_path / name).write_text(yaml.safe_dump(doc))
+    files = [str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")]
+    entries = pipeline.load(files, ["sft-a:model.source=s3://bucket/base", "training.maxSteps=3",
+                                    "sft-b:training.learningRate=0.5"])
+    spec = {e.job.metadata.name: e.job.spec for e in entries}
+    assert spec["sft-a"].model.source == "s3://bucket/base" and spec["sft-b"].model.source == "ptj://sft-a"
+    assert spec["sft-a"].training.max_steps == spec["sft-b"].training.max_steps == 3
+    assert spec["sft-b"].training.learning_rate == 0.5 != spec["sft-a"].training.learning_rate
+    with pytest.raises(InvalidJob, match="--set: sft-c: names no job of"):
+        pipeline.load(files, ["sft-c:training.maxSteps=3"])

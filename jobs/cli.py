@@ -237,10 +237,14 @@ def eval_document(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from posttrain.api.load import apply_overrides
+    from posttrain.api.load import SpecError, apply_overrides
+    from posttrain.jobs.pipeline import for_job
 
     try:
-        job = parse_job(apply_overrides(eval_document(args), args.set), source="posttrain eval",
+        overrides = for_job(args.set, args.name)
+        if len(overrides) < len(args.set):
+            raise InvalidJob([SpecError("--set", f"a JOB: prefix other than this job's name {args.name!r}")])
+        job = parse_job(apply_overrides(eval_document(args), overrides), source="posttrain eval",
                         require_available=True)
     except InvalidJob as exc:
         _print_errors(exc)

@@ -137,6 +137,11 @@ def render(record: dict[str, Any], fmt: str, data: DataSpec, tokenizer) -> tuple
         if isinstance(completion, list):
             full = _chat(tokenizer, prompt + completion, generation_prompt=False)
             completion = full[len(rendered) :]
+        elif isinstance(completion, (int, float)) and not isinstance(completion, bool):
+            completion = str(completion)  # a numeric answer field ({prompt, answer} sets) is its text
+        elif not isinstance(completion, str):
+            raise DataError(f"the completion field {data.completion_field!r} is a {type(completion).__name__}; "
+                            "give text, a number or a list of chat messages")
         return rendered, completion, True
     return str(prompt), str(completion), False
 

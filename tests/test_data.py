@@ -69,6 +69,16 @@ def texts(tok, ds) -> list[str]:
 # --- rendering and masking -------------------------------------------------------------------
 
 
+def test_a_chat_prompt_with_a_numeric_answer_learns_its_text_and_other_types_name_the_field(tok):
+    """{prompt: chat, answer: 99} sets (GRPO's, evaluation's) train with completionField: answer."""
+    data = data_spec(completionField="answer")
+    record = {"prompt": [{"role": "user", "content": "How many?"}], "answer": 99}
+    prompt, completion, templated, row = encode(tok, record, "prompt_completion", data)
+    assert completion == "99" and templated and trained_text(tok, row).startswith("99")
+    with pytest.raises(DataError, match="the completion field 'answer' is a dict; give text, a number"):
+        render({**record, "answer": {"n": 99}}, "prompt_completion", data, tok)
+
+
 def test_prompt_completion_masks_exactly_the_prompt(tok):
     record = {"prompt": "add 3 + 4 =", "completion": " the answer is 7"}
     prompt, completion, templated, row = encode(tok, record, "prompt_completion", data_spec())

@@ -86,6 +86,20 @@ def materialize(model: ModelSpec, *, base: Path | None = None, weights: bool = T
     return str(path)
 
 
+def config_folder(model: ModelSpec, *, base: Path | None = None, field: str = "spec.model.source") -> str:
+    """A folder (or hub id) with the model's config.json, without weights where possible: an adapter folder's
+    config is its base's (the one `posttrain.json` names; merging adds no layer), so `ptj://<job>` of a job
+    that trained an adapter needs no merge to be checked."""
+    path = materialize(model, base=base, weights=False, field=field)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").exists() and (folder / "posttrain.json").exists():
+        base_model = json.loads((folder / "posttrain.json").read_text()).get("base_model")
+        if base_model:
+            return config_folder(model.model_copy(update={"source": base_model, "tokenizer": None}), base=base,
+                                 field=field)
+    return path
+
+
 # The Auto class that loads the base of a PEFT adapter, by the adapter's task type.
 _TASK_MODELS = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
 

@@ -67,3 +67,21 @@ def test_uri_forms(tmp_path, monkeypatch):
     assert (s3.remote, s3.local, s3.is_remote) == ("s3://bucket/models/m1", None, True)
     assert models.materialize(ModelSpec(source="hf://org/name@main")) == "org/name"
     assert models.hub_revision(ModelSpec(source="hf://org/name@main")) == "main"
+
+
+def test_an_adapter_folders_config_is_its_bases_without_a_merge(tmp_path, cache_dir):
+    """A teacher or student given as another job's adapter (ptj://<job>) is checked from its base's config:
+    nothing is merged for that (the cache stays empty)."""
+    import json
+
+    import tiny
+
+    base = tiny.make_model(tmp_path / "base", layers=2)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM"}))
+    (adapter / "posttrain.json").write_text(json.dumps({"kind": "adapter", "base_model": str(base)}))
+    (adapter / "tokenizer_config.json").write_text((base / "tokenizer_config.json").read_text())  # as jobs write
+    assert models.config_folder(ModelSpec(source=str(adapter))) == str(base)
+    assert models.config_folder(ModelSpec(source=str(base))) == str(base)
+    assert not list(cache_dir.glob("models/merged-*"))

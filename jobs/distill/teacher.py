@@ -45,10 +45,10 @@ def check_teacher(spec: PostTrainingJobSpec, student_tokenizer: Any, *, base: Pa
         tok_path = models.materialize(_tokenizer_spec(teacher), base=base, weights=False, field=FIELD)
         tokenizer = models.load_tokenizer(tok_path, revision=models.hub_revision(teacher),
                                           trust_remote_code=teacher.trust_remote_code)
-        config = AutoConfig.from_pretrained(models.materialize(teacher, base=base, weights=False, field=FIELD),
+        config = AutoConfig.from_pretrained(models.config_folder(teacher, base=base, field=FIELD),
                                             revision=models.hub_revision(teacher),
                                             trust_remote_code=teacher.trust_remote_code)
-        student_config = AutoConfig.from_pretrained(models.materialize(spec.model, base=base, weights=False),
+        student_config = AutoConfig.from_pretrained(models.config_folder(spec.model, base=base),
                                                     revision=models.hub_revision(spec.model),
                                                     trust_remote_code=spec.model.trust_remote_code)
     except models.ModelSourceError as exc:

@@ -7,10 +7,17 @@ The kept layers keep their weights (embeddings, final norm and head too); the co
 `layer_types`, where the model has one) shrink to match, and every module's `layer_idx` is renumbered
 0..n-1, because the KV cache indexes its per-layer entries by it. `models.load_for_training` calls this
 (keepLayers trains the whole model, no adapter), so the saved model loads again with plain `from_pretrained`.
+
+An inference engine (vLLM, transformers; the rollout actors of `distill.mode: on_policy`) cannot drop layers
+itself: `layer_dropped_on_this_pod(folder, keep)` writes the student once per pod into the cache, a plain model
+folder with the tokenizer, whose weights are the learner's before its first step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
 from typing import Any
 
 from posttrain.api.distill import KeepEvery, keep_indices
@@ -53,3 +60,25 @@ def keep_layers(net: Any, keep: list[int] | KeepEvery) -> list[int]:
         if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == len(layers):
             cfg.layer_types = [cfg.layer_types[i] for i in indices]
     return indices
+
+
+def layer_dropped_on_this_pod(folder: str, keep: list[int] | KeepEvery) -> str:
+    """The model at `folder` with only the `keep` layers, saved (with its tokenizer) into this pod's cache once
+    per (folder, keep); returns that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.jobs.run import storage
+
+    described = keep.model_dump_json() if isinstance(keep, KeepEvery) else str(list(keep))
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{described}".encode()).hexdigest()[:16]
+    dest = storage.cache_root() / "models" / f"layers-{Path(folder).name}-{key}"
+    with storage.file_lock(dest.with_suffix(".lock")):
+        if not (dest / "config.json").exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            net = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+            keep_layers(net, keep)
+            net.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+            tmp.rename(dest)
+    return str(dest)

@@ -36,7 +36,11 @@ class RolloutWorker(ActorBase):
 
         from posttrain.jobs.models import adapter_on_this_pod, merged_into, model_on_this_pod
 
-        model_folder, _ = model_on_this_pod(model, base=base_dir)
+        model_folder, model_spec = model_on_this_pod(model, base=base_dir)
+        if model_spec.keep_layers is not None:  # the layer-dropped student the learners train (distill on_policy)
+            from posttrain.jobs.distill.student import layer_dropped_on_this_pod
+
+            model_folder = layer_dropped_on_this_pod(model_folder, model_spec.keep_layers)
         if adapter:
             base = Path(base_dir) if base_dir else None
             model_folder = merged_into(Path(adapter_on_this_pod(adapter, base=base)), model_folder)

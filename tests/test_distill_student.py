@@ -69,3 +69,21 @@ def test_load_for_training_drops_the_layers(four_layers):
     net = models.load_for_training(str(four_layers), spec, AdapterSpec())
     assert net.config.num_hidden_layers == 2 and len(net.model.layers) == 2
     assert torch.equal(net.model.layers[1].mlp.up_proj.weight, load(four_layers).model.layers[2].mlp.up_proj.weight)
+
+
+def test_an_engine_gets_the_student_the_learner_trains(four_layers, cache_dir):
+    """The rollout engines of on_policy load `layer_dropped_on_this_pod`: the learner's student, once per pod."""
+    from posttrain.jobs.distill.student import layer_dropped_on_this_pod
+
+    spec = ModelSpec(source=str(four_layers), keepLayers=[1, 3])
+    folder = layer_dropped_on_this_pod(str(four_layers), spec.keep_layers)
+    assert str(cache_dir) in folder and layer_dropped_on_this_pod(str(four_layers), [1, 3]) == folder
+    assert layer_dropped_on_this_pod(str(four_layers), KeepEvery(every=2)) != folder
+    engine = load(folder)
+    learner = models.load_for_training(str(four_layers), spec, AdapterSpec(type="none"))
+    assert engine.config.num_hidden_layers == 2
+    mine, theirs = engine.state_dict(), learner.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == AutoTokenizer.from_pretrained(four_layers).get_vocab()

@@ -64,7 +64,8 @@ class Algorithm(str, Enum):
     def roles(self) -> tuple[str, ...]:
         """The Ray roles it runs: grpo/ppo the RL roles, generate and evaluate rollout and reward (evaluate's
         reward only when its spec uses rewards: see `PostTrainingJobSpec.ray_roles`), distill the trainer (the
-        student) and the teacher, the rest the trainer."""
+        student) and the teacher (mode on_policy: learner, rollout and teacher, see `ray_roles`), the rest the
+        trainer."""
         if self.is_rl():
             return RL_ROLES
         if self is Algorithm.evaluate:

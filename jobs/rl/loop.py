@@ -305,9 +305,10 @@ def run_steps(run: RLRun, ctx: RunContext, *, start: int, steps: int) -> None:
             pending = run.launch_generate(step + 1)
         batch, generated = batching.pad_batch(gens, run.pad_id)
         t1 = time.perf_counter()
-        scored = None if run.method.teacher else run.score(prompts, gens)
-        if run.method.teacher:
-            batch = run.teach(batch)
+        if run.method.teacher:  # the teacher's top-k of every sampled token, in the batch; no rewards
+            batch, scored = run.teach(batch), None
+        else:
+            scored = run.score(prompts, gens)
         t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
         train_metrics = run.train(batch, scored, gens)
@@ -318,11 +319,10 @@ def run_steps(run: RLRun, ctx: RunContext, *, start: int, steps: int) -> None:
         sync = run.sync.push(step + 1)
         t_sync = time.perf_counter() - t3
         lengths = [len(t) for g in gens for t in g.token_ids]
+        learner_keys = ("kl", "clip_fraction") if scored is not None else ("distill_loss", "teacher_kl")
         line: dict[str, Any] = {
             **(score_line(scored) if scored is not None else {}),
-            "loss": train_metrics.get("loss"),
-            **({"kl": train_metrics.get("kl"), "clip_fraction": train_metrics.get("clip_fraction")}
-               if scored is not None else {k: train_metrics.get(k) for k in ("distill_loss", "teacher_kl")}),
+            "loss": train_metrics.get("loss"), **{k: train_metrics.get(k) for k in learner_keys},
             "entropy": train_metrics.get("entropy"),
             "grad_norm": train_metrics.get("grad_norm"), "learning_rate": train_metrics.get("lr"),
             "response_length_mean": sum(lengths) / len(lengths),

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from posttrain.api import refs
 from posttrain.api.adapters import check_bottleneck
 from posttrain.api.base import ApiModel, check_template
-from posttrain.api.distill import DISTILL_ROLES, DistillSpec, KeepLayers, check_distill_job, check_keep_layers
+from posttrain.api.distill import DISTILL_ROLES, ON_POLICY_ROLES, DistillSpec, KeepLayers, check_distill_job, check_keep_layers
 from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.evaluation import EvaluationSpec, check_evaluate_job, check_training_evaluation
 from posttrain.api.generate import GenerateSpec, check_generate_job
@@ -64,7 +64,8 @@ class Algorithm(str, Enum):
     def roles(self) -> tuple[str, ...]:
         """The Ray roles it runs: grpo/ppo the RL roles, generate and evaluate rollout and reward (evaluate's
         reward only when its spec uses rewards: see `PostTrainingJobSpec.ray_roles`), distill the trainer (the
-        student) and the teacher, the rest the trainer."""
+        student) and the teacher (mode on_policy: learner, rollout and teacher, see `ray_roles`), the rest the
+        trainer."""
         if self.is_rl():
             return RL_ROLES
         if self is Algorithm.evaluate:
@@ -483,7 +484,7 @@ class PostTrainingJobSpec(ApiModel):
                 raise ValueError("@evaluation: is for algorithm evaluate and training jobs, not generate")
         elif self.algorithm is Algorithm.evaluate:
             check_evaluate_job(self)
-        elif not self.algorithm.is_rl():
+        elif not self.runs_rl_actors():
             for role in RL_ROLES:
                 if role == "rollout" and self.evaluation is not None:
                     continue  # the evaluation at the end samples on rollout actors
@@ -494,7 +495,7 @@ class PostTrainingJobSpec(ApiModel):
             if self.rewards:
                 raise ValueError(f"@rewards: are for grpo and ppo; {self.algorithm.value} learns from its data")
         else:
-            if not self.rewards:
+            if self.algorithm.is_rl() and not self.rewards:  # (distill on_policy learns from its teacher)
                 raise ValueError("@rewards: grpo and ppo need at least one reward, e.g. "
                                  "[{function: posttrain.jobs.rewards.builtin:exact_answer}]")
             advantage = self.rl.advantage if self.rl else None
@@ -521,7 +522,7 @@ class PostTrainingJobSpec(ApiModel):
                 raise ValueError(f"@roles.{role}.strategy: only roles.learner has a sharding strategy")
         t = self.training
         per_step = t.micro_batch_size * self.trainer_workers()
-        if "trainer" in self.algorithm.roles() and t.global_batch_size % per_step:
+        if "trainer" in self.ray_roles() and t.global_batch_size % per_step:
             raise ValueError(
                 f"@training.globalBatchSize: ({t.global_batch_size}) must be a multiple of microBatchSize x "
                 f"trainer workers ({t.micro_batch_size} x {self.trainer_workers()} = {per_step}; "
@@ -532,7 +533,7 @@ class PostTrainingJobSpec(ApiModel):
     def ray_roles(self) -> tuple[str, ...]:
         """The roles this job's Ray cluster has: evaluate's reward role only when it uses spec.rewards, generate's
         only for a judge (preference_pairs)."""
-        roles = self.algorithm.roles()
+        roles = ON_POLICY_ROLES if self.runs_rl_actors() and not self.algorithm.is_rl() else self.algorithm.roles()
         if self.algorithm is Algorithm.evaluate and not (self.evaluation and self.evaluation.needs_rewards()):
             roles = tuple(r for r in roles if r != "reward")
         if self.algorithm is Algorithm.generate and self.generate is not None and not self.generate.uses_judge():
@@ -540,6 +541,11 @@ class PostTrainingJobSpec(ApiModel):
         if self.evaluation is not None and "trainer" in roles:
             roles += ("rollout",)  # a supervised job's evaluation at the end
         return roles
+
+    def runs_rl_actors(self) -> bool:
+        """Trains on the RL actors (learner, rollout): grpo, ppo, and distill mode on_policy (the student samples)."""
+        on_policy = self.algorithm is Algorithm.distill and self.distill is not None and self.distill.mode == "on_policy"
+        return self.algorithm.is_rl() or on_policy
 
     def trainer_workers(self) -> int:
         """Training processes: one per GPU of every trainer replica (one per replica on CPU)."""

@@ -160,11 +160,12 @@ def summary_table(summary: dict[str, Any]) -> str:
     elif summary.get("algorithm") == "evaluate":
         rows += [(f"{model}: {key}", f"{score:.3f}") for model, scores in (summary.get("evaluation") or {}).items()
                  for key, score in scores.items()]
-    elif "roles" in summary:  # grpo / ppo
+    elif "roles" in summary:  # grpo / ppo / distill on_policy
         roles = summary.get("roles") or {}
+        figure = "teacher_kl" if "teacher_kl_first_steps_mean" in summary else "reward"
         rows += [
-            ("reward first -> last steps", f"{fmt(summary.get('reward_first_steps_mean'))} -> "
-                                           f"{fmt(summary.get('reward_last_steps_mean'))}"),
+            (f"{figure.replace('_', ' ')} first -> last steps", f"{fmt(summary.get(f'{figure}_first_steps_mean'))} -> "
+                                                                f"{fmt(summary.get(f'{figure}_last_steps_mean'))}"),
             *((f"role {name}", ", ".join(f"{k}={v}" for k, v in info.items() if k in
                                         ("actors", "engine", "strategy", "method", "rewards", "placement")))
               for name, info in roles.items()),

@@ -69,8 +69,9 @@ def shm_size(memory: str | None) -> str:
 
 def roles_of(spec: PostTrainingJobSpec) -> dict[str, RoleSpec]:
     """The Ray roles a job runs, each with its settings (defaults where the spec is silent)."""
-    if spec.algorithm.is_rl() or "trainer" not in spec.algorithm.roles():
-        # grpo/ppo: rollout, learner, reward; generate: rollout (the policy) and reward (the judge);
+    if "trainer" not in spec.ray_roles():
+        # grpo/ppo: rollout, learner, reward; distill on_policy: learner, rollout, teacher; generate: rollout (the
+        # policy) and reward (the judge);
         # evaluate: rollout (the models), and reward only when best_of_n or metric rewards use spec.rewards.
         # colocated: the engines run on the learners' pods (one per learner worker), no rollout group
         skip = {"rollout"} if spec.placement == "colocated" else set()

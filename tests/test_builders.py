@@ -90,6 +90,13 @@ CASES = {
                             teacher={"source": "pvc://models/smollm2-135m"}, distill={"loss": "jsd", "topK": 8},
                             roles={"trainer": {"gpus": 1, "nodeSelector": {"pool": "l4"}},
                                    "teacher": {"replicas": 2, "gpus": 1, "nodeSelector": {"pool": "a100"}}}),
+    # the student on learner actors, sampling on rollout actors, scored by teacher actors: no trainer, no reward
+    "distill-on-policy": dict(algorithm="distill", model={"source": "pvc://models/smollm2-135m", "keepLayers": {"every": 2}},
+                              teacher={"source": "pvc://models/smollm2-135m"}, distill={"mode": "on_policy"},
+                              rl={"groupSize": 4, "maxNewTokens": 128},
+                              roles={"learner": {"gpus": 1, "nodeSelector": {"pool": "h100"}},
+                                     "rollout": {"gpus": 1, "engine": "vllm", "nodeSelector": {"pool": "l4"}},
+                                     "teacher": {"gpus": 1, "nodeSelector": {"pool": "a100"}}}),
     "env-and-identity": dict(
         env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
              {"name": "WANDB_PROJECT", "value": "tuning"}],

@@ -21,8 +21,8 @@ from posttrain.jobs.cli import main as cli_main
 CLUSTER_READY = {"grpo-colocated-async", "grpo-gsm8k-gpu", "ppo-lora", "sft-dora-mixed", "sft-full",
                  "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs",
                  "evaluate-models", "generate-instructions"}
-LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model", "distill-logits", "sft-bottleneck",
-              "ppo-reward-model"}  # relative data and output paths: `posttrain run` on one machine
+LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model", "distill-logits", "distill-on-policy",
+              "sft-bottleneck", "ppo-reward-model"}  # relative data and output paths: `posttrain run` on one machine
 
 
 def cluster_job(**spec):

@@ -46,7 +46,6 @@ def test_a_distill_job_validates_with_defaults_and_runs_a_teacher_role():
 BAD = [
     (lambda s: s.pop("teacher"), "spec.teacher", "needs a teacher model"),
     (lambda s: s.update(distill={"mode": "offline"}), "spec.distill.mode", "logits"),
-    (lambda s: s.update(distill={"mode": "on_policy"}), "spec.distill.mode", "not available in this version"),
     (lambda s: s.update(distill={"loss": "kl"}), "spec.distill.loss", "forward_kl"),
     (lambda s: s.update(distill={"loss": "jsd", "beta": 1.5}), "spec.distill.beta", "less than or equal to 1"),
     (lambda s: s.update(distill={"beta": 0.2}), "spec.distill.beta", "applies to loss jsd"),
@@ -77,6 +76,52 @@ def test_bad_distill_fields_name_their_path(change, path, text):
     change(doc["spec"])
     found = errors(doc)
     assert any(p == path and text in m for p, m in found), found
+
+
+ON_POLICY = {"mode": "on_policy"}
+ON_POLICY_BAD = [
+    (dict(distill={**ON_POLICY, "alpha": 0.1}), "spec.distill.alpha", "remove alpha (or use mode logits)"),
+    (dict(distill={**ON_POLICY, "cache": "pvc://c/x"}), "spec.distill.cache", "nothing is cached"),
+    (dict(rl={"lossType": "dapo"}), "spec.rl.lossType", "is a policy-gradient setting"),
+    (dict(rl={"kl": {"beta": 0.1}}), "spec.rl.kl", "on_policy minimises distill.loss"),
+    (dict(rl={"advantage": "rloo"}), "spec.rl.advantage", "is a policy-gradient setting"),
+    (dict(rl={"rolloutCorrection": "tis"}), "spec.rl.rolloutCorrection", "is a policy-gradient setting"),
+    (dict(rewards=[{"function": "posttrain.jobs.rewards.builtin:exact_answer"}]), "spec.rewards",
+     "learns from the teacher, not from rewards"),
+    (dict(roles={"trainer": {"gpus": 1}}), "spec.roles.trainer", "size roles.learner instead"),
+    (dict(roles={"reward": {"cpus": 2}}), "spec.roles.reward", "with no reward actors"),
+    (dict(adapter={"type": "dora"}), "spec.adapter.type", "takes none, lora, rslora"),
+    (dict(roles={"learner": {"engine": "vllm"}}), "spec.roles.learner.engine", "only roles.rollout"),
+    (dict(placement="colocated", roles={"rollout": {"gpus": 1}}), "spec.roles.rollout.gpus", "size roles.learner"),
+]
+
+
+@pytest.mark.parametrize("spec,path,text", ON_POLICY_BAD, ids=[b[1] for b in ON_POLICY_BAD])
+def test_on_policy_refuses_what_does_not_apply_with_the_field_path(spec, path, text):
+    doc = distill_doc(distill=ON_POLICY)
+    doc["spec"].update(copy.deepcopy(spec))
+    found = errors(doc)
+    assert any(p == path and text in m for p, m in found), found
+
+
+def test_spec_rl_is_refused_in_logits_mode():
+    found = errors(distill_doc(rl={"groupSize": 4}))
+    assert ("spec.rl", "sets the student's sampling, which only distill mode on_policy does; remove rl, or set "
+                       "distill.mode: on_policy") in found
+
+
+def test_an_on_policy_job_runs_learner_rollout_and_teacher_and_revalidates_when_dumped():
+    job = parse_job(distill_doc(model={"source": "model", "keepLayers": {"every": 2}}, distill=ON_POLICY,
+                                rl={"groupSize": 4, "promptsPerStep": 2, "maxNewTokens": 16, "temperature": 0.7,
+                                    "ppoEpochs": 2, "weightSync": "object_store", "async": True},
+                                roles={"learner": {"gpus": 1}, "rollout": {"engine": "vllm"},
+                                       "teacher": {"gpus": 1}}), require_available=True)
+    assert job.spec.ray_roles() == ("learner", "rollout", "teacher") and job.spec.runs_rl_actors()
+    assert list(roles_of(job.spec)) == ["learner", "rollout", "teacher"]
+    # the driver reads the spec back with every default written out (the policy-gradient fields among them)
+    assert parse_job(job.model_dump(by_alias=True, exclude_none=True, mode="json")).spec == job.spec
+    colocated = parse_job(distill_doc(distill=ON_POLICY, placement="colocated"), require_available=True)
+    assert list(roles_of(colocated.spec)) == ["learner", "teacher"]  # the engines run on the learners' pods
 
 
 @pytest.mark.parametrize("algorithm,field,value", [

@@ -1,5 +1,6 @@
-"""`algorithm: distill` (mode logits) end to end on a local Ray: a tiny 4-layer teacher, a student made of
-every second of its layers, the teacher's top-k cached in the output and reused on a rerun.
+"""`algorithm: distill` end to end on a local Ray: a tiny 4-layer teacher, a student made of every second of its
+layers. Mode logits: the teacher's top-k cached in the output and reused on a rerun. Mode on_policy: the student
+samples on a rollout actor, the teacher scores its tokens, the student's KL to the teacher falls.
 
     .venv/bin/python -m pytest -q tests/test_distill_e2e.py
 """
@@ -46,6 +47,18 @@ def distill_doc(**spec) -> dict:
         data={"train": [{"source": "train.jsonl", "maxSamples": 48}], "evalFraction": 0.2},
         training={"maxSteps": 8, "learningRate": 1e-3, "globalBatchSize": 8, "microBatchSize": 4, "maxSeqLength": 64,
                   "lrScheduler": "constant"})
+    doc["spec"].update(spec)
+    return doc
+
+
+def on_policy_doc(**spec) -> dict:
+    """The student samples the same 8 prompts x 4 completions each step on the transformers engine (so the steps'
+    KLs compare); the teacher scores them."""
+    doc = distill_doc(distill={"mode": "on_policy", "loss": "forward_kl", "topK": 8},
+                      rl={"groupSize": 4, "promptsPerStep": 8, "maxNewTokens": 8},
+                      roles={"rollout": {"engine": "transformers"}},
+                      training={"maxSteps": 6, "learningRate": 1e-3, "maxSeqLength": 64, "lrScheduler": "constant"})
+    doc["spec"]["data"] = {"train": [{"source": "train.jsonl", "maxSamples": 8}]}
     doc["spec"].update(spec)
     return doc
 
@@ -108,7 +121,29 @@ def test_the_cache_is_keyed_by_teacher_topk_temperature_and_rows(tmp_path):
     assert all(cache.read("train", other) is None for other in others)
 
 
-def test_a_teacher_with_another_vocabulary_is_refused_before_training(workdir, teacher, tmp_path):
+def test_on_policy_a_layer_dropped_student_sampling_itself_moves_towards_the_teacher(workdir, ray_local):
+    summary = run_job(workdir, on_policy_doc(), out="on-policy")
+    out = workdir / "on-policy"
+    assert summary["status"] == "succeeded", summary.get("error")
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if "teacher_kl" in m]
+    assert len(steps) == 6
+    for m in steps:  # GRPO's line, with the teacher in place of the rewards
+        assert not any(k.startswith("reward") for k in m), m
+        assert m["distill_loss"] == pytest.approx(m["teacher_kl"], rel=1e-4)  # forward_kl: the loss is the KL
+        assert m["response_length_mean"] > 0 and all(m[f"time_{t}"] > 0 for t in ("generate", "teacher", "train",
+                                                                                     "sync"))
+    kls = [m["teacher_kl"] for m in steps]
+    assert summary["teacher_kl_last_steps_mean"] < 0.7 * summary["teacher_kl_first_steps_mean"], kls
+    assert summary["first_teacher_kl"] == kls[0] and summary["teacher"]["layers"] == 4
+    roles = summary["roles"]
+    assert roles["teacher"]["actors"] == 1 and "reward" not in roles and roles["rollout"]["engine"] == "transformers"
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2  # the student, published whole
+
+
+@pytest.mark.parametrize("doc", [distill_doc, on_policy_doc], ids=["logits", "on_policy"])
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(workdir, teacher, tmp_path, doc):
     import shutil
 
     from transformers import AutoTokenizer
@@ -120,8 +155,8 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_training(workdir, t
     tok.save_pretrained(other)
     with pytest.raises(ValueError, match=r"spec.teacher.source: the teacher's vocabulary is not the student's "
                                          r"\(401 tokens vs 400; token '<extra-token>' is id 400"):
-        run_job(workdir, distill_doc(teacher={"source": str(other)}))
-    assert not (workdir / "out" / "metrics.jsonl").exists(), "refused before anything is written"
+        run_job(workdir, doc(teacher={"source": str(other)}))
+    assert not (workdir / "out").exists(), "refused before anything is written"
 
 
 def test_a_teacher_that_cannot_be_loaded_names_its_field(workdir, tmp_path):

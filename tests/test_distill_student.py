@@ -107,3 +107,20 @@ def test_a_distill_jobs_evaluation_drops_layers_of_the_base_only():
     assert model_wire(spec, EvalModel(source="teacher", name="base"))["keepLayers"] == {"every": 2}
     trained = model_wire(spec, EvalModel(source="/out/model", name="trained"))
     assert "keepLayers" not in trained and trained["source"] == "/out/model" and trained["dtype"] == "float32"
+
+
+def test_an_engine_gets_the_student_the_learner_trains(four_layers, cache_dir):
+    """The rollout engines of on_policy load `models.layer_dropped`: the learner's student, once per pod."""
+    layer_dropped_on_this_pod = models.layer_dropped
+    spec = ModelSpec(source=str(four_layers), keepLayers=[1, 3])
+    folder = layer_dropped_on_this_pod(str(four_layers), spec.keep_layers)
+    assert str(cache_dir) in folder and layer_dropped_on_this_pod(str(four_layers), [1, 3]) == folder
+    assert layer_dropped_on_this_pod(str(four_layers), KeepEvery(every=2)) != folder
+    engine = load(folder)
+    learner = models.load_for_training(str(four_layers), spec, AdapterSpec(type="none"))
+    assert engine.config.num_hidden_layers == 2
+    mine, theirs = engine.state_dict(), learner.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].dtype)) for k in mine)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).get_vocab() == AutoTokenizer.from_pretrained(four_layers).get_vocab()

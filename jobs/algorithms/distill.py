@@ -1,8 +1,12 @@
-"""`algorithm: distill` with `distill.mode: logits`: a student learns the teacher's token distributions.
+"""`algorithm: distill`: a student learns the teacher's token distributions.
 
     posttrain run examples/distill-logits.yaml --output out/
+    posttrain run examples/distill-on-policy.yaml --output out/
 
-The SFT path (`algorithms.sft.run`) with a teacher step:
+`distill.mode` picks the runtime (`MODES`): `on_policy` runs on the RL actors (`algorithms.rl.run` with
+`rl.methods.METHODS["distill"]`; see `distill.on_policy`), `logits` on the SFT path, below.
+
+`logits` is the SFT path (`algorithms.sft.run`) with a teacher step:
 
 1. before anything is written, the teacher is checked: it loads, and its vocabulary is the student's
    (`distill.teacher.check_teacher`; a mismatch or a missing teacher is an error naming spec.teacher.source);
@@ -30,7 +34,17 @@ CACHE_FOLDER = "teacher-cache"
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
+    return MODES[(ctx.spec.distill or DistillSpec()).mode](ctx)
+
+
+def run_logits(ctx: RunContext) -> dict[str, Any]:
     return sft.run(ctx, teacher=TeacherStep())
+
+
+def run_on_policy(ctx: RunContext) -> dict[str, Any]:
+    from posttrain.jobs.algorithms import rl
+
+    return rl.run(ctx)  # METHODS["distill"]: teacher actors score the samples, the learners minimise distill.loss
 
 
 class TeacherStep:
@@ -74,3 +88,6 @@ class TeacherStep:
 
     def summary(self) -> dict[str, Any]:
         return dict(self.found)
+
+
+MODES = {"logits": run_logits, "on_policy": run_on_policy}

@@ -1,9 +1,11 @@
-"""`algorithm: grpo` and `algorithm: ppo`: RL post-training on our single-controller loop over Ray actors.
+"""`algorithm: grpo` and `algorithm: ppo` (and `distill` mode on_policy): training on our single-controller
+loop over Ray actors.
 
     posttrain run examples/grpo/job.yaml --output out/grpo
 
-What grpo and ppo differ in is declared in `posttrain.jobs.rl.methods` (ppo has a critic and
-defaults to GAE); the actors and the step loop are `posttrain.jobs.rl.loop`. This entry does the
+What grpo, ppo and on-policy distillation differ in is declared in `posttrain.jobs.rl.methods` (ppo has a
+critic and defaults to GAE; distill has a teacher instead of rewards); the actors and the step loop are
+`posttrain.jobs.rl.loop`. This entry does the
 run's own part: refuse what it cannot run and read the prompts and rewards before anything is
 written, then start the actors, resume from the newest checkpoint, loop, and publish the policy.
 """
@@ -47,6 +49,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
     # Bad input fails here, before the first write: tokenizer, prompts, reward functions.
     tokenizer, prompts, stats = read_prompts(ctx, max_new_tokens=rl.max_new_tokens, field="spec.rl.maxNewTokens")
+    if method.teacher:  # loadable, and the student's vocabulary
+        from posttrain.jobs.distill.teacher import check_teacher
+
+        teacher = check_teacher(spec, tokenizer, base=ctx.base_dir)
     for i, r in enumerate(spec.rewards):
         if r.function is not None:  # import it now: a typo must not cost a cluster start
             try:
@@ -60,6 +66,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     resume = ctx.begin(total_steps=steps, summary={
         "placement": spec.placement,
         "data": {"train_examples": stats.train_examples, "dropped": stats.dropped, "sets": stats.sets},
+        **({"teacher": teacher} if method.teacher else {}),
     })
     resume_step = resume[1] if resume else 0
     error: BaseException | None = None
@@ -119,18 +126,25 @@ def check_judges(ctx: RunContext) -> None:
 def results(ctx: RunContext) -> dict[str, Any]:
     """The summary's RL figures, from the run's metrics.jsonl."""
     final = ctx.metrics_lines()
-    rewards = [m["reward_mean"] for m in final if m.get("reward_mean") is not None]
-    head, tail = rewards[:3], rewards[-3:]
+    teacher = ends(final, "teacher_kl") if any("teacher_kl" in m for m in final) else {}  # on-policy distill
     return {
-        "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None,
-        "reward_first_steps_mean": sum(head) / len(head) if head else None,
-        "reward_last_steps_mean": sum(tail) / len(tail) if tail else None,
+        **(teacher or ends(final, "reward_mean", name="reward")),
         "first_loss": next((m["loss"] for m in final if m.get("loss") is not None), None),
         "last_loss": next((m["loss"] for m in reversed(final) if m.get("loss") is not None), None),
         "tokens_per_second": _mean([m.get("tokens_per_second") for m in final]),
         "seconds_per_step": _mean([m.get("time_step") for m in final[1:] or final]),  # step 1 warms up
         "sync_seconds_mean": _mean([m.get("time_sync") for m in final]),
     }
+
+
+def ends(lines: list[dict[str, Any]], key: str, *, name: str | None = None) -> dict[str, Any]:
+    """`key` over the steps: first_<name>, last_<name>, <name>_first_steps_mean, <name>_last_steps_mean (3 steps)."""
+    values = [m[key] for m in lines if m.get(key) is not None]
+    name = name or key
+    head, tail = values[:3], values[-3:]
+    return {f"first_{name}": values[0] if values else None, f"last_{name}": values[-1] if values else None,
+            f"{name}_first_steps_mean": sum(head) / len(head) if head else None,
+            f"{name}_last_steps_mean": sum(tail) / len(tail) if tail else None}
 
 
 def publish(run: Any, out: storage.Location, *, base_dir: Path) -> dict[str, Any]:

@@ -7,6 +7,10 @@ The kept layers keep their weights (embeddings, final norm and head too); the co
 `layer_types`, where the model has one) shrink to match, and every module's `layer_idx` is renumbered
 0..n-1, because the KV cache indexes its per-layer entries by it. `models.load_for_training` calls this
 (keepLayers trains the whole model, no adapter), so the saved model loads again with plain `from_pretrained`.
+
+An inference engine (vLLM, transformers; the rollout actors of `distill.mode: on_policy`) cannot drop layers
+itself: `models.layer_dropped(folder, keep)` writes the student once per pod into the cache, a plain model
+folder with the tokenizer, whose weights are the learner's before its first step.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 from posttrain.api.distill import DistillSpec
 from posttrain.api.spec import ModelSpec, PostTrainingJobSpec
 from posttrain.jobs import models
+from posttrain.jobs.rl.workers.base import ActorBase
 
 FIELD = "spec.teacher.source"
 
@@ -76,11 +77,14 @@ def _id(vocab: dict[str, int], token: str) -> str:
     return f"id {vocab[token]}" if token in vocab else "absent"
 
 
-class TeacherWorker:
-    """One teacher actor: the teacher model on this pod, scoring rows into top-k log-probabilities."""
+class TeacherWorker(ActorBase):
+    """One teacher actor: the teacher model on this pod, scoring rows into top-k log-probabilities (ActorBase:
+    only its own GPUs, and `pid` for the RL loop's summary)."""
 
     def __init__(self, teacher: dict[str, Any], base_dir: str | None, threads: int | None) -> None:
         import torch
+
+        super().__init__()
 
         if threads:
             torch.set_num_threads(threads)

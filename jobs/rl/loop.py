@@ -9,6 +9,10 @@ Each step, in the driver process, as in veRL / OpenRLHF:
    it has one (`methods.Method`), over per-step rewards when the estimator asks for them;
 5. learner actors (FSDP2, one torch.distributed group) take `rl.ppoEpochs` optimizer steps on
    the batch; PPO's critic actors fit the returns;
+
+   (a method with `teacher` (on-policy distillation, `distill.on_policy`) replaces 3-5: teacher
+   actors score the sampled tokens into top-k log-probabilities and the learners minimise the
+   divergence to them; no rewards, no advantages)
 6. the weight-sync layer (`sync`) pushes the new policy into every rollout engine;
 7. one line of metrics (the run context: metrics.jsonl, /metrics, trackers) and, every
    `checkpoint.everySteps`, a checkpoint.
@@ -63,6 +67,7 @@ class RLRun:
         self.learners: list[Any] = []
         self.rollouts: list[Any] = []
         self.scorers: list[Any] = []
+        self.teachers: list[Any] = []
         self.critics: list[Any] = []
         self.sync: Any = None
 
@@ -79,17 +84,23 @@ class RLRun:
         import ray
 
         from .sync import make_weight_sync
-        from .workers.learner import LearnerWorker
         from .workers.rollout import RolloutWorker
         from .workers.scorer import RewardWorker
         from .workers.sharded import free_port
 
         spec, roles = self.spec, self.placement.roles
         self.placement.reserve()
-        self.learners = self._spawn(LearnerWorker, "learner")
+        self.learners = self._spawn(self.method.learner_class(), "learner")
         self.rollouts = self._spawn(RolloutWorker, "rollout")
-        self.scorers = self._spawn(RewardWorker, "reward")
         base = str(self.base_dir)
+        if self.method.teacher:
+            from posttrain.jobs.distill.teacher import TeacherWorker
+
+            teacher = roles["teacher"]
+            self.teachers = [ray.remote(TeacherWorker).options(**self.placement.options("teacher", i)).remote(
+                spec.teacher.wire(), base, teacher.threads) for i in range(teacher.count)]
+        else:
+            self.scorers = self._spawn(RewardWorker, "reward")
 
         def group(actors: list[Any], **kwargs: Any) -> list[Any]:  # every rank of one torch.distributed group
             addr = ray.get(actors[0].call.remote(_node_ip))
@@ -117,26 +128,30 @@ class RLRun:
             critic_info = ray.get(group(self.critics))
         learner_info = ray.get(learner_setups)
         engines = ray.get(engine_setups)
-        reward_labels = ray.get(labels)[0]
+        reward_labels = ray.get(labels)[0] if labels else []
         learner = roles["learner"]
         self.sync = make_weight_sync(self.rl.weight_sync, self.learners, self.rollouts, adapter_only=self.is_lora,
                                      on_gpu=learner.gpus > 0)
         self.sync.setup()
         pids = {name: sorted(set(ray.get([a.pid.remote() for a in actors])))
                 for name, actors in (("learner", self.learners), ("rollout", self.rollouts),
-                                     ("reward", self.scorers), ("critic", self.critics)) if actors}
+                                     ("reward", self.scorers), ("teacher", self.teachers),
+                                     ("critic", self.critics)) if actors}
         out: dict[str, Any] = {
             "rollout": {"actors": roles["rollout"].count, "resources_per_actor": roles["rollout"].resources(),
                         "engine": engines[0]["engine"], "device": engines[0]["device"], "processes": pids["rollout"],
                         "placement": "colocated with learner" if self.colocated else "own actors"},
-            "reward": {"actors": roles["reward"].count, "resources_per_actor": roles["reward"].resources(),
-                       "rewards": reward_labels, "processes": pids["reward"]},
             "learner": {"actors": learner.count, "resources_per_actor": learner.resources(),
                         "strategy": learner_info[0]["sharding"], "backend": learner_info[0]["backend"],
                         "trainable_params": learner_info[0]["trainable_params"], "processes": pids["learner"]},
             "weight_sync": {"method": self.sync.method, "transport": self.sync.transport,
                             "adapter_only": self.is_lora},
         }
+        scorers = {"reward": {"rewards": reward_labels}, "teacher": {"source": spec.teacher and spec.teacher.source}}
+        for name, extra in scorers.items():
+            if name in pids:  # what scores the samples
+                out[name] = {"actors": roles[name].count, "resources_per_actor": roles[name].resources(), **extra,
+                             "processes": pids[name]}
         if self.critics:
             out["critic"] = {"actors": learner.count, "resources_per_actor": roles["critic"].resources(),
                              "strategy": critic_info[0].get("sharding", "fsdp2"), "processes": pids["critic"]}
@@ -156,7 +171,7 @@ class RLRun:
                 self.sync.close()
             except Exception:  # noqa: BLE001
                 pass
-        for actors in (self.rollouts, self.learners, self.scorers, self.critics):
+        for actors in (self.rollouts, self.learners, self.scorers, self.teachers, self.critics):
             for a in actors:
                 ray.kill(a)
         self.placement.release()
@@ -194,6 +209,21 @@ class RLRun:
                 refs.append(scorer.score.remote(texts, completions, fields, process=self.step_rewards))
         return batching.merge_scores(ray.get(refs), step_rewards=self.step_rewards)
 
+    def teach(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with the teacher's top-k of every sampled token (`teacher_ids` / `teacher_logp`, [B, L, k]),
+        scored on the teacher actors (rows split evenly)."""
+        import ray
+
+        from posttrain.api.distill import DistillSpec
+        from posttrain.jobs.distill.on_policy import teacher_columns, teacher_rows
+
+        settings = self.spec.distill or DistillSpec()
+        rows = teacher_rows(batch)
+        refs = [actor.score.remote(part, k=settings.top_k, temperature=settings.temperature,
+                                   batch=self.spec.training.micro_batch_size)
+                for actor, part in zip(self.teachers, batching.split(rows, len(self.teachers))) if part]
+        return {**batch, **teacher_columns([s for part in ray.get(refs) for s in part], batch)}
+
     def advantages(self, rewards: list[float], batch: dict[str, Any], values: Any = None,
                    steps: list[list[float]] | None = None, gens: list[Any] | None = None):
         import torch
@@ -210,13 +240,16 @@ class RLRun:
                          gamma=self.rl.gamma, lam=self.rl.lam, scale_by_std=self.rl.scale_rewards,
                          step_mask=step_mask)
 
-    def train(self, batch: dict[str, Any], rewards: list[float], steps: list[list[float]] | None = None,
-              gens: list[Any] | None = None) -> dict[str, float]:
+    def train(self, batch: dict[str, Any], scored: Any, gens: list[Any] | None = None) -> dict[str, float]:
+        """The learners' (and critic's) step on the batch; `scored` is the step's RewardBatch (None for a method
+        with `teacher`: the batch carries the teacher's scores and the learners need no advantages)."""
         import ray
 
+        if scored is None:
+            return ray.get([w.train_step.remote(batch) for w in self.learners])[0]
         metrics: dict[str, float] = {}
         values = ray.get([c.compute_values.remote(batch) for c in self.critics])[0] if self.critics else None
-        advantages, returns = self.advantages(rewards, batch, values, steps=steps, gens=gens)
+        advantages, returns = self.advantages(scored.rewards, batch, values, steps=scored.steps, gens=gens)
         critic_refs = [c.train_step.remote(dict(batch, returns=returns, old_values=values)) for c in self.critics]
         metrics.update(ray.get([w.train_step.remote(dict(batch, advantages=advantages)) for w in self.learners])[0])
         if critic_refs:
@@ -270,12 +303,15 @@ def run_steps(run: RLRun, ctx: RunContext, *, start: int, steps: int) -> None:
         pending = None
         if rl.async_ and step + 1 < steps:  # generate step+1 with this step's weights while this step trains
             pending = run.launch_generate(step + 1)
-        t1 = time.perf_counter()
-        scored = run.score(prompts, gens)
-        t_reward = time.perf_counter() - t1
         batch, generated = batching.pad_batch(gens, run.pad_id)
+        t1 = time.perf_counter()
+        if run.method.teacher:  # the teacher's top-k of every sampled token, in the batch; no rewards
+            batch, scored = run.teach(batch), None
+        else:
+            scored = run.score(prompts, gens)
+        t_score = time.perf_counter() - t1
         t2 = time.perf_counter()
-        train_metrics = run.train(batch, scored.rewards, scored.steps, gens)
+        train_metrics = run.train(batch, scored, gens)
         t_train = time.perf_counter() - t2
         if pending is not None:  # the sync waits for the engines' running generation anyway
             ray.wait(pending[1], num_returns=len(pending[1]))
@@ -283,35 +319,43 @@ def run_steps(run: RLRun, ctx: RunContext, *, start: int, steps: int) -> None:
         sync = run.sync.push(step + 1)
         t_sync = time.perf_counter() - t3
         lengths = [len(t) for g in gens for t in g.token_ids]
+        learner_keys = ("kl", "clip_fraction") if scored is not None else ("distill_loss", "teacher_kl")
         line: dict[str, Any] = {
-            "reward_mean": sum(scored.rewards) / len(scored.rewards),
-            "reward_std": batching.std(scored.rewards),
-            **{f"reward_{label}": mean for label, mean in scored.means.items()},
-            "loss": train_metrics.get("loss"), "kl": train_metrics.get("kl"),
-            "entropy": train_metrics.get("entropy"), "clip_fraction": train_metrics.get("clip_fraction"),
+            **(score_line(scored) if scored is not None else {}),
+            "loss": train_metrics.get("loss"), **{k: train_metrics.get(k) for k in learner_keys},
+            "entropy": train_metrics.get("entropy"),
             "grad_norm": train_metrics.get("grad_norm"), "learning_rate": train_metrics.get("lr"),
             "response_length_mean": sum(lengths) / len(lengths),
             "tokens_per_second": generated / t_gen if t_gen > 0 else None,
-            "time_generate": t_gen, "time_reward": t_reward, "time_train": t_train, "time_sync": t_sync,
-            "time_step": time.perf_counter() - t0,
+            "time_generate": t_gen, "time_reward" if scored is not None else "time_teacher": t_score,
+            "time_train": t_train, "time_sync": t_sync, "time_step": time.perf_counter() - t0,
             "sync_bytes": sync.bytes, "staleness": staleness,
         }
-        skipped = sum(scored.skipped.values())
-        if skipped or scored.unscored:
-            line.update(reward_skipped=skipped, reward_unscored=scored.unscored)
         for key in ("value_loss", "value_clip_fraction", "value_mean", *CORRECTION_METRICS):
             if key in train_metrics:
                 line[key] = train_metrics[key]
         line = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in line.items()}
         ctx.state.tokens_seen += generated
         ctx.state.rl = {k: v for k, v in line.items() if isinstance(v, (int, float)) and not k.startswith("reward_")}
-        ctx.state.rl["reward_std"] = line["reward_std"]
-        ctx.state.reward_functions = {label: m for label, m in scored.means.items() if m is not None}
+        if "reward_std" in line:
+            ctx.state.rl["reward_std"] = line["reward_std"]
+        if scored is not None:
+            ctx.state.reward_functions = {label: m for label, m in scored.means.items() if m is not None}
         ctx.log(step + 1, line)
         if every and (step + 1) % every == 0:
             checkpoint(run, ctx)
     if pending is not None:
         ray.wait(pending[1], num_returns=len(pending[1]))
+
+
+def score_line(scored: Any) -> dict[str, Any]:
+    """A step's reward figures for its metrics line (mean, std, each reward's mean, what was skipped)."""
+    line = {"reward_mean": sum(scored.rewards) / len(scored.rewards), "reward_std": batching.std(scored.rewards),
+            **{f"reward_{label}": mean for label, mean in scored.means.items()}}
+    skipped = sum(scored.skipped.values())
+    if skipped or scored.unscored:
+        line.update(reward_skipped=skipped, reward_unscored=scored.unscored)
+    return line
 
 
 def checkpoint(run: RLRun, ctx: RunContext) -> None:

@@ -2,6 +2,7 @@
 
     method = METHODS.get("ppo")
     method.critic, method.default_advantage        # (True, "gae")
+    METHODS.get("distill").teacher                 # True: teacher actors score the samples, no rewards
 
 An advantage estimator declares what it needs from the loop itself (`needs_values`,
 `step_rewards`; see `math.algos`), so `Method` plus the estimator fully decide a step's shape.
@@ -9,6 +10,7 @@ An advantage estimator declares what it needs from the loop itself (`needs_value
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from posttrain.api.spec import AdapterType
@@ -23,6 +25,14 @@ class Method:
     critic: bool  # a value model trains beside the policy (its values feed the estimator)
     default_advantage: str
     adapters: tuple[AdapterType, ...] = (AdapterType.none, AdapterType.lora, AdapterType.rslora)
+    # True: teacher actors (roles.teacher) score the samples' tokens instead of reward actors, and the learner
+    # minimises spec.distill.loss to them instead of a policy-gradient loss (no advantages)
+    teacher: bool = False
+    learner: str = "posttrain.jobs.rl.workers.learner:LearnerWorker"  # the learner actor's class, imported lazily
+
+    def learner_class(self) -> type:
+        module, _, name = self.learner.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def advantage(self, requested: str | None) -> str:
         """The estimator a run uses: the spec's `rl.advantage`, else this method's default."""
@@ -38,3 +48,6 @@ class Method:
 METHODS: Registry[Method] = Registry("RL method")
 METHODS.add("grpo", Method("grpo", critic=False, default_advantage="grpo"))
 METHODS.add("ppo", Method("ppo", critic=True, default_advantage="gae"))
+# distill mode on_policy (GKD): the student samples, the teacher scores its tokens (`distill.on_policy`)
+METHODS.add("distill", Method("distill", critic=False, default_advantage="grpo", teacher=True,
+                              learner="posttrain.jobs.distill.on_policy:DistillLearnerWorker"))

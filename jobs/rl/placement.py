@@ -77,8 +77,13 @@ class Placement:
         self.roles = {
             "learner": role_actors("learner", roles.learner or RoleSpec(), local_cpus=local_cpus, per_gpu=True),
             "rollout": role_actors("rollout", roles.rollout or RoleSpec(), local_cpus=local_cpus, per_gpu=True),
-            "reward": role_actors("reward", roles.reward or RoleSpec(), local_cpus=local_cpus, per_gpu=False),
         }
+        if method.teacher:  # the samples' scorers: the teacher (one actor per GPU), or the rewards
+            self.roles["teacher"] = role_actors("teacher", roles.teacher or RoleSpec(), local_cpus=local_cpus,
+                                                per_gpu=True)
+        else:
+            self.roles["reward"] = role_actors("reward", roles.reward or RoleSpec(), local_cpus=local_cpus,
+                                               per_gpu=False)
         self.colocated = spec.placement == "colocated"
         self.bundle_members = ["learner"] + (["critic"] if method.critic else []) + (["rollout"] if self.colocated else [])
         learner = self.roles["learner"]

@@ -33,8 +33,9 @@ RL_GAUGES = {
     "value_loss": "PPO critic loss (latest step).",
     "sync_bytes": "Bytes sent by the latest weight sync.",
     "staleness": "Policy steps between the rollout weights and the learner (async: at most 1).",
+    "teacher_kl": "distill on_policy: per-token KL(teacher || student) on the latest step's samples.",
 }
-RL_PHASE_TIMES = ("generate", "reward", "train", "sync")
+RL_PHASE_TIMES = ("generate", "reward", "teacher", "train", "sync")  # teacher: distill on_policy's scoring
 # dpo/kto/reward values of a metrics.jsonl line served as gauges `posttrain_<name>` and in /progress.
 PREFERENCE_GAUGES = {
     "rewards_chosen": "Mean reward of the chosen completions (dpo/kto: implicit reward; reward: the model's score).",

@@ -35,6 +35,7 @@ from torch import Tensor
 from .base import ActorBase
 
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
+INTEGER_KEYS = (*BATCH_KEYS, "teacher_ids")  # token ids stay long when sharded; the rest travels as float32
 
 
 def _tensor(x: Any, dtype: torch.dtype) -> Tensor:
@@ -164,7 +165,7 @@ class ShardedWorker(ActorBase):
         for key, value in batch.items():
             if value is None:
                 continue
-            t = _tensor(value, torch.long if key in BATCH_KEYS else torch.float32)
+            t = _tensor(value, torch.long if key in INTEGER_KEYS else torch.float32)
             if pad:  # empty rows: a copy of row 0 with every mask at 0
                 filler = t[:1].expand(pad, *t.shape[1:]).clone()
                 if key in ("attention_mask", "completion_mask"):

@@ -50,6 +50,13 @@ class RLSpec(ApiModel):
         None, gt=0.0, description="Upper clip: 1 + clipHigh (default: clipLow; DAPO suggests 0.28)."
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's rollouts.")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0,
+        description="Token budget of a learner micro-batch: the step's rows are sorted by length and binned so "
+        "that rows x longest row <= this (a longer row goes alone), instead of training.microBatchSize rows. "
+        "Either way each micro-batch is cut to its own longest row, and the step's loss is that of the whole "
+        "batch. Unset: training.microBatchSize rows.",
+    )
     kl: KLSpec = Field(default_factory=KLSpec, description="KL penalty to the reference policy.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of GAE (ppo).")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="Lambda of GAE (ppo).")

@@ -7,7 +7,8 @@
 The driver side: read the data (`data.build` tokenizes SFT examples; `preference_data` checks and
 normalizes preference records, which TRL tokenizes; bad input fails before anything is written),
 start `roles.trainer` as Ray Train workers running the algorithm's TRL trainer
-(`sft_worker.train_loop` with `methods.METHODS`: DDP over gloo on CPU, FSDP on several GPUs), and
+(`sft_worker.train_loop` with `methods.METHODS`: DDP over gloo on CPU, FSDP on several GPUs), which read
+the rows from the run's output where the driver wrote them once (`prepared`), not from their config, and
 turn the workers' events (logs, evaluations, checkpoints, the saved result) into the run's metrics,
 progress and summary through the context.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from posttrain.api import runtime
 from posttrain.jobs import data as data_mod
 from posttrain.jobs import preference_data
+from posttrain.jobs.algorithms import prepared
 from posttrain.jobs.algorithms.methods import EVALUATED, LOGGED, METHODS, flat_metrics
 from posttrain.jobs.algorithms.evaluate import after_training, training_preflight
 from posttrain.jobs.run import storage
@@ -70,6 +72,7 @@ def run(ctx: RunContext, *, teacher: Any = None) -> dict[str, Any]:
         with ctx.ray():
             if teacher is not None:
                 teacher.attach(ctx, cfg)
+            cfg = prepared.publish(ctx.folder.loc, cfg)  # the workers read the rows there, not from cfg
             fit(spec, cfg, relay, poll_seconds=ctx.opts.poll_seconds)
             after_training(ctx, evaluation)
     except BaseException as exc:  # noqa: BLE001 - recorded in summary.json, then re-raised

@@ -29,6 +29,7 @@ from typing import Any
 
 from posttrain.api.spec import AdapterType, PostTrainingJobSpec
 from posttrain.jobs import models
+from posttrain.jobs.algorithms import prepared
 from posttrain.jobs.algorithms.methods import EVALUATED, METHODS, flat_metrics
 from posttrain.jobs.rewards.scorers import REWARD_INPUT, reward_input
 from posttrain.jobs.run import storage
@@ -217,7 +218,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ckpts = Checkpoints(storage.resolve(cfg["checkpoints"]))
     local_root = ckpts.root.local if ckpts.root.local is not None else _staging(cfg["checkpoints"], rank)
     local_root.mkdir(parents=True, exist_ok=True)
-    cfg = dict(cfg, checkpoint_local=str(local_root))
+    cfg = dict(cfg, checkpoint_local=str(local_root),  # the rows, read from the run's output (`prepared`)
+               **{split: prepared.load(cfg[split], staging=_staging(cfg["output"], rank) / "data")
+                  for split in prepared.SPLITS})
     resume_from = None
     if cfg.get("resume_step"):
         step = cfg["resume_step"]

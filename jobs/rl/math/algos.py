@@ -322,6 +322,9 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     return per_sequence.sum() / (lengths > 0).sum().clamp(min=1), metrics
 
 
+grpo_loss.normaliser = "sequences"  # type: ignore[attr-defined]  # what the loss averages over: rl.micro
+
+
 @POLICY_LOSSES.register("dr_grpo")
 def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                  max_length: int | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
@@ -344,6 +347,9 @@ def dr_grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mas
     return masked_sum(per_token, mask) / (length * mask.shape[0]), metrics
 
 
+dr_grpo_loss.normaliser = "rows"  # type: ignore[attr-defined]
+
+
 @POLICY_LOSSES.register("dapo")
 def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               clip_low: float = 0.2, clip_high: float = 0.28, kl_penalty: Tensor | None = None,
@@ -358,6 +364,9 @@ def dapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
                                             token_weights)
     per_token = _with_kl(per_token, kl_penalty, mask, metrics)
     return masked_mean(per_token, mask), metrics
+
+
+dapo_loss.normaliser = "tokens"  # type: ignore[attr-defined]
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,

@@ -26,7 +26,11 @@ Everything comes from the job: `spec.model` (with every field: dtype, trustRemot
 gradientCheckpointing; loaded on this actor's pod), `spec.adapter`, `spec.rl`, and
 `spec.training` (learning rate, schedule, warmup, weight decay, micro-batch size, seed).
 
-Sharding, micro-batches, epochs and checkpoints: `sharded.ShardedWorker` (FSDP2
+Micro-batches (`rl.micro`): `training.microBatchSize` rows, or with `rl.microBatchTokens` rows sorted by
+length and binned to that many tokens; each cut to its own longest row, and weighed by its share of what
+the loss averages over, so the step's loss and gradient are those of the whole batch at once.
+
+Sharding, epochs and checkpoints: `sharded.ShardedWorker` (FSDP2
 `fully_shard` per decoder layer, then the root, on a 1-D device mesh; gloo on CPU,
 nccl on GPU). Dropout stays off (the model is kept in eval mode) so that the
 logprobs of the ratio and of the reference agree.
@@ -56,6 +60,7 @@ from ..engines.fused import Groups, unit_of
 from ..math.algos import POLICY_LOSSES, rollout_correction_weights
 from ..math.kl import entropy_from_logits, kl_penalty, uses_reference
 from ..math.masked import masked_mean
+from ..micro import loss_shares, micro_batches, scatter
 from .sharded import ShardedWorker, position_ids, precision
 
 # train_step's metrics with rl.rolloutCorrection (see math.algos.rollout_correction_weights)
@@ -70,6 +75,14 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     its prefix; position 0 (no prefix) is 0."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+
+
+def forward(model: Any, mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B, L) logprobs of a micro-batch, 0 off the completion, and the raw logits (B, L, V)."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                   position_ids=position_ids(mb["attention_mask"]), use_cache=False).logits
+    logp = token_logprobs(logits, mb["input_ids"])
+    return torch.where(mb["completion_mask"].bool(), logp, 0.0), logits
 
 
 class LearnerWorker(ShardedWorker):
@@ -125,23 +138,20 @@ class LearnerWorker(ShardedWorker):
 
     # ---- batches ---------------------------------------------------------------------------------
 
-    def _forward(self, model: Any, mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(B, L) logprobs, 0 off the completion, and the raw logits (B, L, V)."""
-        logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                       position_ids=position_ids(mb["attention_mask"]), use_cache=False).logits
-        logp = token_logprobs(logits, mb["input_ids"])
-        return torch.where(mb["completion_mask"].bool(), logp, 0.0), logits
+    def _parts(self, shard: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """The shard's micro-batches: `rl.microBatchTokens` when set, else `training.microBatchSize` rows."""
+        return micro_batches(shard, rows=self.micro_batch_size, tokens=self.rl.micro_batch_tokens)
 
     @torch.no_grad()
     def _logprobs(self, shard: dict[str, Tensor], *, reference: bool = False) -> Tensor:
-        out = []
-        for mb in self._micro(shard):
+        parts, out = self._parts(shard), []
+        for mb in parts:
             if reference and self.is_lora:
                 with self.model.disable_adapter():
-                    out.append(self._forward(self.model, mb)[0])
+                    out.append(forward(self.model, mb)[0])
             else:
-                out.append(self._forward(self.ref_model if reference else self.model, mb)[0])
-        return torch.cat(out)
+                out.append(forward(self.ref_model if reference else self.model, mb)[0])
+        return scatter(parts, out, like=shard["input_ids"])
 
     def compute_logprobs(self, batch: dict[str, Any]) -> Tensor:
         """(B, L) logprobs of the batch's completion tokens under the current policy (on every rank)."""
@@ -186,7 +196,7 @@ class LearnerWorker(ShardedWorker):
         names = ("loss", "kl", "entropy", "clip_fraction") + (CORRECTION_METRICS if correct else ())
 
         def loss_of(mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            logp, logits = self._forward(self.model, mb)
+            logp, logits = forward(self.model, mb)
             if not given_old and "old_logprobs" not in mb:
                 mb["old_logprobs"] = logp.detach()  # kept in the micro-batch dict for the next epochs
             penalty = kl_penalty(logp, mb.get("ref_logprobs"), mb["completion_mask"], beta=beta,
@@ -210,7 +220,8 @@ class LearnerWorker(ShardedWorker):
                 stats = torch.stack([v.double().cpu() for v in values])
             return loss, stats
 
-        means, grad_norm = self.fit(self._micro(shard), loss_of)
+        parts = self._parts(shard)  # each micro-batch weighs its part of what the loss averages over
+        means, grad_norm = self.fit(parts, loss_of, loss_shares(parts, self.loss_fn.normaliser))
         totals = dict(zip(names, means))
         totals["grad_norm"] = grad_norm
         totals["lr"] = float(self.optimizer.param_groups[0]["lr"])

@@ -188,23 +188,25 @@ class ShardedWorker(ActorBase):
 
     # ---- optimizer steps -------------------------------------------------------------------------
 
-    def fit(self, micro: list[dict[str, Tensor]], loss_of: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
-            ) -> tuple[list[float], float]:
+    def fit(self, micro: list[dict[str, Tensor]], loss_of: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
+            weights: list[float] | None = None) -> tuple[list[float], float]:
         """`self.epochs` optimizer steps over `micro`, each accumulating gradients over every micro-batch and
-        clipping them to `max_grad_norm`. `loss_of(mb)` returns (loss, a 1-D tensor of metrics).
+        clipping them to `max_grad_norm`. `loss_of(mb)` returns (loss, a 1-D tensor of metrics); `weights`
+        (summing to 1, default equal) weigh each micro-batch's loss and metrics (`rl.micro.loss_shares`).
 
         Returns the metrics averaged over micro-batches, ranks and epochs, and the mean grad norm (before
         clipping). A collective.
         """
+        weights = weights or [1 / len(micro)] * len(micro)
         totals: Tensor | None = None
         grad_norms = 0.0
         for _ in range(self.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             sums: Tensor | None = None
-            for mb in micro:
+            for mb, weight in zip(micro, weights):
                 loss, metrics = loss_of(mb)
-                (loss / len(micro)).backward()
-                metrics = metrics.detach().double().cpu()
+                (loss * weight).backward()
+                metrics = metrics.detach().double().cpu() * weight
                 sums = metrics if sums is None else sums + metrics
             # the parameters as they are now: FSDP2 may re-register them at its lazy init (first forward)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -214,7 +216,7 @@ class ShardedWorker(ActorBase):
             self.optimizer.step()
             self.step += 1
             assert sums is not None
-            sums = (sums / len(micro)).to(self.device)
+            sums = sums.to(self.device)
             dist.all_reduce(sums)  # sum over ranks, then the mean
             epoch = (sums / self.world_size).cpu()
             totals = epoch if totals is None else totals + epoch

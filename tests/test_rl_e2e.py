@@ -110,7 +110,9 @@ def test_grpo_lora_colocated_two_learners(workdir, ray_local):
     roles = summary["roles"]
     assert roles["learner"]["actors"] == 2 and roles["rollout"]["actors"] == 2
     assert roles["rollout"]["placement"] == "colocated with learner"
-    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True}
+    # the transformers engine cannot serve a LoRA adapter: loraServing auto sends the merged modules
+    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True,
+                                    "lora_serving": "merged"}
     assert (workdir / "grpo-lora" / "adapter" / "adapter_config.json").exists()
     # Its base, named so that a later job can load the adapter (ptj://grpo-lora merges it into that base).
     provenance = json.loads((workdir / "grpo-lora" / "adapter" / "posttrain.json").read_text())
@@ -126,7 +128,8 @@ def test_ppo_raises_reward_with_a_critic(workdir, ray_local):
     assert all("value_loss" in m for m in lines)
     assert summary["roles"]["critic"]["actors"] == 1
     # asked for nccl on CPU: the same bucketed broadcast, and the summary says which transport really ran
-    assert summary["roles"]["weight_sync"] == {"method": "nccl", "transport": "gloo", "adapter_only": False}
+    assert summary["roles"]["weight_sync"] == {"method": "nccl", "transport": "gloo", "adapter_only": False,
+                                               "lora_serving": None}
 
 
 def test_async_rollouts_are_one_step_stale_and_still_learn(workdir, ray_local):

@@ -143,7 +143,8 @@ def serving_rounds(model: str, rollouts: list, args: argparse.Namespace) -> list
                 ray.get([r.close.remote() for r in rollouts])
                 ray.get([r.setup.remote(model, engine="vllm", threads=1, engine_kwargs={"max_model_len": 128},
                                         lora_rank=LORA["r"] if serving == "adapter" else None) for r in rollouts])
-                syncs = (("object_store", ObjectStoreSync([learner], rollouts, adapter_only=True, lora_serving=serving)),
+                store = ObjectStoreSync([learner], rollouts, adapter_only=True, lora_serving=serving)
+                syncs = (("object_store", store),
                          ("collective", CollectiveSync([learner], rollouts, adapter_only=True, lora_serving=serving,
                                                        bucket_bytes=args.bucket_mb << 20, name=f"{serving}-{rnd}")))
                 for transport, sync in syncs:

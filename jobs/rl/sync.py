@@ -180,8 +180,8 @@ class WeightSync(abc.ABC):
     def _report(self, stats: SyncStats) -> SyncStats:
         log.info("weight sync step %d via %s/%s: %d %s tensors, %.1f MiB to %d engines in %.3f s "
                  "(export %.3f s, transfer+load %.3f s, %d buckets)", stats.step, stats.method, stats.backend,
-                 stats.tensors, stats.payload, stats.bytes / 2**20, len(self.rollouts), stats.seconds, stats.export_seconds,
-                 stats.transfer_seconds, stats.buckets)
+                 stats.tensors, stats.payload, stats.bytes / 2**20, len(self.rollouts), stats.seconds,
+                 stats.export_seconds, stats.transfer_seconds, stats.buckets)
         return stats
 
 

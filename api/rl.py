@@ -75,6 +75,14 @@ class RLSpec(ApiModel):
     weight_sync: Literal["auto", "object_store", "nccl"] = Field(
         "auto", description="How learners push weights to rollout engines: auto is NCCL on GPU, the object store on CPU."
     )
+    lora_serving: Literal["auto", "adapter", "merged"] = Field(
+        "auto",
+        description="How a LoRA / rsLoRA policy reaches the rollout engines after each step: adapter sends only the "
+        "adapter's tensors (a few MB) and vLLM serves them as a LoRA adapter over its unchanged base weights (a "
+        "new adapter id per step); merged folds the adapter into the base weights and sends the adapted modules "
+        "whole. auto is adapter on the vLLM engine and merged on the transformers engine. Full fine-tuning "
+        "always sends every weight.",
+    )
     async_: bool = Field(
         False,
         alias="async",
@@ -88,6 +96,24 @@ class RLSpec(ApiModel):
             raise ValueError("@rolloutCorrectionCap: applies to rolloutCorrection tis or mis; set rolloutCorrection "
                              "or remove the cap")
         return self
+
+
+def lora_serving_problem(rl: RLSpec, *, adapter: str, engine: str | None) -> str | None:
+    """The error of an `rl.loraServing: adapter` that cannot work (None when fine): it needs a LoRA or rsLoRA
+    adapter and an engine that serves adapters (`engine`: roles.rollout.engine; auto may resolve to vLLM).
+
+    >>> lora_serving_problem(RLSpec(loraServing="adapter"), adapter="none", engine=None)[:20]
+    '@rl.loraServing: ada'
+    """
+    if rl.lora_serving != "adapter":
+        return None
+    if adapter not in ("lora", "rslora"):
+        return (f"@rl.loraServing: adapter serves a lora or rslora adapter as a vLLM LoRA; adapter.type is "
+                f"{adapter}: use loraServing auto or merged")
+    if engine == "transformers":
+        return ("@rl.loraServing: adapter needs the vLLM engine; the transformers engine loads merged weights: set "
+                "roles.rollout.engine to vllm or auto, or loraServing to auto or merged")
+    return None
 
 
 SOURCES = ("function", "model", "url", "judge")  # a reward is exactly one of these

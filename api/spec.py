@@ -26,7 +26,7 @@ from posttrain.api.env import EnvFromSource, EnvVar
 from posttrain.api.evaluation import EvaluationSpec, check_evaluate_job, check_training_evaluation
 from posttrain.api.generate import GenerateSpec, check_generate_job
 from posttrain.api.preference import PreferenceSpec, check_preference
-from posttrain.api.rl import RewardSpec, RLSpec
+from posttrain.api.rl import RewardSpec, RLSpec, lora_serving_problem
 from posttrain.api.tracking import TrackingSpec
 
 GROUP = "posttrain.dev"
@@ -504,6 +504,10 @@ class PostTrainingJobSpec(ApiModel):
             if self.algorithm is Algorithm.grpo and advantage == "gae":
                 raise ValueError("@rl.advantage: gae needs a critic; use algorithm ppo, or grpo/rloo/dr_grpo here")
             rollout = self.roles.rollout
+            serving = lora_serving_problem(self.rl, adapter=self.adapter.type.value,
+                                           engine=rollout.engine if rollout else None) if self.rl else None
+            if serving:
+                raise ValueError(serving)
             if self.placement == "colocated" and rollout is not None:
                 default = RoleSpec()
                 sized = [k for k in RoleSpec.model_fields if k != "engine" and getattr(rollout, k) != getattr(default, k)]

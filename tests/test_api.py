@@ -272,10 +272,24 @@ def test_rl_sections_round_trip_with_their_wire_names():
      "spec.roles.rollout.replicas", "size roles.learner"),
     ({"algorithm": "grpo", "rewards": REWARDS, "roles": {"learner": {"strategy": "ddp"}}},
      "spec.roles.learner.strategy", "fsdp2"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"loraServing": "adapter"}}, "spec.rl.loraServing",
+     "adapter.type is none"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"loraServing": "adapter"}, "adapter": {"type": "lora"},
+      "roles": {"rollout": {"engine": "transformers"}}}, "spec.rl.loraServing", "needs the vLLM engine"),
+    ({"algorithm": "grpo", "rewards": REWARDS, "rl": {"loraServing": "always"}}, "spec.rl.loraServing", "'merged'"),
 ])
 def test_bad_rl_sections_name_the_field(changes, path, text):
     [(got_path, message)] = _errors(_job(**changes))
     assert got_path == path and text in message
+
+
+def test_lora_serving_defaults_to_auto_and_takes_adapter_for_lora_on_vllm():
+    job = parse_job(_job(algorithm="grpo", rewards=REWARDS, adapter={"type": "rslora"}, rl={"loraServing": "adapter"},
+                         roles={"rollout": {"engine": "vllm"}}))
+    assert job.spec.rl.lora_serving == "adapter"
+    from posttrain.api.rl import RLSpec
+
+    assert RLSpec().lora_serving == "auto"
 
 
 # --- --set overrides --------------------------------------------------------------------------

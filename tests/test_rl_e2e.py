@@ -110,7 +110,9 @@ def test_grpo_lora_colocated_two_learners(workdir, ray_local):
     roles = summary["roles"]
     assert roles["learner"]["actors"] == 2 and roles["rollout"]["actors"] == 2
     assert roles["rollout"]["placement"] == "colocated with learner"
-    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True}
+    # the transformers engine cannot serve a LoRA adapter: loraServing auto sends the merged modules
+    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True,
+                                    "lora_serving": "merged"}
     assert (workdir / "grpo-lora" / "adapter" / "adapter_config.json").exists()
     # Its base, named so that a later job can load the adapter (ptj://grpo-lora merges it into that base).
     provenance = json.loads((workdir / "grpo-lora" / "adapter" / "posttrain.json").read_text())
@@ -126,7 +128,8 @@ def test_ppo_raises_reward_with_a_critic(workdir, ray_local):
     assert all("value_loss" in m for m in lines)
     assert summary["roles"]["critic"]["actors"] == 1
     # asked for nccl on CPU: the same bucketed broadcast, and the summary says which transport really ran
-    assert summary["roles"]["weight_sync"] == {"method": "nccl", "transport": "gloo", "adapter_only": False}
+    assert summary["roles"]["weight_sync"] == {"method": "nccl", "transport": "gloo", "adapter_only": False,
+                                               "lora_serving": None}
 
 
 def test_async_rollouts_are_one_step_stale_and_still_learn(workdir, ray_local):
@@ -245,6 +248,29 @@ def test_grpo_with_vllm_rollouts_learns(workdir, ray_local):
     assert all(0 <= m["rollout_logprob_gap"] < 0.05 for m in lines), [m["rollout_logprob_gap"] for m in lines]
 
 
+def test_grpo_lora_is_served_as_a_vllm_adapter(workdir, ray_local):
+    """rl.loraServing auto on vLLM: each step sends the rsLoRA adapter's tensors alone and the engines serve
+    them. With a large learning rate the policy moves far each step, so the engines' logprobs agree with the
+    learner's only if the adapter they sample with is the learner's newest (mis computes the gap)."""
+    pytest.importorskip("vllm")
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    folder = _vllm_model(workdir)
+    adapter = {"type": "rslora", "r": 8, "alpha": 16, "dropout": 0.0}
+    doc = grpo_job(model={"source": "model128"}, adapter=adapter, roles={"rollout": {"engine": "vllm"}})
+    doc["spec"]["training"].update(maxSteps=3, learningRate=0.3)
+    doc["spec"]["rl"]["rolloutCorrection"] = "mis"
+    summary = run(doc, workdir, "grpo-vllm-lora")
+    assert summary["roles"]["weight_sync"]["lora_serving"] == "adapter"
+    lines = metrics(workdir, "grpo-vllm-lora")
+    peft_model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                                     peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True))
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert [m["sync_bytes"] for m in lines] == [adapter_bytes] * 3  # the adapter alone, fp32 on CPU
+    assert all(0 <= m["rollout_logprob_gap"] < 0.05 for m in lines), [m["rollout_logprob_gap"] for m in lines]
+
+
 @pytest.mark.gpu
 def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
     pytest.importorskip("vllm")
@@ -263,8 +289,8 @@ def test_grpo_on_gpu_with_vllm_and_nccl_sync(workdir, ray_local):
 
 @pytest.mark.gpu
 def test_grpo_on_one_gpu_colocated_with_a_q_v_lora_in_bf16(workdir, ray_local):
-    """The GPU paths together: bf16 compute with fp32 adapter weights, a LoRA on q_proj and v_proj (the
-    sync sends k_proj too: vLLM loads q/k/v fused), the engine asleep while the learner trains, its memory
+    """The GPU paths together: bf16 compute with fp32 adapter weights, a LoRA on q_proj and v_proj served as
+    a vLLM adapter in bf16 (rl.loraServing auto), the engine asleep while the learner trains, its memory
     share sized at start before the learner loads."""
     pytest.importorskip("vllm")
     _vllm_model(workdir)
@@ -273,6 +299,7 @@ def test_grpo_on_one_gpu_colocated_with_a_q_v_lora_in_bf16(workdir, ray_local):
                    roles={"rollout": {"engine": "vllm"}, "learner": {"gpus": 1}})
     summary = run(doc, workdir, "grpo-gpu-colocated")
     assert (summary["roles"]["rollout"]["engine"], summary["roles"]["rollout"]["device"]) == ("vllm", "cuda")
+    assert summary["roles"]["weight_sync"]["lora_serving"] == "adapter"
     rises(metrics(workdir, "grpo-gpu-colocated"), margin=0.05)
 
 

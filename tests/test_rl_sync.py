@@ -64,11 +64,13 @@ def test_pack_unpack_roundtrip():
 
 def test_factory_picks_by_name_and_lists_choices():
     learners, rollouts = [object()], [object(), object()]  # the constructors start nothing
-    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=False)) is ObjectStoreSync
+    apart = ("n1", ["n2", "n2"])  # engines off the learner's node (same node: tests/test_rl_shm_sync.py)
+    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=False,
+                                 nodes=apart)) is ObjectStoreSync
     assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=True)) is CollectiveSync
     sync = make_weight_sync("nccl", learners, rollouts, adapter_only=True, on_gpu=False, bucket_bytes=1024)
     assert isinstance(sync, CollectiveSync) and sync.bucket_bytes == 1024 and sync.adapter_only
-    with pytest.raises(ValueError, match="auto, nccl, object_store"):
+    with pytest.raises(ValueError, match="auto, nccl, object_store, shared_memory"):
         make_weight_sync("shm", learners, rollouts, adapter_only=False, on_gpu=False)
     with pytest.raises(ValueError, match="at least one learner"):
         ObjectStoreSync(learners, [], adapter_only=False)

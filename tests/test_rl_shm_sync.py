@@ -95,6 +95,17 @@ def test_region_refuses_more_than_the_directory_has(shm_dir):
         _check_room(shm_dir, 1 << 60)
 
 
+def test_export_sends_a_tied_pair_once_but_a_merged_twin_travels():
+    from posttrain.jobs.rl.workers.learner import drop_tied_twins
+
+    embed, other = torch.randn(8, 4), torch.randn(8, 4)
+    named = [("model.embed_tokens.weight", embed), ("x", other), ("lm_head.weight", embed),
+             ("y", embed[:4]), ("e1", torch.empty(0)), ("e2", torch.empty(0))]
+    assert [n for n, _ in drop_tied_twins(named)] == ["model.embed_tokens.weight", "x", "y", "e1", "e2"]
+    merged = [("model.embed_tokens.weight", embed), ("lm_head.weight", embed + 1)]  # LoRA on lm_head: a new tensor
+    assert [n for n, _ in drop_tied_twins(merged)] == ["model.embed_tokens.weight", "lm_head.weight"]
+
+
 # ---- on Ray actors -------------------------------------------------------------------------------------
 
 def mapped(actors: list, path: str) -> list[bool]:
@@ -171,6 +182,8 @@ def test_lora_layout_change_replans_and_a_dead_learner_leaks_nothing(rollouts, t
         whole = sync.push(2)
         full = group.all("export_weights")
         assert small.tensors < whole.tensors == len(full)
+        names = [n for n, _ in full]
+        assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # a tied pair travels once
         assert sync.path != first and mapped(group.rollouts, first) == [False, False]
         for engine in group.engine_states():
             for name, tensor in full:

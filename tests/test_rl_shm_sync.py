@@ -129,6 +129,20 @@ def module_shm_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def full_state_is_dcps():
+    def check(worker) -> bool:
+        """The export's gather (`learner.full_state`) gives what DCP's `get_model_state_dict` gives."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from posttrain.jobs.rl.workers.learner import full_state
+
+        want = get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        got = full_state(worker.model, keep=True)
+        return list(got) == list(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
+                                               for k in want)
+
+    return check  # nested: Ray sends it by value (this test module is not importable in the actors)
+
 @pytest.mark.slow
 def test_full_push_is_bit_exact_then_a_second_push_is_seen_and_close_unmaps(rollouts, tmp_path, module_shm_dir):
     from transformers import AutoTokenizer
@@ -154,6 +168,7 @@ def test_full_push_is_bit_exact_then_a_second_push_is_seen_and_close_unmaps(roll
                     assert torch.equal(engine[name], tensor), name
             seen.append(dict(exported))
         assert sync.path == region  # same layout: the region is reused
+        assert ray.get(group.learners[0].call.remote(full_state_is_dcps()))
         assert any(not torch.equal(seen[0][n], seen[1][n]) for n in seen[0])  # the second push moved weights
     finally:
         sync.close()

@@ -227,11 +227,9 @@ class LearnerWorker(ShardedWorker):
         fused `groups` (full fine-tuning has no adapter: error). Tied embeddings travel once, under
         `model.embed_tokens.weight` (`drop_tied_twins`).
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         if adapter_only and not self.is_lora:
             raise ValueError("adapter_only export needs a LoRA adapter; full fine-tuning sends every weight")
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_state(self.model, keep=self.rank == 0)
         if self.rank != 0:
             return []
         named = (list(state.items()) if not self.is_lora
@@ -305,6 +303,24 @@ class LearnerWorker(ShardedWorker):
     def restore_extra(self, meta: dict[str, Any]) -> None:
         if "scheduler" in meta:
             self.scheduler.load_state_dict(meta["scheduler"])
+
+
+def full_state(model: torch.nn.Module, *, keep: bool) -> dict[str, Tensor]:
+    """An FSDP2 model's whole state dict on CPU where `keep` (rank 0), else {}. A collective: every rank
+    all-gathers each sharded tensor in the same (state_dict) order.
+
+    What `get_model_state_dict(full_state_dict=True, cpu_offload=True)` returns for our models (plain
+    names: no activation-checkpoint or compile wrappers), without its per-call check of every
+    parameter's names: 40% of a SmolLM2 LoRA export (1,386 name lookups each time)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        if keep:
+            out[name] = tensor.detach().cpu()
+    return out
 
 
 def drop_tied_twins(named: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:

@@ -242,7 +242,8 @@ def lora_run(rollouts, tmp_path_factory):
     group = Group(path, 1, LORA, rollouts)
     group.batch = make_batch(AutoTokenizer.from_pretrained(path))
     out: dict = {"base": group.engine_states()[0]}
-    adapter = make_weight_sync("auto", group.learners, group.rollouts, adapter_only=True, on_gpu=False)
+    # by name: auto would pick shared memory here (one node), tested in tests/test_rl_shm_sync.py
+    adapter = make_weight_sync("object_store", group.learners, group.rollouts, adapter_only=True, on_gpu=False)
     whole = make_weight_sync("nccl", group.learners, group.rollouts, adapter_only=False, on_gpu=False,
                              bucket_bytes=SMALL_BUCKET)
     try:

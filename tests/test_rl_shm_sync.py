@@ -25,11 +25,12 @@ from posttrain.jobs.rl.shm_sync import (  # noqa: E402
     ALIGN, HEADER, PREFIX, Region, SharedMemorySync, _check_room, check_same_node, choose_auto, layout)
 from posttrain.jobs.rl.sync import ObjectStoreSync, make_weight_sync  # noqa: E402
 from support.jobs import FULL, LORA  # noqa: E402
-from test_rl_sync import Group, make_batch, start_rollouts  # noqa: E402
+from test_rl_sync import Group, make_batch, rollouts  # noqa: E402,F401 - rollouts: the module fixture
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def shm_dir():
+    """A private directory in /dev/shm: "nothing leaked" is its listing."""
     path = tempfile.mkdtemp(prefix="pytest-shm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -114,21 +115,6 @@ def mapped(actors: list, path: str) -> list[bool]:
     return [path in open(f"/proc/{pid}/maps").read() for pid in pids]
 
 
-@pytest.fixture(scope="module")
-def rollouts(ray_local):
-    actors = start_rollouts(2)
-    yield actors
-    for a in actors:
-        ray.kill(a)
-
-
-@pytest.fixture(scope="module")
-def module_shm_dir():
-    path = tempfile.mkdtemp(prefix="pytest-shm-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def full_state_is_dcps():
     def check(worker) -> bool:
         """The export's gather (`learner.full_state`) gives what DCP's `get_model_state_dict` gives."""
@@ -144,17 +130,17 @@ def full_state_is_dcps():
     return check  # nested: Ray sends it by value (this test module is not importable in the actors)
 
 @pytest.mark.slow
-def test_full_push_is_bit_exact_then_a_second_push_is_seen_and_close_unmaps(rollouts, tmp_path, module_shm_dir):
+def test_full_push_is_bit_exact_then_a_second_push_is_seen_and_close_unmaps(rollouts, tmp_path, shm_dir):
     from transformers import AutoTokenizer
 
     path = str(tiny.make_model(tmp_path / "untied", hidden=64))
     group = Group(path, 1, FULL, rollouts)
     group.batch = make_batch(AutoTokenizer.from_pretrained(path))
-    sync = SharedMemorySync(group.learners, group.rollouts, adapter_only=False, directory=module_shm_dir)
+    sync = SharedMemorySync(group.learners, group.rollouts, adapter_only=False, directory=shm_dir)
     try:
         sync.setup()
         region = sync.path
-        assert os.listdir(module_shm_dir) == []  # unlinked once every engine mapped it
+        assert os.listdir(shm_dir) == []  # unlinked once every engine mapped it
         assert mapped([*group.learners, *group.rollouts], region) == [True, True, True]
         seen = []
         for step in (1, 2):
@@ -174,18 +160,18 @@ def test_full_push_is_bit_exact_then_a_second_push_is_seen_and_close_unmaps(roll
         sync.close()
         group.stop()
     assert mapped(group.rollouts, region) == [False, False]
-    assert os.listdir(module_shm_dir) == []
+    assert os.listdir(shm_dir) == []
 
 
 @pytest.mark.slow
-def test_lora_layout_change_replans_and_a_dead_learner_leaks_nothing(rollouts, tmp_path, module_shm_dir):
+def test_lora_layout_change_replans_and_a_dead_learner_leaks_nothing(rollouts, tmp_path, shm_dir):
     from transformers import AutoTokenizer
 
     path = str(tiny.make_model(tmp_path / "tied", tied=True, hidden=64))
     group = Group(path, 1, LORA, rollouts)
     group.batch = make_batch(AutoTokenizer.from_pretrained(path))
     sync = make_weight_sync("auto", group.learners, group.rollouts, adapter_only=True, on_gpu=False,
-                            directory=module_shm_dir, name="lora")
+                            directory=shm_dir, name="lora")
     assert type(sync) is SharedMemorySync  # one local node: auto picks shared memory on CPU
     try:
         sync.setup()
@@ -214,4 +200,4 @@ def test_lora_layout_change_replans_and_a_dead_learner_leaks_nothing(rollouts, t
         sync.close()
         for a in group.learners:
             ray.kill(a)
-    assert os.listdir(module_shm_dir) == []
+    assert os.listdir(shm_dir) == []

@@ -72,8 +72,12 @@ class RLSpec(ApiModel):
     )
     rollout_correction_cap: float = Field(
         2.0, gt=1.0, description="The cap C of rolloutCorrection (tis truncates at it, mis masks above it).")
-    weight_sync: Literal["auto", "object_store", "nccl"] = Field(
-        "auto", description="How learners push weights to rollout engines: auto is NCCL on GPU, the object store on CPU."
+    weight_sync: Literal["auto", "object_store", "nccl", "shared_memory"] = Field(
+        "auto",
+        description="How learners push weights to rollout engines: object_store (Ray's object store), nccl (bucketed "
+        "broadcast; Gloo on CPU), shared_memory (one /dev/shm region written once by learner rank 0 and read by "
+        "every engine; needs every engine on that rank's node). auto is NCCL on GPU; on CPU shared_memory when "
+        "every engine is on learner rank 0's node, else the object store.",
     )
     lora_serving: Literal["auto", "adapter", "merged"] = Field(
         "auto",

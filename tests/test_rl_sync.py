@@ -67,11 +67,13 @@ def test_pack_unpack_roundtrip():
 
 def test_factory_picks_by_name_and_lists_choices():
     learners, rollouts = [object()], [object(), object()]  # the constructors start nothing
-    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=False)) is ObjectStoreSync
+    apart = ("n1", ["n2", "n2"])  # engines off the learner's node (same node: tests/test_rl_shm_sync.py)
+    assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=False,
+                                 nodes=apart)) is ObjectStoreSync
     assert type(make_weight_sync("auto", learners, rollouts, adapter_only=False, on_gpu=True)) is CollectiveSync
     sync = make_weight_sync("nccl", learners, rollouts, adapter_only=True, on_gpu=False, bucket_bytes=1024)
     assert isinstance(sync, CollectiveSync) and sync.bucket_bytes == 1024 and sync.adapter_only
-    with pytest.raises(ValueError, match="auto, nccl, object_store"):
+    with pytest.raises(ValueError, match="auto, nccl, object_store, shared_memory"):
         make_weight_sync("shm", learners, rollouts, adapter_only=False, on_gpu=False)
     with pytest.raises(ValueError, match="at least one learner"):
         ObjectStoreSync(learners, [], adapter_only=False)
@@ -244,7 +246,8 @@ def lora_run(rollouts, tmp_path_factory):
     group = Group(path, 1, LORA, rollouts)
     group.batch = make_batch(AutoTokenizer.from_pretrained(path))
     out: dict = {"base": group.engine_states()[0]}
-    adapter = make_weight_sync("auto", group.learners, group.rollouts, adapter_only=True, on_gpu=False)
+    # by name: auto would pick shared memory here (one node), tested in tests/test_rl_shm_sync.py
+    adapter = make_weight_sync("object_store", group.learners, group.rollouts, adapter_only=True, on_gpu=False)
     whole = make_weight_sync("nccl", group.learners, group.rollouts, adapter_only=False, on_gpu=False,
                              bucket_bytes=SMALL_BUCKET)
     try:
@@ -290,32 +293,35 @@ def served_run(ray_local, tmp_path_factory):
     greedy = Sampling.greedy_decoding(max_new_tokens=8)
     out: dict = {"setup": group.engines[0]}
     out["base"] = ray.get(actor[0].generate.remote(prompts, greedy))
-    store = make_weight_sync("auto", group.learners, actor, adapter_only=True, on_gpu=False, lora_serving="adapter")
+    # auto on one CPU node: shared memory
+    shm = make_weight_sync("auto", group.learners, actor, adapter_only=True, on_gpu=False, lora_serving="adapter")
+    store = ObjectStoreSync(group.learners, actor, adapter_only=True, lora_serving="adapter")
     buckets = CollectiveSync(group.learners, actor, adapter_only=True, lora_serving="adapter",
                              bucket_bytes=SMALL_BUCKET, load_per_bucket=True, name="adapter")
     try:
-        store.setup(), buckets.setup()
-        for key, sync in (("object_store", store), ("buckets", buckets)):
+        shm.setup(), store.setup(), buckets.setup()
+        for key, sync in (("shared_memory", shm), ("object_store", store), ("buckets", buckets)):
             group.all("train_step", group.batch)
             out[key] = {"stats": sync.push(1), "adapter": group.all("export_adapter"),
                         "merged": group.all("export_weights", adapter_only=False),
                         "ids": ray.get(actor[0].call.remote(lambda w: w.engine.adapter_ids())),
                         "greedy": ray.get(actor[0].generate.remote(prompts, greedy))}
     finally:
-        store.close(), buckets.close()
+        shm.close(), store.close(), buckets.close()
         group.stop()
         ray.get(actor[0].close.remote())
         ray.kill(actor[0])
     local = TransformersEngine(path)
-    for key in ("object_store", "buckets"):
+    for key in ("shared_memory", "object_store", "buckets"):
         local.load_weights(out[key]["merged"])
         out[key]["merged_greedy"] = local.generate(prompts, greedy)
     return out
 
 
-def test_lora_served_as_a_vllm_adapter_through_both_transports(served_run):
+def test_lora_served_as_a_vllm_adapter_through_every_transport(served_run):
     assert served_run["setup"]["serves_lora"] is True
-    for key, method, want_ids in (("object_store", "object_store", [1]), ("buckets", "nccl", [2])):
+    for key, method, want_ids in (("shared_memory", "shared_memory", [1]), ("object_store", "object_store", [2]),
+                                  ("buckets", "nccl", [3])):
         run = served_run[key]
         stats, adapter = run["stats"], run["adapter"]
         assert (stats.method, stats.payload) == (method, "adapter")

@@ -29,7 +29,9 @@ Both transports carry either payload.
   loads them (vLLM copies each layer in), so its GPU holds one bucket, not a second model. The backend is NCCL when every member has its own GPU and
   Gloo otherwise: `weight_sync: nccl` on CPU runs the same bucketed broadcast over Gloo.
   NCCL cannot put two ranks on one GPU, so colocated learner 0 and rollout fall back to Gloo.
-- `auto`: `nccl` when `on_gpu`, else `object_store`.
+- `shared_memory` (`shm_sync.SharedMemorySync`, its own module): one region on the node, written once.
+- `auto`: `nccl` when `on_gpu`; else `shared_memory` when every engine shares learner rank 0's node,
+  else `object_store`.
 
 Sender and receiver code are module-level functions run inside the actors through
 `actor.call.remote(fn, ...)` (pickled by reference); group state lives on the actor under
@@ -300,21 +302,27 @@ def _gather(refs: list[Any]) -> list[Any]:
 WEIGHT_SYNCS: Registry[Any] = Registry("weight sync method")
 WEIGHT_SYNCS.register("object_store")(ObjectStoreSync)
 WEIGHT_SYNCS.register("nccl")(CollectiveSync)
+WEIGHT_SYNCS.add("shared_memory", "posttrain.jobs.rl.shm_sync:SharedMemorySync")  # its own module
 
 
 def make_weight_sync(method: str, learners: list[ActorHandle], rollouts: list[ActorHandle], *,
                      adapter_only: bool, on_gpu: bool, **options: Any) -> WeightSync:
-    """The sync called `method` ("auto" | a `WEIGHT_SYNCS` name); `auto` = nccl on GPU, else object_store.
+    """The sync called `method` ("auto" | a `WEIGHT_SYNCS` name); `auto` = nccl on GPU, else shared_memory
+    when every engine is on learner rank 0's node, else object_store (`shm_sync.choose_auto`).
 
-    `options` go to the class (every sync: lora_serving; CollectiveSync: bucket_bytes, backend, name, ...).
-    Starts nothing: call `setup()` on the result.
+    `options` go to the class (every sync: lora_serving; CollectiveSync: bucket_bytes, backend, name, ...);
+    `nodes` (learner node id, engine node ids) spares `auto` asking the actors. Starts nothing: call `setup()`
+    on the result.
     """
+    nodes = options.pop("nodes", None)
     if method == "auto":
-        method = "nccl" if on_gpu else "object_store"
+        from .shm_sync import auto_method
+
+        method = auto_method(learners, rollouts, on_gpu=on_gpu, nodes=nodes)
     if method not in WEIGHT_SYNCS:
         choices = ", ".join(("auto", *WEIGHT_SYNCS.names()))
         raise ValueError(f"unknown weight sync method {method!r}; choose one of: {choices}")
-    return WEIGHT_SYNCS.get(method)(learners, rollouts, adapter_only=adapter_only, **options)
+    return WEIGHT_SYNCS.load(method)(learners, rollouts, adapter_only=adapter_only, **options)
 
 
 # ---- inside the actors (run through `actor.call`) ----------------------------------------------------

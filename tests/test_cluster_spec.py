@@ -22,7 +22,7 @@ CLUSTER_READY = {"grpo-colocated-async", "grpo-gsm8k-gpu", "ppo-lora", "sft-dora
                  "sft-gpu-nodepool", "sft-lora-cluster", "sft-qlora", "rlaif-judge-grpo", "generate-pairs",
                  "evaluate-models", "generate-instructions"}
 LOCAL_ONLY = {"sft-lora", "sft-cot", "dpo-lora", "kto", "reward-model", "distill-logits", "distill-on-policy",
-              "sft-bottleneck", "ppo-reward-model"}  # relative data and output paths: `posttrain run` on one machine
+              "sft-bottleneck", "ppo-reward-model", "distill-docstrings"}  # relative data and output paths: `posttrain run` on one machine
 
 
 def cluster_job(**spec):
@@ -215,6 +215,7 @@ def test_known_fields_drops_and_reports_what_this_version_does_not_know():
     ("rlhf", ["rlhf-sft", "rlhf-reward", "rlhf-ppo"], True),
     ("rlaif", ["rlaif-pairs", "rlaif-dpo"], True),
     ("distill-cot", ["cot-traces", "cot-student"], False),  # local first: data that make_data.py writes
+    ("distill-compress", ["distill-counting-half", "distill-counting-on-policy"], False),  # make demo's output
 ])
 def test_pipeline_examples_are_a_valid_set_in_dependency_order(folder, order, cluster):
     from posttrain.api import refs

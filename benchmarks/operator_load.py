@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -100,7 +101,8 @@ def watch_rayjob_commits(k8s: Any) -> tuple[dict[str, float], list[float]]:
     return seen, last
 
 
-def run_side(side: str, *, jobs: int, timeout: float, template: Path, tmp: Path) -> dict[str, Any]:
+def run_side(side: str, *, jobs: int, timeout: float, template: Path, tmp: Path,
+             py_spy: str | None = None) -> dict[str, Any]:
     import kubeemu_server
     import opcluster
 
@@ -121,6 +123,9 @@ def run_side(side: str, *, jobs: int, timeout: float, template: Path, tmp: Path)
         else:
             argv = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--quiet",
                     str(REPO / "benchmarks" / "floor_operator.py")]
+        if py_spy:  # py-spy's collapsed stacks of the operator; RSS is then py-spy's own, ignore it
+            argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--rate", "50", "--format", "raw",
+                    "-o", f"{py_spy}.{side}", "--", *argv]
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         errors: list[str] = []
         threading.Thread(target=lambda: errors.extend(proc.stderr or ()), daemon=True).start()
@@ -156,6 +161,9 @@ def run_side(side: str, *, jobs: int, timeout: float, template: Path, tmp: Path)
             if side == "ours":
                 passes = reconcile_total(scrape(port)) - before
         finally:
+            if py_spy:
+                proc.send_signal(signal.SIGINT)  # py-spy writes its profile and stops the operator
+                time.sleep(5)
             proc.terminate()
             try:
                 proc.wait(timeout=30)
@@ -213,6 +221,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--only", choices=("ours", "floor"), help="run one side only (profiling)")
+    parser.add_argument("--py-spy", metavar="PREFIX", help="run each operator under py-spy; stacks in PREFIX.<side>")
     args = parser.parse_args()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="operator-load-") as tmp_dir:
@@ -221,7 +230,8 @@ def main() -> int:
         template.write_text(json.dumps(rayjob_template()))
         for r in range(args.rounds):
             sides = [args.only] if args.only else ["floor", "ours"]
-            result = {s: run_side(s, jobs=args.jobs, timeout=args.timeout, template=template, tmp=tmp) for s in sides}
+            result = {s: run_side(s, jobs=args.jobs, timeout=args.timeout, template=template, tmp=tmp,
+                                 py_spy=args.py_spy) for s in sides}
             if not args.only:
                 result["ours/floor"] = ratios(result["ours"], result["floor"])
             rounds.append(result)

@@ -223,6 +223,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("ours", "floor"), help="run one side only (profiling)")
     parser.add_argument("--py-spy", metavar="PREFIX", help="run each operator under py-spy; stacks in PREFIX.<side>")
     args = parser.parse_args()
+    import kubeemu
+
+    kubeemu.default_kinds()  # parse the CRDs once, here: on a loaded machine that alone can outlast a cluster's start timeout
     rounds = []
     with tempfile.TemporaryDirectory(prefix="operator-load-") as tmp_dir:
         tmp = Path(tmp_dir)

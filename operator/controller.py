@@ -77,6 +77,15 @@ def _status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, 
     return patch
 
 
+def _same_but_status(read: dict[str, Any], written: dict[str, Any]) -> bool:
+    """Whether `written` (a status write's answer) is `read` but for its status and resourceVersion."""
+    def rest(body: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in body.get("metadata", {}).items() if k not in ("resourceVersion", "managedFields")}
+        return {**{k: v for k, v in body.items() if k != "status"}, "metadata": meta}
+
+    return rest(read) == rest(written)
+
+
 def _errors(exc: InvalidJob) -> str:
     return "; ".join(str(e) for e in exc.errors)
 
@@ -104,6 +113,9 @@ class Controller:
         self._phases: dict[tuple[str, str], str | None] = {}  # job -> phase last written (or kept)
         self._told: dict[tuple[str, str], str | None] = {}  # job -> phase its waiting dependents last saw
         self._grace: dict[tuple[str, str], asyncio.TimerHandle] = {}  # wake-up at a missing dependency's grace end
+        # (kind, namespace, job) -> (object, resourceVersion) of this process's last write that no pass needs to
+        # see again: the job as its status write left it, the RayJob as created (see `own_change`).
+        self._own: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     # --- entry points ------------------------------------------------------------------------------
 
@@ -122,6 +134,16 @@ class Controller:
             self.metrics.reconciles.labels(result=result).inc()
             self.metrics.duration.observe(time.perf_counter() - started)
         await self._wake_dependents(namespace, name)
+
+    def own_change(self, kind: str, namespace: str, job: str, name: str, resource_version: str | None) -> bool:
+        """Whether a watch event (`kind` "job" or "rayjob", of `job`) shows exactly what a pass of this process
+        wrote and already acted on: its status write, when nothing else had changed the job, or its RayJob's
+        creation. Such an event needs no pass; under a burst these were two of every three passes."""
+        key = (kind, namespace, job)
+        if resource_version is None or self._own.get(key) != (name, resource_version):
+            return False
+        del self._own[key]
+        return True
 
     async def deleted(self, namespace: str, name: str) -> None:
         """The job is gone (its children go through garbage collection); jobs waiting for it learn so."""
@@ -165,6 +187,8 @@ class Controller:
         self._progress.pop(key, None)
         self._protected.discard(key)
         self._phases.pop(key, None)
+        self._own.pop(("job", *key), None)
+        self._own.pop(("rayjob", *key), None)
         self.dependencies.set(namespace, name, set())
         if key in self._retries:
             self._retries.pop(key)[1].cancel()
@@ -363,7 +387,9 @@ class Controller:
             if decision.configmap is None:
                 await self._create_configmap(job, meta["uid"])
             manifest = builders.build_rayjob(job, run=plan.create_run, owner_uid=meta["uid"], settings=self.config.build)
-            await self.kube.create_or_get_rayjob(manifest)
+            made = await self.kube.create_rayjob(manifest)  # None: there already (a retry, another pass)
+            if made is not None:
+                self._own[("rayjob", namespace, name)] = (made["metadata"]["name"], made["metadata"]["resourceVersion"])
         if plan.set_suspend is not None:
             await self.kube.set_rayjob_suspend(namespace, *plan.set_suspend)
         if plan.stop_run is not None:
@@ -394,7 +420,9 @@ class Controller:
         self._phases[(namespace, name)] = plan.status.get("phase")
         if reconcile.status_changed(old, plan.status):
             # The status is written here and nowhere else, and only when it changed.
-            await self.kube.patch_status(namespace, name, _status_patch(old, plan.status))
+            written = await self.kube.patch_status(namespace, name, _status_patch(old, plan.status))
+            if written and _same_but_status(body, written):  # else someone changed the job meanwhile: see it
+                self._own[("job", namespace, name)] = (name, written["metadata"]["resourceVersion"])
             for kind, reason, message in plan.events:
                 await self.kube.post_event(body, type=kind, reason=reason, message=message)
             if plan.status.get("restarts", 0) > old.get("restarts", 0):

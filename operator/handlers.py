@@ -1,7 +1,9 @@
 """kopf wiring: thin handlers that call one `Controller.reconcile(namespace, name)`.
 
 Every trigger (a PostTrainingJob changed, one of its RayJobs changed, the poll timer fired)
-runs the same level-based pass (see `posttrain.operator.controller`). Only watching handlers are
+runs the same level-based pass (see `posttrain.operator.controller`), except the watch event of
+a write the operator made and already acted on (`Controller.own_change`: its status write, its
+RayJob's creation). Only watching handlers are
 registered (`@kopf.on.event`) and the poll timer is a task of our own, not `@kopf.timer`: kopf
 then keeps no state on the objects, in particular no finalizer, which would block deleting a
 namespace or the CRD whenever the operator is not running.
@@ -48,13 +50,19 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
             task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def job_changed(type: str | None, name: str, namespace: str, **_: Any) -> None:
+    async def job_changed(type: str | None, name: str, namespace: str, meta: Any, **_: Any) -> None:
         if type == "DELETED":
             await controller.deleted(namespace, name)  # children go through garbage collection
             return
-        await controller.reconcile(namespace, name)
+        # A listing (type None: start-up, a watch restarted after a CRD change) reads objects anew, with the
+        # defaults served now: never skipped, even at the resourceVersion of our own write.
+        if type is None or not controller.own_change("job", namespace, name, name, meta.get("resourceVersion")):
+            await controller.reconcile(namespace, name)
 
     @kopf.on.event(kube.RAY_GROUP, kube.RAY_VERSION, kube.RAY_PLURAL, labels={vocab.LABEL_JOB: kopf.PRESENT},
                    registry=registry)
-    async def rayjob_changed(labels: dict[str, str], namespace: str, **_: Any) -> None:
-        await controller.reconcile(namespace, labels[vocab.LABEL_JOB])
+    async def rayjob_changed(type: str | None, labels: dict[str, str], name: str, namespace: str, meta: Any,
+                             **_: Any) -> None:
+        job = labels[vocab.LABEL_JOB]
+        if type is None or not controller.own_change("rayjob", namespace, job, name, meta.get("resourceVersion")):
+            await controller.reconcile(namespace, job)

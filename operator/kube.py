@@ -94,9 +94,9 @@ class Kube:
                          meta["name"], patch)
         return True
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patch the status subresource; keys set to None are removed."""
-        await self._call(f"patch posttrainingjob {name} status", self.custom.patch_namespaced_custom_object_status,
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource; keys set to None are removed. The job as written."""
+        return await self._call(f"patch posttrainingjob {name} status", self.custom.patch_namespaced_custom_object_status,
                          GROUP, VERSION, namespace, PLURAL, name, {"status": status})
 
     # --- RayJobs ---------------------------------------------------------------------------------
@@ -108,12 +108,11 @@ class Kube:
         return [item for item in found.get("items", [])
                 if any(ref.get("uid") == owner_uid for ref in item["metadata"].get("ownerReferences", []))]
 
-    async def create_or_get_rayjob(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The created RayJob, or None when one of that name exists already (409)."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        made = await self._call(f"create rayjob {name}", self.custom.create_namespaced_custom_object,
+        return await self._call(f"create rayjob {name}", self.custom.create_namespaced_custom_object,
                                 RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, body, ok=(409,))
-        return made or await self._call(f"get rayjob {name}", self.custom.get_namespaced_custom_object,
-                                        RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, name)
 
     async def set_rayjob_suspend(self, namespace: str, name: str, suspend: bool,
                                  annotations: dict[str, str] | None = None) -> None:

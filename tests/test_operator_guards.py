@@ -196,6 +196,9 @@ def test_an_upgrade_that_adds_defaulted_fields_keeps_running_and_finished_jobs(k
         for name in ("run", "done"):
             assert ptj(k8s, name)["spec"]["training"]["newKnob"] == 3
             assert ptj(k8s, name)["spec"]["futureFeature"] == {"enabled": False}
+    # Then `helm upgrade` replaces the operator: it reads every job anew. (A finished job gets no event from
+    # the CRD change itself: the watch resumes from its resourceVersion, and nothing polls a finished job.)
+    with operator(k8s):
         noted = k8s.wait_for(lambda: condition(k8s, "UnknownFields", "run"))
         assert "spec.training.newKnob" in noted["message"] and "spec.futureFeature" in noted["message"]
         k8s.wait_for(lambda: condition(k8s, "UnknownFields", "done"))

@@ -86,6 +86,9 @@ class Store:
         self._log_rvs: list[int] = []
         self._rv = 0
         self.changed_at: dict[kmock.resource, int] = {}  # resource -> resourceVersion of its newest change
+        # resource -> namespace -> name -> the live object as stored (kmock's `raw`), kept by `_commit`: a list
+        # reads only its kind and namespace, not every object of the cluster (a burst of thousands stays linear).
+        self._live: dict[kmock.resource, dict[str | None, dict[str, Body]]] = {}
         self._on_change = on_change
         self._kick = kick
 
@@ -115,10 +118,8 @@ class Store:
 
     def find(self, kind: Kind, namespace: str | None, name: str) -> Body | None:
         """The stored object as written (no read-time defaults), or None."""
-        key = (kind.resource, namespace if kind.namespaced else None, name)
-        if key not in self.objects or self.objects[key].deleted:
-            return None
-        return self.objects[key].raw
+        found = self._live.get(kind.resource, {}).get(namespace if kind.namespaced else None, {}).get(name)
+        return dict(found) if found is not None else None  # a shallow copy, as kmock's `raw`
 
     def live(self) -> Iterator[tuple[Kind, Body]]:
         for (resource, _, _), obj in list(self.objects.items()):
@@ -143,9 +144,12 @@ class Store:
     def list(self, kind: Kind, namespace: str | None = None, *, label_selector: str | None = None,
              field_selector: str | None = None) -> list[Body]:
         labels_match, fields_match = label_matcher(label_selector), field_matcher(field_selector, kind)
-        items = [obj for k, obj in self.live() if k == kind
-                 and (namespace is None or obj["metadata"].get("namespace") == namespace)
-                 and labels_match(obj["metadata"].get("labels") or {}) and fields_match(obj)]
+        if kind.resource not in self.kinds or self.kinds[kind.resource] != kind:
+            return []
+        by_namespace = self._live.get(kind.resource, {})
+        scopes = by_namespace.values() if namespace is None else [by_namespace.get(namespace, {})]
+        items = [obj for scope in scopes for obj in scope.values()
+                 if labels_match(obj["metadata"].get("labels") or {}) and fields_match(obj)]
         items.sort(key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
         return [self.served(kind, o) for o in items]
 
@@ -381,12 +385,17 @@ class Store:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
         key = (kind.resource, obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        scope = self._live.setdefault(kind.resource, {}).setdefault(key[1], {})
         if event == "DELETED":
             self.objects[key].delete()
-        elif key in self.objects:
-            self.objects[key].create(clone(obj))  # a new version in kmock's history
+            scope.pop(key[2], None)
         else:
-            self.objects[key] = clone(obj)
+            stored = clone(obj)
+            if key in self.objects:
+                self.objects[key].create(stored)  # a new version in kmock's history
+            else:
+                self.objects[key] = stored
+            scope[key[2]] = stored
         self.changed_at[kind.resource] = self._rv
         self.log.append(Change(self._rv, kind, event, clone(obj), old))
         self._log_rvs.append(self._rv)

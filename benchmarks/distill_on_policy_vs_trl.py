@@ -6,7 +6,8 @@ Matched on both sides:
 - the teacher: a tiny random 4-layer Llama (hidden 128) with its head scaled x12 so its distributions are sharp
   (as tests/test_distill_e2e.py's); the student: the teacher with every second decoder layer
   (`model.keepLayers: {every: 2}`, loaded by our `models.load_for_training` on both sides), full fine-tuning;
-- the prompts, in the same order: our loop's first pass over the data; each step is `--prompts-per-step` prompts
+- the prompts, in the same order: our loop's first pass over the data (TRL tokenizes the texts into the same ids as
+  ours, checked for this tokenizer); each step is `--prompts-per-step` prompts
   x `--group-size` completions. TRL's DistillationTrainer samples one completion per prompt (n=1), so its data
   set holds each prompt `--group-size` times in a row, `shuffle_dataset=False`, and its per-step batch
   (`per_device_train_batch_size`, one micro-batch, no accumulation) is prompts x group; ours trains the step's
@@ -25,7 +26,9 @@ What differs, by design: ours samples on a rollout actor and gets the student's 
 (`time_sync`), and the teacher scores on its own actor, returning the top-k (here: all 400) log-probabilities per
 sampled token; TRL samples with the training model in its process and runs the teacher there on the same batch,
 comparing hidden states through both heads chunk by chunk (`ChunkedDivergenceFunction`). The samples are not the
-same tokens (different processes, different random streams), so the final divergences agree only roughly.
+same tokens (different processes, different random streams), so the final divergences agree only roughly. TRL's
+loss forward passes no position ids, so its left-padded rows see positions shifted by their padding; Llama's RoPE
+makes attention depend on relative positions only, so this changes nothing here (ours passes mask-derived ids).
 
 Seconds per step: ours the loop's `time_step` (generate + teacher + train + weight sync; Ray start-up and actor
 loading are outside it, inside the wall time), TRL's from each optimizer step's begin to its end (its generation

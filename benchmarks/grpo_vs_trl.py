@@ -161,6 +161,24 @@ def run_trl(doc: dict, work: Path, out: Path, prompt_texts: list[str], threads: 
             "lengths": [e.get("completions/mean_length") for e in logs]}
 
 
+def first_pass_prompts(doc: dict, work: Path) -> list[str]:
+    """The prompt texts of our loop's first pass over the data, in its order (TRL gets the same prompts at each
+    step); SystemExit when the job's steps need more than one pass (TRL would start a differently ordered one)."""
+    from posttrain.api.load import parse_job
+    from posttrain.jobs import data, models
+
+    spec = parse_job(doc).spec
+    source = models.materialize(spec.model, base=work)  # a GGUF is converted once, outside both timings
+    tok = models.load_tokenizer(source)
+    prompts, _ = data.build_prompts(spec.data, tok, seed=spec.training.seed,
+                                    max_prompt_len=spec.training.max_seq_length - spec.rl.max_new_tokens, base=work)
+    need = spec.training.max_steps * spec.rl.prompts_per_step
+    if need > len(prompts):
+        raise SystemExit(f"{need} prompts needed, {len(prompts)} built: TRL would start a second, differently "
+                         "ordered pass; lower --steps or raise the record count")
+    return [p.text for p in prompts]
+
+
 class StepClock:
     """Seconds from each optimizer step's begin to its end (TRL generates inside the step)."""
 
@@ -228,20 +246,7 @@ def main() -> int:
     tiny.write_jsonl(work / "train.jsonl", tiny.arith_records(256))
     (work / "rl_rewards.py").write_text(REWARDS)
     doc = job_doc(model, args=args)
-
-    from posttrain.api.load import parse_job
-    from posttrain.jobs import data, models
-
-    spec = parse_job(doc).spec
-    source = models.materialize(spec.model, base=work)  # a GGUF is converted once, outside both timings
-    tok = models.load_tokenizer(source)
-    prompts, _ = data.build_prompts(spec.data, tok, seed=spec.training.seed,
-                                    max_prompt_len=spec.training.max_seq_length - spec.rl.max_new_tokens, base=work)
-    need = args.steps * args.prompts_per_step
-    if need > len(prompts):
-        raise SystemExit(f"{need} prompts needed, {len(prompts)} built: TRL would start a second, differently "
-                         "ordered pass; lower --steps or raise the record count")
-    texts = [p.text for p in prompts]  # our first pass, in our order: TRL gets the same prompts at each step
+    texts = first_pass_prompts(doc, work)
 
     rounds = []
     for i in range(args.repeats):

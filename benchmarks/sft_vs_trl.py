@@ -110,7 +110,7 @@ def bench_model(work: Path, *, smollm: bool, layers: int = 4, hidden: int = 128)
 
 
 def alternating_rounds(run_trl, run_posttrain, rounds: int, *, work: Path, **report) -> dict:
-    """`rounds` rounds of both runs (each `(out_folder) -> {"wall", "train", "loss", "steps"}`), alternating which
+    """`rounds` rounds of both runs (each `(out_folder) -> {"wall", "train", "loss", "steps"}`, optionally "details"), alternating which
     goes first, as one report: seconds per step, their ratio per round and the median, wall times, final losses,
     the load average before and after; `report` adds fields (model, steps, ...)."""
     import statistics
@@ -124,7 +124,10 @@ def alternating_rounds(run_trl, run_posttrain, rounds: int, *, work: Path, **rep
         done.append({"first": order[0], "seconds_per_step": per_step,
                      "ratio_posttrain_over_trl": per_step["posttrain"] / per_step["trl"],
                      "wall_seconds": {name: r["wall"] for name, r in got.items()},
-                     "final_loss": {name: r["loss"] for name, r in got.items()}})
+                     "final_loss": {name: r["loss"] for name, r in got.items()},
+                     # optional per-run figures beyond these (first loss, completion lengths, ...)
+                     **({"details": {name: r["details"] for name, r in got.items()}}
+                        if all("details" in r for r in got.values()) else {})})
     return {**report, "rounds": done,
             "seconds_per_step_ratio_posttrain_over_trl_median": statistics.median(
                 r["ratio_posttrain_over_trl"] for r in done),

@@ -101,3 +101,37 @@ def test_the_method_declares_a_teacher_and_its_learner():
     assert method.teacher and not method.critic
     assert method.learner_class().__name__ == "DistillLearnerWorker"
     assert not METHODS.get("grpo").teacher and METHODS.get("grpo").learner_class().__name__ == "LearnerWorker"
+
+
+def test_the_learner_steps_towards_the_teacher_on_a_scored_batch(tmp_path):
+    """`DistillLearnerWorker.train_step` in this process (one rank, gloo): the step runs (it once called a
+    LearnerWorker method the micro-batching rework had removed) and a second step on the same batch has a
+    lower loss than the first."""
+    import json
+
+    import tiny
+    from support import jobs
+
+    from posttrain.api.load import parse_job
+    from posttrain.jobs.distill.on_policy import DistillLearnerWorker
+    from posttrain.jobs.rl.workers.sharded import free_port
+
+    model = tiny.make_model(tmp_path / "student", layers=2)
+    job = parse_job(jobs.document(
+        "distill", model={"source": str(model)}, teacher={"source": str(model)}, adapter=jobs.FULL,
+        distill={"mode": "on_policy", "loss": "jsd", "topK": K}, rl={"groupSize": 2, "promptsPerStep": 1,
+                                                                        "maxNewTokens": 4},
+        roles={"rollout": {"engine": "transformers"}},
+        training={"maxSteps": 2, "learningRate": 1e-2, "lrScheduler": "constant", "maxSeqLength": 64}))
+    batch = hand_batch()
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    teacher = torch.randn(2, 5, vocab, generator=torch.Generator().manual_seed(3)) * 4
+    batch.update(teacher_columns(score_like_the_teacher(teacher_rows(batch), teacher), batch))
+    worker = DistillLearnerWorker()
+    worker.setup(job, rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), threads=None)
+    try:
+        first, second = worker.train_step(dict(batch)), worker.train_step(dict(batch))
+    finally:
+        worker.shutdown()
+    assert first["grad_norm"] > 0 and first["loss"] > 0, first
+    assert second["loss"] < first["loss"], (first, second)

@@ -31,7 +31,7 @@ from posttrain.api.distill import DistillSpec
 from posttrain.jobs.distill.divergence import IGNORE, distill_loss, scored_positions
 from posttrain.jobs.rl.math.kl import entropy_from_logits
 from posttrain.jobs.rl.math.masked import masked_mean
-from posttrain.jobs.rl.workers.learner import LearnerWorker
+from posttrain.jobs.rl.workers.learner import LearnerWorker, forward
 
 METRICS = ("loss", "distill_loss", "teacher_kl", "entropy")
 
@@ -94,7 +94,7 @@ class DistillLearnerWorker(LearnerWorker):
         shard, _ = self._shard(batch)
 
         def loss_of(mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            return on_policy_loss(self._forward(self.model, mb)[1], mb, self.distill)
+            return on_policy_loss(forward(self.model, mb)[1], mb, self.distill)
 
         means, grad_norm = self.fit(self._micro(shard), loss_of)
         totals = dict(zip(METRICS, means))

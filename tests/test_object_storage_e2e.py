@@ -93,7 +93,9 @@ def test_sft_killed_mid_run_resumes_from_checkpoints_in_the_bucket(bucket, tmp_p
     steps = [json.loads(line)["step"] for line in storage.read_text(storage.resolve(f"{out}/metrics.jsonl")).splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 30 and steps[0] == 1, steps
     assert s3_names(ckpts) == ["checkpoint-30"], "keep: 1 leaves only the newest, complete checkpoint"
-    assert sorted(s3_names(out)) == ["adapter", "checkpoints", "metrics.jsonl", "run.json", "summary.json"]
+    # prepared-data: the tokenized rows the driver wrote once for the Ray Train workers to read
+    assert sorted(s3_names(out)) == ["adapter", "checkpoints", "metrics.jsonl", "prepared-data", "run.json",
+                                     "summary.json"]
     adapter = download(f"{out}/adapter", tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "posttrain.json"} <= \
         {p.name for p in adapter.iterdir()}

@@ -250,7 +250,7 @@ def test_grpo_with_vllm_rollouts_learns(workdir, ray_local):
 
 
 def test_grpo_lora_is_served_as_a_vllm_adapter(workdir, ray_local):
-    """rl.loraServing auto on vLLM: each step sends the rsLoRA adapter's tensors alone and the engines serve
+    """rl.loraServing adapter on vLLM: each step sends the rsLoRA adapter's tensors alone and the engines serve
     them. With a large learning rate the policy moves far each step, so the engines' logprobs agree with the
     learner's only if the adapter they sample with is the learner's newest (mis computes the gap)."""
     pytest.importorskip("vllm")
@@ -261,7 +261,7 @@ def test_grpo_lora_is_served_as_a_vllm_adapter(workdir, ray_local):
     adapter = {"type": "rslora", "r": 8, "alpha": 16, "dropout": 0.0}
     doc = grpo_job(model={"source": "model128"}, adapter=adapter, roles={"rollout": {"engine": "vllm"}})
     doc["spec"]["training"].update(maxSteps=3, learningRate=0.3)
-    doc["spec"]["rl"]["rolloutCorrection"] = "mis"
+    doc["spec"]["rl"].update(rolloutCorrection="mis", loraServing="adapter")  # auto serves adapters on GPUs only
     summary = run(doc, workdir, "grpo-vllm-lora")
     assert summary["roles"]["weight_sync"]["lora_serving"] == "adapter"
     lines = metrics(workdir, "grpo-vllm-lora")

